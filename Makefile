@@ -1,0 +1,44 @@
+# `make test` and `make demo` do all the set-up on a fresh machine, then run.
+# TORCH is the pip requirement for PyTorch; override it for your platform, e.g.
+#   make test TORCH="torch==2.5.1"  or  make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hesse-installed
+
+.PHONY: test demo lint bench bench-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Torch first (so that no other package makes pip resolve a different torch), then hesse.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/logistic_spectrum.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+# Peers for side-by-side benchmarks. curvlinops and backpack declare torchvision, which
+# would drag in another torch: install them without dependencies and add what they import.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet tqdm einops opt-einsum packaging
+	$(PY) -m pip install --quiet --no-deps pyhessian==0.1 curvlinops-for-pytorch==3.0.1 \
+		backpack-for-pytorch==1.7.1 hessian-eigenthings==1.0.0a5 pytorch-minimize==0.1.0 \
+		unfoldNd==0.2.3 einconv==0.1.0 linear_operator==0.6.1
+
+bench: bench-deps
+	OMP_NUM_THREADS=2 $(PY) benchmarks/hvp_cost.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

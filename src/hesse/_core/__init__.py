@@ -1,0 +1,6 @@
+"""Layer 1: parameter spaces and input checks."""
+
+from hesse._core._checks import NonFiniteError, check_finite, check_operand, check_scalar
+from hesse._core._params import ParamSpace
+
+__all__ = ["NonFiniteError", "ParamSpace", "check_finite", "check_operand", "check_scalar"]

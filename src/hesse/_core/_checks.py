@@ -1,0 +1,70 @@
+"""Validation helpers. Every error names what was expected and what was received."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A value that must be finite (an input vector, a loss, a product) is not."""
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
+    return f"{type(x).__name__}"
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
+    if not bool(torch.isfinite(x).all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise NonFiniteError(
+            f"{what} must be finite, but it holds {n_nan} NaN and {n_inf} infinite value(s)"
+        )
+
+
+def check_scalar(value: object, what: str = "the loss") -> Tensor:
+    """Check that a function returned a real scalar tensor (shape ``()`` or ``(1,)``)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{what} must be a scalar torch.Tensor, got {_describe(value)}")
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(
+            f"{what} must be a scalar (shape () ), got shape {tuple(value.shape)}; "
+            "use a loss with reduction='mean' or 'sum', or reduce it yourself"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got dtype {value.dtype}")
+    return value.reshape(())
+
+
+def check_operand(
+    v: object, size: int, dtype: torch.dtype, device: torch.device, what: str = "the vector"
+) -> tuple[Tensor, bool]:
+    """Check the right-hand side of ``A @ v`` for an operator of shape ``(size, size)``.
+
+    Returns ``(V, is_vector)``: ``V`` of shape ``(size, k)`` (a view, never a copy of the
+    caller's data that is then written to), and whether ``v`` was a vector of shape ``(size,)``.
+    """
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of shape ({size},) or ({size}, k), "
+                        f"got {_describe(v)}")
+    if v.dim() not in (1, 2) or v.shape[0] != size:
+        raise ValueError(
+            f"{what} must have shape ({size},) or ({size}, k), got shape {tuple(v.shape)}"
+        )
+    if v.dtype != dtype:
+        raise TypeError(
+            f"{what} must have the operator's dtype {dtype}, got {v.dtype}; "
+            f"convert it with v.to({dtype})"
+        )
+    if v.device != device:
+        raise ValueError(
+            f"{what} must be on the operator's device {device}, got {v.device}"
+        )
+    check_finite(v, what)
+    if v.dim() == 1:
+        return v.unsqueeze(1), True
+    return v, False

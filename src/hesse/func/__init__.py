@@ -1,0 +1,29 @@
+"""Layer 2: derivative primitives built on :mod:`torch.func`."""
+
+from hesse.func._model import ModelLoss
+from hesse.func._output import OutputCurvature, output_curvature
+from hesse.func._tensor import (
+    DEFAULT_HVP_MODE,
+    HVP_MODES,
+    fd_hvp,
+    fd_step,
+    hessian,
+    hvp,
+    linearize_hvp,
+)
+from hesse.func._vp import fisher_vp, ggn_vp
+
+__all__ = [
+    "DEFAULT_HVP_MODE",
+    "HVP_MODES",
+    "ModelLoss",
+    "OutputCurvature",
+    "fd_hvp",
+    "fd_step",
+    "fisher_vp",
+    "ggn_vp",
+    "hessian",
+    "hvp",
+    "linearize_hvp",
+    "output_curvature",
+]

@@ -1,0 +1,118 @@
+r"""Gauss-Newton- and Fisher-vector products: :math:`J^\top M J v` for an output-space
+matrix :math:`M`, with :math:`J` the Jacobian of the outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from hesse.func._output import OutputCurvature, fisher_mm
+from hesse.func._tensor import _check_direction, _check_point
+
+def jmj_product(
+    out_fn: Callable[[Any], Tensor],
+    primal: Any,
+    make_out_mm: Callable[[Tensor], Callable[[Tensor], Tensor]],
+    reuse: bool = False,
+) -> Callable[[Any], Any]:
+    r"""Build ``tangents -> J^T M J tangents`` at ``primal``.
+
+    ``out_fn(primal)`` gives the outputs ``o``; ``make_out_mm(o)`` returns the function that
+    applies the output-space matrix :math:`M` to ``U`` of shape ``(k, *o.shape)``;
+    tangents are shaped like ``primal`` with a leading batch dimension ``k``.
+
+    The forward pass and its graph (for :math:`J^\top`) are built here, once. Each product
+    then pushes the tangents forward (``jvp``) and pulls :math:`M J v` back (one batched
+    backward pass). With ``reuse`` the forward Jacobian is linearised too, as the vjp of
+    the (linear) vjp, so that products need no forward pass at all: worth it when one point
+    is asked for many products.
+    """
+    with torch.enable_grad():
+        out, vjp_fn = vjp(out_fn, primal)
+        out = out.detach()
+        out_mm = make_out_mm(out)
+        pull = vmap(vjp_fn)
+        if reuse:
+            # J v = d/du <J^T u, v>: the vjp of u -> J^T u, which is linear in u.
+            _, vjp_of_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
+            push = vmap(lambda t: vjp_of_vjp(t)[0])
+        else:
+            push = vmap(lambda t: jvp(out_fn, (primal,), (t,))[1])
+
+    def product(tangents: Any) -> Any:
+        with torch.enable_grad():
+            return pull(out_mm(push(tangents)))[0]
+
+    return product
+
+
+def _as_batch(x: Tensor, v: Tensor) -> tuple[Tensor, bool]:
+    if v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
+        _check_direction(x, v[0])
+        return v, False
+    return _check_direction(x, v).unsqueeze(0), True
+
+
+def ggn_vp(
+    output_fn: Callable[[Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    x: Tensor,
+    v: Tensor,
+    targets: Any = None,
+) -> Tensor:
+    r"""Generalised Gauss-Newton-vector product of ``loss_fn(output_fn(x), targets)``.
+
+    .. math:: G v = J^\top \nabla^2_o \ell(o)\, J v,\qquad o = \mathrm{output\_fn}(x)
+
+    Args:
+        output_fn: ``x -> outputs``.
+        loss_fn: ``(outputs, targets) -> scalar``; closed-form output Hessians for
+            ``MSELoss``, ``CrossEntropyLoss`` and ``BCEWithLogitsLoss``.
+        x: the point.
+        v: a direction shaped like ``x``, or a batch of them of shape ``(k, *x.shape)``.
+        targets: passed to ``loss_fn``.
+
+    Example:
+        >>> A = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+        >>> ggn_vp(lambda x: A @ x, torch.nn.MSELoss(reduction="sum"), torch.zeros(2),
+        ...        torch.tensor([1.0, 0.0]), targets=torch.zeros(2))
+        tensor([2., 4.])
+    """
+    x = _check_point(x)
+    V, single = _as_batch(x, v)
+    curv = OutputCurvature(loss_fn)
+    out = jmj_product(output_fn, x, lambda o: lambda U: curv.hessian_mm(o, targets, U))(V)
+    return out[0] if single else out
+
+
+def fisher_vp(
+    output_fn: Callable[[Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    x: Tensor,
+    v: Tensor,
+    targets: Any = None,
+    *,
+    kind: str = "empirical",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Fisher-vector product :math:`J^\top \Phi J v` (see :mod:`hesse.func._output`).
+
+    ``kind="empirical"`` uses the gradients of the loss at the true targets;
+    ``kind="mc"`` draws ``mc_samples`` targets per sample from the model's predictive
+    distribution (with ``generator``), whose expectation is the GGN.
+    """
+    x = _check_point(x)
+    V, single = _as_batch(x, v)
+    curv = OutputCurvature(loss_fn)
+
+    def make_out_mm(o: Tensor) -> Callable[[Tensor], Tensor]:
+        S, c = curv.fisher_factors(o, targets, kind, generator, mc_samples)
+        return lambda U: fisher_mm(S, c, U)
+
+    out = jmj_product(output_fn, x, make_out_mm)(V)
+    return out[0] if single else out

@@ -1,0 +1,325 @@
+"""Curvature of a model's loss over data, as lazy operators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp, vmap
+
+from hesse.func._model import Batch, ModelLoss, batch_size
+from hesse.func._output import FISHER_KINDS, OutputCurvature, fisher_mm
+from hesse.func._tensor import DEFAULT_HVP_MODE, HVP_MODES, fd_scale
+from hesse.func._model import split_batch
+from hesse.func._vp import jmj_product
+from hesse.operators._base import CurvatureOperator
+
+Columns = tuple[Tensor, ...]  # one tensor (k, *param.shape) per parameter
+BatchProduct = Callable[[Columns], Columns]
+
+
+def _is_single_batch(data: object) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and not isinstance(data[1], (tuple, list))
+    )
+
+
+def _check_data(data: object) -> Iterable[Batch]:
+    if _is_single_batch(data):
+        return [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be one batch (inputs, targets) or an iterable of such batches "
+            f"(a list, a DataLoader), got {type(data).__name__}"
+        )
+    if iter(data) is data:
+        raise TypeError(
+            "data must be re-iterable (a list or a DataLoader): each product goes over it "
+            f"again, but a {type(data).__name__} is exhausted after one pass; use list(data)"
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError("data is empty: expected at least one batch (inputs, targets)")
+    return data
+
+
+class ModelCurvature(CurvatureOperator):
+    """Base of the curvature operators of ``loss_fn(model(inputs), targets)`` over data.
+
+    The operator is the curvature of the mean loss over all samples of ``data`` (batches
+    weighted by their size), or of the sum over batches when ``loss_fn.reduction == "sum"``.
+    Subclasses implement ``_batch_product(params, batch, index)``, which returns the
+    product for one batch as a function of the columns.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Any], Tensor],
+        data: Any,
+        params: Sequence[Tensor | str] | None = None,
+    ):
+        self.fn = ModelLoss(model, loss_fn, params)
+        super().__init__(self.fn.size, self.fn.space.dtype, self.fn.space.device)
+        self.data = _check_data(data)
+        reduction = getattr(loss_fn, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"loss_fn must reduce to a scalar (reduction 'mean' or 'sum'), got {reduction!r}"
+            )
+        self.reduction = reduction
+
+    @property
+    def model(self) -> nn.Module:
+        return self.fn.model
+
+    @property
+    def space(self):
+        return self.fn.space
+
+    def _batch_product(
+        self, params: Columns, batch: Batch, index: int, reuse: bool
+    ) -> BatchProduct:
+        """The product for one batch as a function of the columns. The work that does not
+        depend on the columns (forward pass, graphs) is done here, eagerly; with ``reuse``
+        the subclass moves as much work as it can here, since the closure will be applied
+        many times."""
+        raise NotImplementedError
+
+    def _reduce(self, total: Tensor, num_samples: int) -> tuple[Tensor, int]:
+        """Combine the partial results of several processes (the data-parallel hook)."""
+        return total, num_samples
+
+    def _products(self, reuse: bool = False) -> Iterable[tuple[BatchProduct, int]]:
+        params = self.fn.params()
+        found = False
+        for index, batch in enumerate(self.data):
+            found = True
+            yield self._batch_product(params, batch, index, reuse), batch_size(batch)
+        if not found:
+            raise ValueError("data is empty: expected at least one batch (inputs, targets)")
+
+    def _combine(self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor) -> Tensor:
+        space = self.space
+        cols = space.unflatten_columns(V)
+        total: Tensor | None = None
+        n_total = 0
+        for product, n in parts:
+            out = space.flatten_columns(product(cols))
+            weight = float(n) if self.reduction == "mean" else 1.0
+            total = weight * out if total is None else total + weight * out
+            n_total += n
+        assert total is not None
+        total, n_total = self._reduce(total, n_total)
+        return total / n_total if self.reduction == "mean" else total
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._combine(self._products(), V)
+
+    def linearize(self) -> LinearizedCurvature:
+        """Do the expensive part of every batch's product once, for many products at this
+        point (CG, Lanczos): a :class:`LinearizedCurvature` that keeps the graphs of all
+        batches in memory and refuses products once the parameters have changed."""
+        return LinearizedCurvature(self)
+
+
+class LinearizedCurvature(CurvatureOperator):
+    """A :class:`ModelCurvature` frozen at the current parameters, with each batch's
+    forward pass and graph built once and reused by every product."""
+
+    def __init__(self, op: ModelCurvature):
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op = op
+        self.symmetric, self.psd, self.chunk_size = op.symmetric, op.psd, op.chunk_size
+        self._versions = op.fn.versions()
+        self._parts = list(op._products(reuse=True))
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if self.op.fn.versions() != self._versions:
+            raise RuntimeError(
+                "the parameters changed in place since linearize(); the cached graphs are "
+                "stale: call linearize() again at the new point"
+            )
+        return self.op._combine(self._parts, V)
+
+
+def _vmapped(fn: Callable[[Columns], Any]) -> BatchProduct:
+    batched = vmap(fn)
+
+    def product(cols: Columns) -> Columns:
+        out = batched(cols)
+        return out[0] if isinstance(out, tuple) and len(out) == 1 else out
+
+    return product
+
+
+class HessianOperator(ModelCurvature):
+    r"""The Hessian of the loss with respect to the parameters, :math:`\nabla^2_\theta L`.
+
+    Args:
+        model: the network; its mode, parameters and buffers are never changed.
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar (reduction ``"mean"`` or ``"sum"``).
+        data: one batch ``(inputs, targets)`` or a re-iterable of batches (a DataLoader).
+        params: parameters (tensors of the model, or names) spanning the flat vector; by
+            default all that require grad. A subset gives a diagonal block of the Hessian.
+        mode: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``; by default
+            :data:`hesse.func.DEFAULT_HVP_MODE`.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> data = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> H = HessianOperator(model, torch.nn.MSELoss(), data)
+        >>> H.shape
+        (4, 4)
+        >>> v = torch.ones(4)
+        >>> torch.allclose(H @ v, H.to_dense() @ v)
+        True
+    """
+
+    def __init__(self, model, loss_fn, data, params=None, *, mode: str | None = None):
+        super().__init__(model, loss_fn, data, params)
+        mode = mode or DEFAULT_HVP_MODE
+        if mode not in HVP_MODES:
+            raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
+        self.mode = mode
+        self.symmetric, self.psd = True, False
+
+    def _batch_product(
+        self, params: Columns, batch: Batch, index: int, reuse: bool
+    ) -> BatchProduct:
+        g = grad(lambda ps: self.fn.loss(ps, batch))
+        if self.mode == "forward-over-reverse" and not reuse:
+            def product(cols: Columns) -> Columns:
+                with torch.enable_grad():
+                    return vmap(lambda t: jvp(g, (params,), (t,))[1])(cols)
+
+            return product
+        # reverse-over-reverse: the gradient's graph is built here, each product is one
+        # backward pass through it (H is symmetric, so the vjp of the gradient is H v).
+        with torch.enable_grad():
+            _, vjp_fn = vjp(g, params)
+        return _vmapped(vjp_fn)
+
+
+class _OutputSpaceCurvature(ModelCurvature):
+    """Curvatures of the form ``J^T M J`` with ``M`` a matrix in the space of the outputs."""
+
+    psd = True
+
+    def __init__(self, model, loss_fn, data, params=None):
+        super().__init__(model, loss_fn, data, params)
+        self.curvature = OutputCurvature(loss_fn)
+
+    def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
+        raise NotImplementedError
+
+    def _batch_product(
+        self, params: Columns, batch: Batch, index: int, reuse: bool
+    ) -> BatchProduct:
+        inputs, targets = split_batch(batch)
+        return jmj_product(
+            lambda ps: self.fn.outputs(ps, inputs), params, self._out_mm(targets, index), reuse
+        )
+
+
+class GGNOperator(_OutputSpaceCurvature):
+    r"""The generalised Gauss-Newton matrix :math:`G = J^\top \nabla^2_o \ell\, J`.
+
+    :math:`J` is the Jacobian of the model's outputs with respect to the parameters and
+    :math:`\nabla^2_o \ell` the Hessian of the loss with respect to the outputs (closed form
+    for ``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss``; autograd for any other
+    loss). Positive semidefinite when the loss is convex in the outputs. Arguments as
+    :class:`HessianOperator`.
+    """
+
+    def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
+        return lambda out: lambda U: self.curvature.hessian_mm(out, targets, U)
+
+
+class FisherOperator(_OutputSpaceCurvature):
+    r"""The Fisher information matrix of the likelihood behind the loss.
+
+    ``kind="empirical"``: :math:`c \sum_i \nabla \mathrm{NLL}_i \nabla \mathrm{NLL}_i^\top`
+    with the gradients at the true targets (for an unknown loss, the loss of each sample
+    is taken as its NLL).
+    ``kind="mc"``: the same with ``mc_samples`` targets per sample drawn from the model's
+    predictive distribution (categorical for cross-entropy, Bernoulli for BCE, Gaussian of
+    variance 1/2 for MSE); its expectation is the GGN. The draws are fixed when the
+    operator is made (seeded from ``generator``), so products are deterministic and the
+    operator is linear.
+    """
+
+    def __init__(self, model, loss_fn, data, params=None, *, kind: str = "empirical",
+                 mc_samples: int = 1, generator: torch.Generator | None = None):
+        super().__init__(model, loss_fn, data, params)
+        if kind not in FISHER_KINDS:
+            raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        if kind == "mc" and self.curvature.kind == "generic":
+            raise ValueError(
+                "kind='mc' needs the likelihood behind the loss: it supports MSELoss, "
+                f"CrossEntropyLoss and BCEWithLogitsLoss, got {type(loss_fn).__name__}; "
+                "use kind='empirical' or GGNOperator"
+            )
+        self.kind, self.mc_samples = kind, mc_samples
+        # One seed drawn now; batch i then draws from seed + i, the same at every product.
+        self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+
+    def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
+        def make(out: Tensor) -> Callable[[Tensor], Tensor]:
+            gen = None
+            if self.kind == "mc":
+                gen = torch.Generator(device=out.device)
+                gen.manual_seed(self._seed + index)
+            S, c = self.curvature.fisher_factors(out, targets, self.kind, gen, self.mc_samples)
+            return lambda U: fisher_mm(S, c, U)
+
+        return make
+
+
+class FiniteDifferenceHessian(ModelCurvature):
+    r"""The Hessian by central differences of gradients, for models whose operations have
+    no second derivative in autograd (fused attention kernels, custom ops).
+
+    .. math:: H v \approx \frac{\nabla L(\theta + h v) - \nabla L(\theta - h v)}{2 h},
+              \qquad h = \epsilon^{1/3} (1 + \|\theta\|) / \|v\|
+
+    Two gradients per column; accurate to about :math:`\epsilon^{2/3}` relative (1e-5 in
+    float32, 1e-10 in float64). Not exactly linear or symmetric, as any difference quotient.
+    Arguments as :class:`HessianOperator`, plus ``h`` to fix a relative step.
+    """
+
+    def __init__(self, model, loss_fn, data, params=None, *, h: float | None = None):
+        super().__init__(model, loss_fn, data, params)
+        if h is not None and not h > 0:
+            raise ValueError(f"h must be a positive relative step, got {h!r}")
+        self.h = h
+
+    def _steps(self, params: Columns, cols: Columns) -> Tensor:
+        theta_norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p) for p in params]))
+        k = cols[0].shape[0]
+        v_norms = torch.linalg.vector_norm(torch.cat([c.reshape(k, -1) for c in cols], 1), dim=1)
+        base = fd_scale(theta_norm, 1.0, self.dtype) if self.h is None else \
+            self.h * (1.0 + float(theta_norm))
+        return base / v_norms.clamp_min(torch.finfo(self.dtype).tiny)
+
+    def _batch_product(
+        self, params: Columns, batch: Batch, index: int, reuse: bool
+    ) -> BatchProduct:
+        g = grad(lambda ps: self.fn.loss(ps, batch))
+
+        def product(cols: Columns) -> Columns:
+            steps = self._steps(params, cols)
+            outs = []
+            for j, h in enumerate(steps.tolist()):
+                plus = g(tuple(p + h * c[j] for p, c in zip(params, cols)))
+                minus = g(tuple(p - h * c[j] for p, c in zip(params, cols)))
+                outs.append([(a - b) / (2.0 * h) for a, b in zip(plus, minus)])
+            return tuple(torch.stack(t) for t in zip(*outs))
+
+        return product
