@@ -69,7 +69,7 @@ class ParamSpace:
         )
 
     def flatten_columns(self, tensors: Sequence[Tensor]) -> Tensor:
-        """Inverse of :meth:`unflatten_columns`: tensors of shape ``(k, *shape)`` to ``(size, k)``."""
+        """Inverse of :meth:`unflatten_columns`: ``(k, *shape)`` tensors to ``(size, k)``."""
         k = tensors[0].shape[0]
         return torch.cat([t.reshape(k, -1) for t in tensors], dim=1).T
 

@@ -89,7 +89,8 @@ class OutputCurvature:
             if self.reduction == "mean":
                 w = w / w.sum().clamp_min(torch.finfo(out.dtype).tiny)
             return w
-        # probability targets: the Hessian of -sum_c w_c q_c log p_c is (sum_c w_c q_c) (diag p - p p^T)
+        # probability targets: the Hessian of -sum_c w_c q_c log p_c is
+        # (sum_c w_c q_c) (diag p - p p^T)
         w = targets.sum(1) if lf.weight is None else targets @ lf.weight.to(out.dtype)
         return w / n if self.reduction == "mean" else w
 

@@ -13,6 +13,7 @@ from torch.func import jvp, vjp, vmap
 from hesse.func._output import OutputCurvature, fisher_mm
 from hesse.func._tensor import _check_direction, _check_point
 
+
 def jmj_product(
     out_fn: Callable[[Any], Tensor],
     primal: Any,

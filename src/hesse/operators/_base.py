@@ -85,7 +85,7 @@ class CurvatureOperator:
                                                              self.device)])
 
     @property
-    def T(self) -> CurvatureOperator:  # noqa: N802 - numpy's name
+    def T(self) -> CurvatureOperator:
         if not self.symmetric:
             raise NotImplementedError(f"{type(self).__name__} is not symmetric; no transpose")
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -9,10 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from hesse.func._model import Batch, ModelLoss, batch_size
+from hesse.func._model import Batch, ModelLoss, batch_size, split_batch
 from hesse.func._output import FISHER_KINDS, OutputCurvature, fisher_mm
 from hesse.func._tensor import DEFAULT_HVP_MODE, HVP_MODES, fd_scale
-from hesse.func._model import split_batch
 from hesse.func._vp import jmj_product
 from hesse.operators._base import CurvatureOperator
 
@@ -185,16 +185,29 @@ class HessianOperator(ModelCurvature):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
         self.mode = mode
+        self._forward_failed = False
         self.symmetric, self.psd = True, False
 
     def _batch_product(
         self, params: Columns, batch: Batch, index: int, reuse: bool
     ) -> BatchProduct:
         g = grad(lambda ps: self.fn.loss(ps, batch))
-        if self.mode == "forward-over-reverse" and not reuse:
+        if self.mode == "forward-over-reverse" and not reuse and not self._forward_failed:
+            forward = vmap(lambda t: jvp(g, (params,), (t,))[1])
+
             def product(cols: Columns) -> Columns:
-                with torch.enable_grad():
-                    return vmap(lambda t: jvp(g, (params,), (t,))[1])(cols)
+                if not self._forward_failed:
+                    try:
+                        with torch.enable_grad():
+                            return forward(cols)
+                    except RuntimeError as err:
+                        # Some ops lack (working) forward-mode derivatives of their backward,
+                        # e.g. mse_loss in torch 2.x ("ZeroTensors are immutable").
+                        self._forward_failed = True
+                        warnings.warn(
+                            f"forward-over-reverse failed ({err}); HessianOperator falls "
+                            "back to reverse-over-reverse for this model", stacklevel=4)
+                return self._batch_product(params, batch, index, reuse)(cols)
 
             return product
         # reverse-over-reverse: the gradient's graph is built here, each product is one
