@@ -65,8 +65,7 @@ def main() -> None:
     bottom = np.sort(eigsh(A, k=3, which="SA", tol=0, return_eigenvectors=False))
     t_lanczos = time.perf_counter() - t0
     dense = torch.linalg.eigvalsh(H.to_dense()).numpy()
-    print(f"top 5 eigenvalues (Lanczos, {t_lanczos:.2f}s): "
-          + ", ".join(f"{v:.6g}" for v in top))
+    print(f"top 5 eigenvalues (Lanczos, {t_lanczos:.2f}s): " + ", ".join(f"{v:.6g}" for v in top))
     print("bottom 3 eigenvalues:            " + ", ".join(f"{v:.6g}" for v in bottom))
     err = max(np.max(np.abs(top - dense[::-1][:5])), np.max(np.abs(bottom - dense[:3])))
     print(f"largest difference from the dense eigh: {err:.2e}")

@@ -11,7 +11,10 @@ from torch.func import functional_call
 def mlp(seed: int = 0, d_in: int = 5, hidden: int = 7, d_out: int = 3) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Sigmoid(),
+        nn.Linear(d_in, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Sigmoid(),
         nn.Linear(hidden, d_out),
     ).double()
 
@@ -19,8 +22,12 @@ def mlp(seed: int = 0, d_in: int = 5, hidden: int = 7, d_out: int = 3) -> nn.Mod
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(1, 2, 3, stride=2), nn.Tanh(), nn.Conv2d(2, 3, 3, stride=2), nn.Tanh(),
-        nn.Flatten(), nn.Linear(3 * 1 * 1, 3),
+        nn.Conv2d(1, 2, 3, stride=2),
+        nn.Tanh(),
+        nn.Conv2d(2, 3, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 1 * 1, 3),
     ).double()
 
 
@@ -34,11 +41,15 @@ def bn_model(seed: int = 0) -> nn.Module:
     return m
 
 
-def make_data(loss: str, n: int = 12, d_in: int = 5, d_out: int = 3, seed: int = 1,
-              image: bool = False):
+def make_data(
+    loss: str, n: int = 12, d_in: int = 5, d_out: int = 3, seed: int = 1, image: bool = False
+):
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 1, 7, 7, generator=g, dtype=torch.float64) if image else \
-        torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    X = (
+        torch.randn(n, 1, 7, 7, generator=g, dtype=torch.float64)
+        if image
+        else torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    )
     if loss == "ce":
         y = torch.randint(0, d_out, (n,), generator=g)
     elif loss == "bce":
@@ -66,7 +77,7 @@ def _unflat(model, names, theta):
     out, i = {}, 0
     for n in names:
         k = named[n].numel()
-        out[n] = theta[i:i + k].view_as(named[n])
+        out[n] = theta[i : i + k].view_as(named[n])
         i += k
     return out
 
@@ -91,7 +102,8 @@ def ref_jacobian_and_output_hessian(model, loss_fn, X, y):
     out = out_fn(theta)
     J = torch.autograd.functional.jacobian(lambda t: out_fn(t).reshape(-1), theta)
     Ho = torch.autograd.functional.hessian(
-        lambda o: loss_fn(o.view_as(out), y), out.detach().reshape(-1))
+        lambda o: loss_fn(o.view_as(out), y), out.detach().reshape(-1)
+    )
     return J, Ho
 
 

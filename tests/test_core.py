@@ -45,8 +45,7 @@ def test_check_operand_messages():
     with pytest.raises(TypeError, match="got list"):
         check_operand([0.0] * 4, 4, torch.float32, dev)
     with pytest.raises(NonFiniteError, match="1 NaN and 1 infinite"):
-        check_operand(torch.tensor([0.0, float("nan"), float("inf"), 1.0]), 4,
-                      torch.float32, dev)
+        check_operand(torch.tensor([0.0, float("nan"), float("inf"), 1.0]), 4, torch.float32, dev)
     V, single = check_operand(torch.zeros(4, 2), 4, torch.float32, dev)
     assert V.shape == (4, 2) and not single
 

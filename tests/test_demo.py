@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_example_runs():
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "logistic_spectrum.py")],
-                         capture_output=True, text=True, timeout=300, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "logistic_spectrum.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    )
     text = out.stdout
     assert "verdict at the optimum: positive definite" in text
     diff = float(text.split("largest difference from the dense eigh: ")[1].split()[0])

@@ -73,8 +73,9 @@ def test_parameter_errors(setup):
         HessianOperator(model, loss_fn, data, params=[])
     with pytest.raises(ValueError, match="twice"):
         HessianOperator(model, loss_fn, data, params=["0.weight", model[0].weight])
-    model.register_parameter("steps", nn.Parameter(torch.zeros(2, dtype=torch.long),
-                                                    requires_grad=False))
+    model.register_parameter(
+        "steps", nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)
+    )
     with pytest.raises(TypeError, match="'steps' must be floating point.*torch.int64"):
         HessianOperator(model, loss_fn, data, params=["steps"])
     with pytest.raises(TypeError, match="torch.nn.Module"):

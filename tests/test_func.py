@@ -14,7 +14,7 @@ def rosen(x):
 
 
 def mixed(x):
-    return torch.sin(x).prod() + (x**4).sum() * torch.exp(-x.sum() ** 2 / 10)
+    return torch.sin(x).prod() + (x**4).sum() * torch.exp(-(x.sum() ** 2) / 10)
 
 
 FUNCTIONS = [rosen, mixed]
@@ -92,8 +92,7 @@ def test_fd_hvp_works_without_double_backward():
         with torch.enable_grad():
             return torch.autograd.grad(OnceDifferentiable.apply(x), x)[0]
 
-    torch.testing.assert_close(hesse.fd_hvp(None, x, v, grad_fn=g), 6 * x * v,
-                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(hesse.fd_hvp(None, x, v, grad_fn=g), 6 * x * v, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "ce", "bce"])
@@ -107,18 +106,23 @@ def test_ggn_vp_of_a_function(loss_name):
         return torch.tanh(A @ x).reshape(4, 3)
 
     loss_fn = {"mse": nn.MSELoss(), "ce": nn.CrossEntropyLoss(), "bce": nn.BCEWithLogitsLoss()}[
-        loss_name]
-    y = {"mse": torch.randn(4, 3, generator=g, dtype=torch.float64),
-         "ce": torch.tensor([0, 2, 1, 2]),
-         "bce": torch.randint(0, 2, (4, 3), generator=g).double()}[loss_name]
+        loss_name
+    ]
+    y = {
+        "mse": torch.randn(4, 3, generator=g, dtype=torch.float64),
+        "ce": torch.tensor([0, 2, 1, 2]),
+        "bce": torch.randint(0, 2, (4, 3), generator=g).double(),
+    }[loss_name]
     J = torch.autograd.functional.jacobian(lambda x: out_fn(x).reshape(-1), x)
     o = out_fn(x).detach()
     Ho = torch.autograd.functional.hessian(lambda o_: loss_fn(o_.view(4, 3), y), o.reshape(-1))
-    torch.testing.assert_close(hesse.ggn_vp(out_fn, loss_fn, x, v, y), J.T @ Ho @ J @ v,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        hesse.ggn_vp(out_fn, loss_fn, x, v, y), J.T @ Ho @ J @ v, rtol=1e-12, atol=1e-12
+    )
     V = torch.randn(3, 5, dtype=torch.float64)
-    torch.testing.assert_close(hesse.ggn_vp(out_fn, loss_fn, x, V, y), V @ (J.T @ Ho @ J).T,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        hesse.ggn_vp(out_fn, loss_fn, x, V, y), V @ (J.T @ Ho @ J).T, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_fisher_vp_empirical_is_outer_product_of_sample_gradients():
@@ -131,14 +135,18 @@ def test_fisher_vp_empirical_is_outer_product_of_sample_gradients():
     def out_fn(x):
         return torch.sin(A @ x).reshape(6, 3)
 
-    grads = torch.stack([
-        torch.autograd.functional.jacobian(
-            lambda x, i=i: nn.functional.cross_entropy(out_fn(x)[i:i + 1], y[i:i + 1]), x)
-        for i in range(6)
-    ])
+    grads = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda x, i=i: nn.functional.cross_entropy(out_fn(x)[i : i + 1], y[i : i + 1]), x
+            )
+            for i in range(6)
+        ]
+    )
     F = grads.T @ grads / 6
-    torch.testing.assert_close(hesse.fisher_vp(out_fn, nn.CrossEntropyLoss(), x, v, y),
-                               F @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        hesse.fisher_vp(out_fn, nn.CrossEntropyLoss(), x, v, y), F @ v, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_func_errors_are_clear():

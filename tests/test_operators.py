@@ -1,10 +1,13 @@
 """Curvature operators against dense float64 references."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import hesse
@@ -63,27 +66,35 @@ def test_ggn_operator_matches_explicit_jt_h_j(arch, loss_name):
     assert torch.linalg.eigvalsh(G_ref).min() > -1e-12 * torch.linalg.eigvalsh(G_ref).max()
 
 
-@pytest.mark.parametrize("loss_fn,y", [
-    (nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)), "int"),
-    (nn.CrossEntropyLoss(ignore_index=1), "int"),
-    (nn.CrossEntropyLoss(label_smoothing=0.2), "int"),
-    (nn.CrossEntropyLoss(), "prob"),
-    (nn.CrossEntropyLoss(reduction="sum"), "int"),
-    (nn.MSELoss(reduction="sum"), "real"),
-    (nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)),
-     "bin"),
-    (nn.HuberLoss(delta=0.5), "real"),
-])
+@pytest.mark.parametrize(
+    "loss_fn,y",
+    [
+        (nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)), "int"),
+        (nn.CrossEntropyLoss(ignore_index=1), "int"),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), "int"),
+        (nn.CrossEntropyLoss(), "prob"),
+        (nn.CrossEntropyLoss(reduction="sum"), "int"),
+        (nn.MSELoss(reduction="sum"), "real"),
+        (
+            nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)),
+            "bin",
+        ),
+        (nn.HuberLoss(delta=0.5), "real"),
+    ],
+)
 def test_ggn_closed_forms_and_fallback_cover_loss_options(loss_fn, y):
     model = mlp()
     X, _ = make_data("mse")
     g = torch.Generator().manual_seed(4)
-    Y = {"int": torch.randint(0, 3, (12,), generator=g),
-         "prob": torch.softmax(torch.randn(12, 3, generator=g, dtype=torch.float64), 1),
-         "real": torch.randn(12, 3, generator=g, dtype=torch.float64),
-         "bin": torch.randint(0, 2, (12, 3), generator=g).double()}[y]
-    torch.testing.assert_close(GGNOperator(model, loss_fn, (X, Y)).to_dense(),
-                               ref_ggn(model, loss_fn, X, Y), **TOL)
+    Y = {
+        "int": torch.randint(0, 3, (12,), generator=g),
+        "prob": torch.softmax(torch.randn(12, 3, generator=g, dtype=torch.float64), 1),
+        "real": torch.randn(12, 3, generator=g, dtype=torch.float64),
+        "bin": torch.randint(0, 2, (12, 3), generator=g).double(),
+    }[y]
+    torch.testing.assert_close(
+        GGNOperator(model, loss_fn, (X, Y)).to_dense(), ref_ggn(model, loss_fn, X, Y), **TOL
+    )
 
 
 def _sample_nll_grads(model, X, y, nll):
@@ -91,8 +102,8 @@ def _sample_nll_grads(model, X, y, nll):
     params = [p for p in model.parameters()]
     rows = []
     for i in range(X.shape[0]):
-        out = model(X[i:i + 1])
-        g = torch.autograd.grad(nll(out, y[i:i + 1]), params)
+        out = model(X[i : i + 1])
+        g = torch.autograd.grad(nll(out, y[i : i + 1]), params)
         rows.append(torch.cat([t.reshape(-1) for t in g]))
     return torch.stack(rows)
 
@@ -100,8 +111,10 @@ def _sample_nll_grads(model, X, y, nll):
 NLL = {  # (NLL of one sample, c of loss = c * sum NLL for a batch of n samples with d outputs)
     "ce": (lambda o, y: nn.functional.cross_entropy(o, y, reduction="sum"), lambda n, d: 1 / n),
     "mse": (lambda o, y: ((o - y) ** 2).sum(), lambda n, d: 1 / (n * d)),
-    "bce": (lambda o, y: nn.functional.binary_cross_entropy_with_logits(o, y, reduction="sum"),
-            lambda n, d: 1 / (n * d)),
+    "bce": (
+        lambda o, y: nn.functional.binary_cross_entropy_with_logits(o, y, reduction="sum"),
+        lambda n, d: 1 / (n * d),
+    ),
 }
 
 
@@ -125,8 +138,14 @@ def test_mc_fisher_converges_to_the_ggn(loss_name):
     G = ref_ggn(model, loss_fn, X, y)
     errs = []
     for m in (256, 16384):
-        F = FisherOperator(model, loss_fn, (X, y), kind="mc", mc_samples=m,
-                           generator=torch.Generator().manual_seed(0))
+        F = FisherOperator(
+            model,
+            loss_fn,
+            (X, y),
+            kind="mc",
+            mc_samples=m,
+            generator=torch.Generator().manual_seed(0),
+        )
         errs.append(float((F.to_dense() - G).norm() / G.norm()))
     # Monte-Carlo error ~ 1/sqrt(M): 8x smaller at 64x the samples; asked: 3x, and < 1%
     assert errs[1] < 0.01, errs
@@ -137,12 +156,15 @@ def test_mc_fisher_is_deterministic_and_seeded():
     model = mlp()
     X, y = make_data("ce")
     data = [(X[:5], y[:5]), (X[5:], y[5:])]
-    F1 = FisherOperator(model, nn.CrossEntropyLoss(), data, kind="mc",
-                        generator=torch.Generator().manual_seed(3))
-    F2 = FisherOperator(model, nn.CrossEntropyLoss(), data, kind="mc",
-                        generator=torch.Generator().manual_seed(3))
-    F3 = FisherOperator(model, nn.CrossEntropyLoss(), data, kind="mc",
-                        generator=torch.Generator().manual_seed(4))
+    F1 = FisherOperator(
+        model, nn.CrossEntropyLoss(), data, kind="mc", generator=torch.Generator().manual_seed(3)
+    )
+    F2 = FisherOperator(
+        model, nn.CrossEntropyLoss(), data, kind="mc", generator=torch.Generator().manual_seed(3)
+    )
+    F3 = FisherOperator(
+        model, nn.CrossEntropyLoss(), data, kind="mc", generator=torch.Generator().manual_seed(4)
+    )
     v = torch.randn(F1.shape[0], dtype=torch.float64)
     assert torch.equal(F1 @ v, F1 @ v)
     assert torch.equal(F1 @ v, F2 @ v)
@@ -168,8 +190,9 @@ def test_block_is_the_sub_matrix_of_the_full_hessian():
     sizes = [p.numel() for p in model.parameters()]
     offsets = np.cumsum([0, *sizes])
     block = ["2.weight", "4.bias"]
-    idx = torch.cat([torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1])
-                     for n in block])
+    idx = torch.cat(
+        [torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1]) for n in block]
+    )
     for params in (block, [model[2].weight, model[4].bias]):
         for op in (HessianOperator, GGNOperator):
             B = op(model, loss_fn, (X, y), params=params)
@@ -228,25 +251,31 @@ def test_operator_algebra_and_scipy():
     G = GGNOperator(model, loss_fn, (X, y))
     Hd, Gd = ref_hessian(model, loss_fn, X, y), ref_ggn(model, loss_fn, X, y)
     eye = torch.eye(H.shape[0], dtype=torch.float64)
-    for op, ref, psd in [(H + G, Hd + Gd, False), (2 * G - H, 2 * Gd - Hd, False),
-                         (-H, -Hd, False), (G.damped(0.3), Gd + 0.3 * eye, True),
-                         (0.5 * G + G, 1.5 * Gd, True), (G * -1.0, -Gd, False)]:
+    for op, ref, psd in [
+        (H + G, Hd + Gd, False),
+        (2 * G - H, 2 * Gd - Hd, False),
+        (-H, -Hd, False),
+        (G.damped(0.3), Gd + 0.3 * eye, True),
+        (0.5 * G + G, 1.5 * Gd, True),
+        (G * -1.0, -Gd, False),
+    ]:
         torch.testing.assert_close(op.to_dense(), ref, **TOL)
         assert op.psd is psd and op.symmetric
     A = H.damped(0.1).to_scipy()
     x = np.random.default_rng(0).standard_normal(H.shape[0])
     np.testing.assert_allclose(A @ x, (Hd + 0.1 * eye).numpy() @ x, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(A.matmat(np.stack([x, 2 * x], 1))[:, 1], 2 * (A @ x),
-                               rtol=1e-12)
+    np.testing.assert_allclose(A.matmat(np.stack([x, 2 * x], 1))[:, 1], 2 * (A @ x), rtol=1e-12)
     D = hesse.DenseOperator(Gd, psd=True)
     torch.testing.assert_close((H + D).to_dense(), Hd + Gd, **TOL)
 
 
 def _snapshot(model):
-    return ({n: p.detach().clone() for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()},
-            [m.training for m in model.modules()],
-            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+    return (
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: b.clone() for n, b in model.named_buffers()},
+        [m.training for m in model.modules()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
 
 
 def _assert_unchanged(model, snap):
@@ -268,10 +297,13 @@ def test_products_change_nothing_batchnorm_included(train):
     snap = _snapshot(model)
     loss_fn = nn.CrossEntropyLoss()
     ref = ref_hessian(copy.deepcopy(model), loss_fn, X, y)  # train mode: batch statistics
-    for op in (HessianOperator(model, loss_fn, (X, y)),
-               HessianOperator(model, loss_fn, (X, y), mode="forward-over-reverse"),
-               GGNOperator(model, loss_fn, (X, y)), FisherOperator(model, loss_fn, (X, y)),
-               FiniteDifferenceHessian(model, loss_fn, (X, y))):
+    for op in (
+        HessianOperator(model, loss_fn, (X, y)),
+        HessianOperator(model, loss_fn, (X, y), mode="forward-over-reverse"),
+        GGNOperator(model, loss_fn, (X, y)),
+        FisherOperator(model, loss_fn, (X, y)),
+        FiniteDifferenceHessian(model, loss_fn, (X, y)),
+    ):
         v = torch.randn(op.shape[0], dtype=torch.float64)
         out = op @ v
         if isinstance(op, HessianOperator):
@@ -287,8 +319,9 @@ def test_float32_model_keeps_dtype():
     assert H.dtype == torch.float32
     out = H @ torch.randn(H.shape[0])
     assert out.dtype == torch.float32
-    ref = ref_hessian(mlp(), nn.CrossEntropyLoss(), X, y) @ torch.ones(H.shape[0],
-                                                                        dtype=torch.float64)
+    ref = ref_hessian(mlp(), nn.CrossEntropyLoss(), X, y) @ torch.ones(
+        H.shape[0], dtype=torch.float64
+    )
     got = (H @ torch.ones(H.shape[0])).double()
     assert float((got - ref).norm() / ref.norm()) < 1e-5
 
@@ -305,8 +338,7 @@ def test_linearized_operator_refuses_stale_parameters():
     with pytest.raises(RuntimeError, match="call linearize\\(\\) again"):
         L @ v
     # the lazy operator follows the model
-    torch.testing.assert_close(H @ v, ref_hessian(model, nn.CrossEntropyLoss(), X, y) @ v,
-                               **TOL)
+    torch.testing.assert_close(H @ v, ref_hessian(model, nn.CrossEntropyLoss(), X, y) @ v, **TOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -321,8 +353,13 @@ def test_cuda_products_stay_on_the_device():
         assert out.device.type == "cuda"
         if op_cls is HessianOperator:
             torch.testing.assert_close(out.cpu(), ref @ v, **TOL)
-    F = FisherOperator(model, nn.CrossEntropyLoss(), (X.cuda(), y.cuda()), kind="mc",
-                       generator=torch.Generator().manual_seed(0))
+    F = FisherOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        (X.cuda(), y.cuda()),
+        kind="mc",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (F @ torch.ones(F.shape[0], dtype=torch.float64, device="cuda")).device.type == "cuda"
 
 
@@ -333,3 +370,17 @@ def test_ref_jacobian_is_consistent():
     J, Ho = ref_jacobian_and_output_hessian(model, nn.CrossEntropyLoss(), X, y)
     assert J.shape == (12 * 3, flat_params(model)[1].numel())
     torch.testing.assert_close(Ho, Ho.T)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=4, unique=True))
+def test_any_split_of_the_data_gives_the_same_products(cuts):
+    model = mlp()
+    X, y = make_data("ce", n=13)
+    edges = [0, *sorted(cuts), 13]
+    batches = [(X[a:b], y[a:b]) for a, b in itertools.pairwise(edges)]
+    v = torch.linspace(-1, 1, 122, dtype=torch.float64)
+    for op_cls in (HessianOperator, GGNOperator):
+        whole = op_cls(model, nn.CrossEntropyLoss(), (X, y))
+        split = op_cls(model, nn.CrossEntropyLoss(), batches)
+        torch.testing.assert_close(split @ v, whole @ v, **TOL)

@@ -49,8 +49,9 @@ def check_operand(
     caller's data that is then written to), and whether ``v`` was a vector of shape ``(size,)``.
     """
     if not isinstance(v, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor of shape ({size},) or ({size}, k), "
-                        f"got {_describe(v)}")
+        raise TypeError(
+            f"{what} must be a torch.Tensor of shape ({size},) or ({size}, k), got {_describe(v)}"
+        )
     if v.dim() not in (1, 2) or v.shape[0] != size:
         raise ValueError(
             f"{what} must have shape ({size},) or ({size}, k), got shape {tuple(v.shape)}"
@@ -61,9 +62,7 @@ def check_operand(
             f"convert it with v.to({dtype})"
         )
     if v.device != device:
-        raise ValueError(
-            f"{what} must be on the operator's device {device}, got {v.device}"
-        )
+        raise ValueError(f"{what} must be on the operator's device {device}, got {v.device}")
     check_finite(v, what)
     if v.dim() == 1:
         return v.unsqueeze(1), True

@@ -64,9 +64,7 @@ class ParamSpace:
 
     def unflatten(self, vec: Tensor) -> tuple[Tensor, ...]:
         """Split a vector of length ``size`` into views shaped like the tensors."""
-        return tuple(
-            c.view(s) for c, s in zip(torch.split(vec, self.numels), self.shapes)
-        )
+        return tuple(c.view(s) for c, s in zip(torch.split(vec, self.numels), self.shapes))
 
     def flatten_columns(self, tensors: Sequence[Tensor]) -> Tensor:
         """Inverse of :meth:`unflatten_columns`: ``(k, *shape)`` tensors to ``(size, k)``."""

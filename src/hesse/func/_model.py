@@ -19,8 +19,11 @@ def split_batch(batch: object) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             "each batch must be a pair (inputs, targets), got "
-            + (f"a {type(batch).__name__} of length {len(batch)}"
-               if isinstance(batch, (tuple, list)) else type(batch).__name__)
+            + (
+                f"a {type(batch).__name__} of length {len(batch)}"
+                if isinstance(batch, (tuple, list))
+                else type(batch).__name__
+            )
         )
     return batch[0], batch[1]
 
@@ -98,7 +101,8 @@ class ModelLoss:
         self.space = ParamSpace(self._selected, names)
         self._randomness_checked = False
         dropouts = [
-            name for name, m in model.named_modules()
+            name
+            for name, m in model.named_modules()
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
         ]
         if dropouts:

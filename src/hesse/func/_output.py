@@ -70,8 +70,10 @@ class OutputCurvature:
                 return False
             if targets.dtype == torch.long and targets.shape == out.shape[:1]:
                 return lf.weight is None or lf.label_smoothing == 0.0
-            return targets.shape == out.shape and targets.is_floating_point() and (
-                lf.label_smoothing == 0.0
+            return (
+                targets.shape == out.shape
+                and targets.is_floating_point()
+                and (lf.label_smoothing == 0.0)
             )
         if self.kind == "bce_logits":
             lf = self.loss_fn
@@ -84,8 +86,11 @@ class OutputCurvature:
         n = out.shape[0]
         if targets.dtype == torch.long:
             valid = (targets != lf.ignore_index).to(out.dtype)
-            w = valid if lf.weight is None else lf.weight.to(out.dtype)[
-                targets.clamp(0, out.shape[1] - 1)] * valid
+            w = (
+                valid
+                if lf.weight is None
+                else lf.weight.to(out.dtype)[targets.clamp(0, out.shape[1] - 1)] * valid
+            )
             if self.reduction == "mean":
                 w = w / w.sum().clamp_min(torch.finfo(out.dtype).tiny)
             return w
@@ -156,10 +161,12 @@ class OutputCurvature:
         if self.kind == "cross_entropy" and self.loss_fn.weight is not None:
             raise ValueError("kind='mc' does not support CrossEntropyLoss with class weights")
         if self.kind == "mse":
-            z = torch.randn((mc_samples, *out.shape), generator=generator,
-                            dtype=out.dtype, device=out.device)
-            return (2.0**0.5) * z, torch.full((n,), self._scale(out), dtype=out.dtype,
-                                              device=out.device)
+            z = torch.randn(
+                (mc_samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device
+            )
+            return (2.0**0.5) * z, torch.full(
+                (n,), self._scale(out), dtype=out.dtype, device=out.device
+            )
         if self.kind == "bce_logits":
             p = torch.sigmoid(out).expand(mc_samples, *out.shape)
             y = torch.bernoulli(p, generator=generator)
@@ -167,15 +174,26 @@ class OutputCurvature:
         p = torch.softmax(out, dim=1)
         idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # (N, M)
         onehot = F.one_hot(idx.T, out.shape[1]).to(out.dtype)  # (M, N, C)
-        c = self._ce_sample_weights(out, targets) if targets.dtype == torch.long else \
-            torch.full((n,), 1.0 / n if self.reduction == "mean" else 1.0,
-                       dtype=out.dtype, device=out.device)
+        c = (
+            self._ce_sample_weights(out, targets)
+            if targets.dtype == torch.long
+            else torch.full(
+                (n,),
+                1.0 / n if self.reduction == "mean" else 1.0,
+                dtype=out.dtype,
+                device=out.device,
+            )
+        )
         return p.unsqueeze(0) - onehot, c
 
     def _nll_scales(self, out: Tensor, targets: Any) -> Tensor:
         n = out.shape[0]
-        if self.kind == "cross_entropy" and isinstance(targets, Tensor) and \
-                targets.dtype == torch.long and targets.shape == out.shape[:1]:
+        if (
+            self.kind == "cross_entropy"
+            and isinstance(targets, Tensor)
+            and targets.dtype == torch.long
+            and targets.shape == out.shape[:1]
+        ):
             return self._ce_sample_weights(out, targets)
         if self.kind in ("mse", "bce_logits"):
             c = self._scale(out)

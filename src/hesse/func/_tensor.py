@@ -26,8 +26,9 @@ def _check_point(x: object, what: str = "x") -> Tensor:
 
 def _check_direction(x: Tensor, v: object) -> Tensor:
     if not isinstance(v, Tensor):
-        raise TypeError(f"v must be a torch.Tensor shaped like x {tuple(x.shape)}, "
-                        f"got {type(v).__name__}")
+        raise TypeError(
+            f"v must be a torch.Tensor shaped like x {tuple(x.shape)}, got {type(v).__name__}"
+        )
     if v.shape != x.shape:
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
     if v.dtype != x.dtype or v.device != x.device:

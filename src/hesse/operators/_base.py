@@ -81,8 +81,9 @@ class CurvatureOperator:
         damping = float(damping)
         if not np.isfinite(damping):
             raise ValueError(f"damping must be finite, got {damping}")
-        return SumOperator([self, damping * IdentityOperator(self.shape[0], self.dtype,
-                                                             self.device)])
+        return SumOperator(
+            [self, damping * IdentityOperator(self.shape[0], self.dtype, self.device)]
+        )
 
     @property
     def T(self) -> CurvatureOperator:
@@ -117,13 +118,20 @@ class CurvatureOperator:
         def matvec(x: np.ndarray) -> np.ndarray:
             return matmat(x).reshape(-1)
 
-        return LinearOperator(self.shape, matvec=matvec, matmat=matmat, rmatvec=matvec
-                              if self.symmetric else None, dtype=np_dtype)
+        return LinearOperator(
+            self.shape,
+            matvec=matvec,
+            matmat=matmat,
+            rmatvec=matvec if self.symmetric else None,
+            dtype=np_dtype,
+        )
 
     def __repr__(self) -> str:
         tags = [t for t in ("symmetric", "psd") if getattr(self, t)]
-        return (f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
-                f"device={self.device}, tags={tags})")
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
+            f"device={self.device}, tags={tags})"
+        )
 
 
 def _common(ops: Sequence[CurvatureOperator]) -> tuple[int, torch.dtype, torch.device]:
@@ -180,8 +188,9 @@ class IdentityOperator(CurvatureOperator):
 
     psd = True
 
-    def __init__(self, size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, size: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ):
         super().__init__(size, dtype, device)
         self.chunk_size = max(int(size), 1)
 

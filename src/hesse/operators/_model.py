@@ -206,7 +206,9 @@ class HessianOperator(ModelCurvature):
                         self._forward_failed = True
                         warnings.warn(
                             f"forward-over-reverse failed ({err}); HessianOperator falls "
-                            "back to reverse-over-reverse for this model", stacklevel=4)
+                            "back to reverse-over-reverse for this model",
+                            stacklevel=4,
+                        )
                 return self._batch_product(params, batch, index, reuse)(cols)
 
             return product
@@ -265,8 +267,17 @@ class FisherOperator(_OutputSpaceCurvature):
     operator is linear.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, kind: str = "empirical",
-                 mc_samples: int = 1, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        kind: str = "empirical",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(model, loss_fn, data, params)
         if kind not in FISHER_KINDS:
             raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
@@ -313,12 +324,16 @@ class FiniteDifferenceHessian(ModelCurvature):
         self.h = h
 
     def _steps(self, params: Columns, cols: Columns) -> Tensor:
-        theta_norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p) for p in params]))
+        theta_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p) for p in params])
+        )
         k = cols[0].shape[0]
         v_norms = torch.linalg.vector_norm(torch.cat([c.reshape(k, -1) for c in cols], 1), dim=1)
-        base = fd_scale(theta_norm, 1.0, self.dtype) if self.h is None else \
-            self.h * (1.0 + float(theta_norm))
+        base = (
+            fd_scale(theta_norm, 1.0, self.dtype)
+            if self.h is None
+            else self.h * (1.0 + float(theta_norm))
+        )
         return base / v_norms.clamp_min(torch.finfo(self.dtype).tiny)
 
     def _batch_product(
