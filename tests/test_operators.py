@@ -62,6 +62,8 @@ def test_ggn_operator_matches_explicit_jt_h_j(arch, loss_name):
     assert G.psd and G.symmetric
     torch.testing.assert_close(G.to_dense(), G_ref, **TOL)
     torch.testing.assert_close(G.linearize().to_dense(), G_ref, **TOL)
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(G @ v, G_ref @ v, **TOL)  # one column: the forward-mode route
     # positive semidefinite, as the tag says
     assert torch.linalg.eigvalsh(G_ref).min() > -1e-12 * torch.linalg.eigvalsh(G_ref).max()
 
@@ -128,6 +130,9 @@ def test_empirical_fisher_is_scaled_sum_of_nll_gradient_outer_products(loss_name
     F = FisherOperator(model, LOSSES[loss_name](), (X, y), kind="empirical")
     assert F.psd
     torch.testing.assert_close(F.to_dense(), F_ref, **TOL)
+    v = torch.randn(F.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(F @ v, F_ref @ v, **TOL)
+    torch.testing.assert_close(F.linearize() @ v, F_ref @ v, **TOL)
 
 
 @pytest.mark.parametrize("loss_name", ["ce", "mse", "bce"])
@@ -384,3 +389,24 @@ def test_any_split_of_the_data_gives_the_same_products(cuts):
         whole = op_cls(model, nn.CrossEntropyLoss(), (X, y))
         split = op_cls(model, nn.CrossEntropyLoss(), batches)
         torch.testing.assert_close(split @ v, whole @ v, **TOL)
+
+
+def test_single_column_ggn_uses_forward_mode_and_agrees_with_the_vjp_route():
+    from hesse.func._engine import _cached_jmj, _dual_jmj
+
+    model = mlp()
+    X, y = make_data("ce")
+    G = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    params = G.fn.params()
+    cols = G.space.unflatten_columns(torch.randn(G.shape[0], 1, dtype=torch.float64))
+
+    def out_fn(ps):
+        return G.fn.outputs(ps, X)
+
+    def make(o):
+        return lambda U: G.curvature.hessian_mm(o, y, U)
+
+    dual = _dual_jmj(out_fn, params, make, cols)
+    assert dual is not None
+    for a, b in zip(dual, _cached_jmj(out_fn, params, make, reuse=False)(cols)):
+        torch.testing.assert_close(a, b, **TOL)

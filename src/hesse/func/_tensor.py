@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp
 
 from hesse._core import check_finite, check_scalar
+from hesse.func._engine import hvp_product
 
 HVP_MODES = ("forward-over-reverse", "reverse-over-reverse")
 #: The default mode, chosen by ``benchmarks/hvp_cost.py`` (see the README's figures).
@@ -74,11 +75,10 @@ def hvp(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, *, mode: str | None
     x = _check_point(x)
     v = _check_direction(x, v)
     mode = _check_mode(mode or DEFAULT_HVP_MODE)
-    g = grad(_scalar_fn(f))
-    with torch.enable_grad():
-        if mode == "forward-over-reverse":
-            return jvp(g, (x,), (v,))[1]
-        return vjp(g, x)[1](v)[0]
+    if mode == "forward-over-reverse":
+        with torch.enable_grad():
+            return jvp(grad(_scalar_fn(f)), (x,), (v,))[1]
+    return hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,))((v.unsqueeze(0),))[0][0]
 
 
 def linearize_hvp(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -95,17 +95,14 @@ def linearize_hvp(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor]
         tensor([ 0., 12.])
     """
     x = _check_point(x)
-    with torch.enable_grad():
-        _, vjp_fn = vjp(grad(_scalar_fn(f)), x)
-    batched = vmap(vjp_fn)
+    apply = hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,), reuse=True)
 
     def product(v: Tensor) -> Tensor:
         if isinstance(v, Tensor) and v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
-            if v.dtype != x.dtype or v.device != x.device:
-                _check_direction(x, v[0])
+            _check_direction(x, v[0])
             check_finite(v, "v")
-            return batched(v)[0]
-        return vjp_fn(_check_direction(x, v))[0]
+            return apply((v,))[0]
+        return apply((_check_direction(x, v).unsqueeze(0),))[0][0]
 
     return product
 

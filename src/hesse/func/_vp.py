@@ -8,47 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
 
+from hesse.func._engine import jmj_product
 from hesse.func._output import OutputCurvature, fisher_mm
 from hesse.func._tensor import _check_direction, _check_point
-
-
-def jmj_product(
-    out_fn: Callable[[Any], Tensor],
-    primal: Any,
-    make_out_mm: Callable[[Tensor], Callable[[Tensor], Tensor]],
-    reuse: bool = False,
-) -> Callable[[Any], Any]:
-    r"""Build ``tangents -> J^T M J tangents`` at ``primal``.
-
-    ``out_fn(primal)`` gives the outputs ``o``; ``make_out_mm(o)`` returns the function that
-    applies the output-space matrix :math:`M` to ``U`` of shape ``(k, *o.shape)``;
-    tangents are shaped like ``primal`` with a leading batch dimension ``k``.
-
-    The forward pass and its graph (for :math:`J^\top`) are built here, once. Each product
-    then pushes the tangents forward (``jvp``) and pulls :math:`M J v` back (one batched
-    backward pass). With ``reuse`` the forward Jacobian is linearised too, as the vjp of
-    the (linear) vjp, so that products need no forward pass at all: worth it when one point
-    is asked for many products.
-    """
-    with torch.enable_grad():
-        out, vjp_fn = vjp(out_fn, primal)
-        out = out.detach()
-        out_mm = make_out_mm(out)
-        pull = vmap(vjp_fn)
-        if reuse:
-            # J v = d/du <J^T u, v>: the vjp of u -> J^T u, which is linear in u.
-            _, vjp_of_vjp = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(out))
-            push = vmap(lambda t: vjp_of_vjp(t)[0])
-        else:
-            push = vmap(lambda t: jvp(out_fn, (primal,), (t,))[1])
-
-    def product(tangents: Any) -> Any:
-        with torch.enable_grad():
-            return pull(out_mm(push(tangents)))[0]
-
-    return product
 
 
 def _as_batch(x: Tensor, v: Tensor) -> tuple[Tensor, bool]:
@@ -86,7 +49,9 @@ def ggn_vp(
     x = _check_point(x)
     V, single = _as_batch(x, v)
     curv = OutputCurvature(loss_fn)
-    out = jmj_product(output_fn, x, lambda o: lambda U: curv.hessian_mm(o, targets, U))(V)
+    out = jmj_product(
+        lambda xs: output_fn(xs[0]), (x,), lambda o: lambda U: curv.hessian_mm(o, targets, U)
+    )((V,))[0]
     return out[0] if single else out
 
 
@@ -115,5 +80,5 @@ def fisher_vp(
         S, c = curv.fisher_factors(o, targets, kind, generator, mc_samples)
         return lambda U: fisher_mm(S, c, U)
 
-    out = jmj_product(output_fn, x, make_out_mm)(V)
+    out = jmj_product(lambda xs: output_fn(xs[0]), (x,), make_out_mm)((V,))[0]
     return out[0] if single else out

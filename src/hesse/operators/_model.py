@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vmap
 
+from hesse.func._engine import hvp_product, jmj_product
 from hesse.func._model import Batch, ModelLoss, batch_size, split_batch
 from hesse.func._output import FISHER_KINDS, OutputCurvature, fisher_mm
 from hesse.func._tensor import DEFAULT_HVP_MODE, HVP_MODES, fd_scale
-from hesse.func._vp import jmj_product
 from hesse.operators._base import CurvatureOperator
 
 Columns = tuple[Tensor, ...]  # one tensor (k, *param.shape) per parameter
@@ -146,16 +146,6 @@ class LinearizedCurvature(CurvatureOperator):
         return self.op._combine(self._parts, V)
 
 
-def _vmapped(fn: Callable[[Columns], Any]) -> BatchProduct:
-    batched = vmap(fn)
-
-    def product(cols: Columns) -> Columns:
-        out = batched(cols)
-        return out[0] if isinstance(out, tuple) and len(out) == 1 else out
-
-    return product
-
-
 class HessianOperator(ModelCurvature):
     r"""The Hessian of the loss with respect to the parameters, :math:`\nabla^2_\theta L`.
 
@@ -213,10 +203,8 @@ class HessianOperator(ModelCurvature):
 
             return product
         # reverse-over-reverse: the gradient's graph is built here, each product is one
-        # backward pass through it (H is symmetric, so the vjp of the gradient is H v).
-        with torch.enable_grad():
-            _, vjp_fn = vjp(g, params)
-        return _vmapped(vjp_fn)
+        # backward pass through it.
+        return hvp_product(lambda ps: self.fn.loss(ps, batch), params, reuse)
 
 
 class _OutputSpaceCurvature(ModelCurvature):
