@@ -56,3 +56,12 @@ def test_check_scalar():
         check_scalar(torch.zeros(3))
     with pytest.raises(TypeError, match="scalar torch.Tensor, got float"):
         check_scalar(1.0)
+
+
+def test_all_finite_is_not_fooled_by_an_overflowing_sum():
+    from hesse._core import all_finite
+
+    huge = torch.full((4,), 3e38)  # finite, but the float32 sum overflows to inf
+    assert all_finite(huge, torch.ones(2))
+    assert not all_finite(torch.ones(2), torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))

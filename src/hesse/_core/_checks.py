@@ -16,9 +16,22 @@ def _describe(x: object) -> str:
     return f"{type(x).__name__}"
 
 
+def all_finite(*xs: Tensor) -> bool:
+    """Whether every tensor is finite, with one reduction per tensor and one host sync.
+
+    The sum of a tensor is finite when all its entries are (a NaN or an infinity makes it
+    NaN or infinite); only if a sum is not finite, which a sum of huge finite values can
+    also be, are the entries looked at one by one.
+    """
+    sums = torch.stack([x.sum(dtype=x.dtype) for x in xs])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(x).all()) for x in xs)
+
+
 def check_finite(x: Tensor, what: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise NonFiniteError(
@@ -41,12 +54,19 @@ def check_scalar(value: object, what: str = "the loss") -> Tensor:
 
 
 def check_operand(
-    v: object, size: int, dtype: torch.dtype, device: torch.device, what: str = "the vector"
+    v: object,
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    what: str = "the vector",
+    check_values: bool = True,
 ) -> tuple[Tensor, bool]:
     """Check the right-hand side of ``A @ v`` for an operator of shape ``(size, size)``.
 
     Returns ``(V, is_vector)``: ``V`` of shape ``(size, k)`` (a view, never a copy of the
     caller's data that is then written to), and whether ``v`` was a vector of shape ``(size,)``.
+    With ``check_values=False`` the caller checks finiteness itself (see
+    :class:`hesse.operators.CurvatureOperator`, which checks operand and result together).
     """
     if not isinstance(v, Tensor):
         raise TypeError(
@@ -63,7 +83,8 @@ def check_operand(
         )
     if v.device != device:
         raise ValueError(f"{what} must be on the operator's device {device}, got {v.device}")
-    check_finite(v, what)
+    if check_values:
+        check_finite(v, what)
     if v.dim() == 1:
         return v.unsqueeze(1), True
     return v, False
