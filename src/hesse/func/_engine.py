@@ -45,6 +45,8 @@ def _grad(outputs, inputs, grad_outputs, retain: bool, create: bool = False) -> 
 
 
 def _stack(rows: list[list[Tensor]]) -> Columns:
+    if len(rows) == 1:  # one column: a view, no copy
+        return tuple(t.unsqueeze(0) for t in rows[0])
     return tuple(torch.stack(t) for t in zip(*rows))
 
 

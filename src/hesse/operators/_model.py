@@ -103,18 +103,32 @@ class ModelCurvature(CurvatureOperator):
             raise ValueError("data is empty: expected at least one batch (inputs, targets)")
 
     def _combine(self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor) -> Tensor:
+        """Sum the batches' products weighted by their sizes (for a mean loss), then divide
+        by the number of samples. ``flatten_columns`` returns fresh tensors, so the sum is
+        accumulated in place."""
         space = self.space
         cols = space.unflatten_columns(V)
-        total: Tensor | None = None
-        n_total = 0
+        mean = self.reduction == "mean"
+        total = torch.empty(0)
+        n_total = count = 0
+        first_weight = 1.0
         for product, n in parts:
             out = space.flatten_columns(product(cols))
-            weight = float(n) if self.reduction == "mean" else 1.0
-            total = weight * out if total is None else total + weight * out
+            weight = float(n) if mean else 1.0
+            if count == 0:
+                total, first_weight = out, weight
+            elif count == 1:
+                total = total.mul_(first_weight).add_(out, alpha=weight)
+            else:
+                total.add_(out, alpha=weight)
             n_total += n
-        assert total is not None
+            count += 1
+        if count == 1 and type(self)._reduce is ModelCurvature._reduce:
+            return total  # one batch in one process: its mean is the operator
+        if count == 1:
+            total.mul_(first_weight)
         total, n_total = self._reduce(total, n_total)
-        return total / n_total if self.reduction == "mean" else total
+        return total / n_total if mean else total
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self._combine(self._products(), V)
