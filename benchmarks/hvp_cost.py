@@ -13,6 +13,10 @@ backward of the mean loss with ``torch.autograd.grad``) measured in the same rou
   construction is a separate row), curvlinops, hessian-eigenthings and BackPACK (Hessian
   and GGN products, forward pass included).
 
+Operators (hesse, curvlinops, eigenthings) are constructed once, outside the timed loop:
+their construction is lazy (about 0.1 ms for hesse, no forward pass). Work done once per
+point (``linearize()``, PyHessian's constructor) is timed as its own "setup" row.
+
 Every product is first checked against a float64 double-backward reference (relative error
 below 1e-4), so that no wrong product is timed. Timing is interleaved: after warm-up, each
 round runs every method once, in a rotating order, and the table reports the median time
@@ -24,6 +28,9 @@ Run (from the repository root, after ``make bench-deps``)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/hvp_cost.py            # full, a few minutes
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/hvp_cost.py --quick    # a short check
+    .venv/bin/python benchmarks/hvp_cost.py --device cuda   # the default where CUDA is there
+
+On CUDA, TF32 is switched off so that float32 means float32.
 
 The figures go to ``benchmarks/results/hvp_cost_<device>.json`` (``_quick`` appended for
 ``--quick``). ``--help`` lists the options.
@@ -59,8 +66,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-4
 PEERS = ("pyhessian", "curvlinops-for-pytorch", "hessian-eigenthings", "backpack-for-pytorch")
 CPU_MEMORY_NOTE = (
-    "CPU memory: growth of the peak resident set size (ru_maxrss) of a fresh process over "
-    "3 calls after set-up; coarse (allocator, page granularity, one-time buffers)."
+    "CPU memory is RSS-based and coarse: the growth of the peak resident set size of a fresh "
+    "process per method over 3 calls after its set-up and one warm-up call (peak reset through "
+    "/proc/self/clear_refs on Linux, else ru_maxrss); it counts whole pages."
 )
 
 # The backward with create_graph=True inside PyHessian warns about a reference cycle.
@@ -146,7 +154,7 @@ def references(pb: Problem) -> dict[str, Tensor]:
 
 
 def rel_error(out: Any, ref: Tensor) -> float:
-    return float((flat(out).double() - ref).norm() / ref.norm())
+    return float((flat(out).detach().double() - ref).norm() / ref.norm())
 
 
 # -- methods: each factory does the set-up and returns the call to time -------------------
@@ -289,6 +297,7 @@ class Method:
 
 
 RoR, FoR = "reverse-over-reverse", "forward-over-reverse"
+PYH, CURV, EIG, BP = PEERS
 METHODS = [
     Method("gradient", "gradient (forward + backward)", "grad", gradient),
     Method("hesse-ror", "hesse H @ v, rev-over-rev", "H", hesse_hvp(RoR)),
@@ -296,42 +305,20 @@ METHODS = [
     Method("hesse-lin", "hesse H.linearize() @ v", "H", hesse_linearized("H")),
     Method("plain", "double backward", "H", plain_hvp),
     Method("plain-cached", "double backward, cached grad graph", "H", plain_hvp_cached),
-    Method("pyhessian", "PyHessian hvp, cached grad graph", "H", pyhessian_hvp, "pyhessian"),
-    Method(
-        "curvlinops-h", "curvlinops Hessian @ v", "H", curvlinops_op("H"), "curvlinops-for-pytorch"
-    ),
-    Method(
-        "eigenthings-h",
-        "eigenthings Hessian matvec",
-        "H",
-        eigenthings_op("H"),
-        "hessian-eigenthings",
-    ),
-    Method("backpack-h", "BackPACK hvp", "H", backpack_hvp, "backpack-for-pytorch"),
+    Method("pyhessian", "PyHessian hvp, cached grad graph", "H", pyhessian_hvp, PYH),
+    Method("curvlinops-h", "curvlinops Hessian @ v", "H", curvlinops_op("H"), CURV),
+    Method("eigenthings-h", "eigenthings Hessian matvec", "H", eigenthings_op("H"), EIG),
+    Method("backpack-h", "BackPACK hvp", "H", backpack_hvp, BP),
     Method("hesse-ggn", "hesse G @ v", "GGN", hesse_ggn),
     Method("hesse-ggn-lin", "hesse G.linearize() @ v", "GGN", hesse_linearized("GGN")),
-    Method(
-        "curvlinops-ggn",
-        "curvlinops GGN @ v",
-        "GGN",
-        curvlinops_op("GGN"),
-        "curvlinops-for-pytorch",
-    ),
-    Method(
-        "eigenthings-ggn",
-        "eigenthings GGN matvec",
-        "GGN",
-        eigenthings_op("GGN"),
-        "hessian-eigenthings",
-    ),
-    Method("backpack-ggn", "BackPACK ggnvp", "GGN", backpack_ggnvp, "backpack-for-pytorch"),
+    Method("curvlinops-ggn", "curvlinops GGN @ v", "GGN", curvlinops_op("GGN"), CURV),
+    Method("eigenthings-ggn", "eigenthings GGN matvec", "GGN", eigenthings_op("GGN"), EIG),
+    Method("backpack-ggn", "BackPACK ggnvp", "GGN", backpack_ggnvp, BP),
     Method("hesse-lin-cost", "hesse H.linearize() itself", "setup", hesse_linearize_cost("H")),
     Method(
         "hesse-ggn-lin-cost", "hesse G.linearize() itself", "setup", hesse_linearize_cost("GGN")
     ),
-    Method(
-        "pyhessian-ctor", "PyHessian construction", "setup", pyhessian_construction, "pyhessian"
-    ),
+    Method("pyhessian-ctor", "PyHessian construction", "setup", pyhessian_construction, PYH),
 ]
 BY_KEY = {m.key: m for m in METHODS}
 
@@ -339,37 +326,42 @@ BY_KEY = {m.key: m for m in METHODS}
 # -- set-up and correctness -----------------------------------------------------------------
 
 
-def prepare(pb: Problem, refs: dict[str, Tensor]) -> tuple[dict[str, Call], dict[str, dict]]:
-    """Set up every method and check its product once. Returns the calls to time (those
-    that work and agree with the reference) and a row of results per method."""
-    calls: dict[str, Call] = {}
-    rows: dict[str, dict] = {}
-    for m in METHODS:
-        row = rows[m.key] = {
-            "key": m.key,
-            "label": m.label,
-            "kind": m.kind,
-            "package": m.package,
-            "status": "ok",
-            "note": "",
-            "rel_error": None,
-        }
+def check_method(m: Method, pb: Problem, refs: dict[str, Tensor]) -> tuple[Call | None, dict]:
+    """Set one method up and check its first product. Returns the call to time (None if it
+    is missing, fails or is wrong) and its row of results; warnings go into the note (a
+    fallback to another algorithm, say)."""
+    row = {"key": m.key, "label": m.label, "kind": m.kind, "package": m.package}
+    row.update(status="ok", note="", rel_error=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             call = m.factory(pb)
             out = call()
         except ImportError as e:
-            row.update(status="skipped", note=f"not installed ({e.name or e})")
-            continue
+            return None, {**row, "status": "skipped", "note": f"not installed ({e.name or e})"}
         except Exception as e:  # a peer's API may have moved: report, do not crash
-            row.update(status="failed", note=f"{type(e).__name__}: {e}"[:200])
-            continue
-        if m.kind in refs:
-            err = rel_error(out, refs[m.kind])
-            row["rel_error"] = err
-            if not err < TOLERANCE:  # also catches nan
-                row.update(status="wrong", note=f"relative error {err:.1e} > {TOLERANCE:g}")
-                continue
-        calls[m.key] = call
+            return None, {**row, "status": "failed", "note": f"{type(e).__name__}: {e}"[:200]}
+    messages = dict.fromkeys(
+        str(w.message).splitlines()[0]
+        for w in caught
+        if m.package is None and not issubclass(w.category, DeprecationWarning)
+    )
+    row["note"] = "; ".join(f"warned: {text}" for text in messages)[:300]
+    if m.kind in refs:
+        row["rel_error"] = err = rel_error(out, refs[m.kind])
+        if not err < TOLERANCE:  # also catches nan
+            return None, {**row, "status": "wrong", "note": f"rel. error {err:.1e} > {TOLERANCE:g}"}
+    return call, row
+
+
+def prepare(pb: Problem, refs: dict[str, Tensor]) -> tuple[dict[str, Call], dict[str, dict]]:
+    """Set up and check every method: the calls to time, and a row of results per method."""
+    calls: dict[str, Call] = {}
+    rows: dict[str, dict] = {}
+    for m in METHODS:
+        call, rows[m.key] = check_method(m, pb, refs)
+        if call is not None:
+            calls[m.key] = call
     return calls, rows
 
 
@@ -430,21 +422,46 @@ def cuda_extra_peak(call: Call) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def max_rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _max_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
+def rss_peak_meter() -> Callable[[], int]:
+    """A function returning the growth of the peak RSS from now on. On Linux the peak
+    (VmHWM) is reset here, so that the peaks of imports and set-up do not hide the call's;
+    elsewhere it falls back to ru_maxrss, which cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS")
+        return lambda: _status_bytes("VmHWM") - before
+    except OSError:
+        before = _max_rss_bytes()
+        return lambda: _max_rss_bytes() - before
+
+
 def memory_worker(key: str, model: str, device: torch.device) -> int:
-    """In a fresh process: set one method up, then print the growth of the peak RSS over 3
-    calls as JSON."""
-    call = BY_KEY[key].factory(make_problem(model, device))
+    """In a fresh process: set one method up and call it once (one-time buffers, lazy
+    imports), then print the growth of the peak RSS over 3 more calls as JSON."""
+    pb = make_problem(model, device)
+    call = BY_KEY[key].factory(pb)
+    call()  # the result is dropped at once
+    pb.model.zero_grad(set_to_none=True)  # the graph PyHessian's construction left in .grad
     gc.collect()
-    before = max_rss_bytes()
+    growth = rss_peak_meter()
     for _ in range(3):
         out = call()
         del out
-    print(json.dumps({"bytes": max_rss_bytes() - before}))
+    print(json.dumps({"bytes": growth()}))
     return 0
 
 
@@ -489,10 +506,13 @@ def summarise(
     """Add medians and ratios to the gradient (per round for time) to the rows, in place."""
     grad_t, grad_m = times["gradient"], memory.get("gradient")
     for key, ts in times.items():
+        ratios = [t / g for t, g in zip(ts, grad_t)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         mem = memory.get(key)
         rows[key].update(
             median_ms=1e3 * statistics.median(ts),
-            ratio=statistics.median(t / g for t, g in zip(ts, grad_t)),
+            ratio=statistics.median(ratios),
+            ratio_quartiles=[q1, q3],
             times_ms=[round(1e3 * t, 4) for t in ts],
             memory_bytes=mem,
             memory_ratio=mem / grad_m if mem is not None and grad_m else None,
@@ -504,18 +524,25 @@ def fmt(x: float | None, spec: str) -> str:
 
 
 def print_table(title: str, rows: dict[str, dict]) -> None:
-    head = f"{'method':<38} {'ms':>8} {'x grad':>7} {'MiB':>7} {'mem x grad':>10} {'rel.err':>8}"
+    head = (
+        f"{'method':<36} {'ms':>8} {'x grad':>6} {'[quartiles]':>12} {'MiB':>7} "
+        f"{'mem x grad':>10} {'rel.err':>8}"
+    )
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for row in rows.values():
         if row["status"] != "ok":
-            print(f"{row['label']:<38} {row['status'].upper()}: {row['note']}")
+            print(f"{row['label']:<36} {row['status'].upper()}: {row['note']}")
             continue
         mem = row["memory_bytes"]
+        q1, q3 = row["ratio_quartiles"]
         print(
-            f"{row['label']:<38} {fmt(row['median_ms'], '8.2f')} {fmt(row['ratio'], '7.2f')} "
-            f"{fmt(None if mem is None else mem / 2**20, '7.1f')} "
+            f"{row['label']:<36} {row['median_ms']:8.2f} {row['ratio']:6.2f} "
+            f"{f'[{q1:.2f}-{q3:.2f}]':>12} {fmt(None if mem is None else mem / 2**20, '7.1f')} "
             f"{fmt(row['memory_ratio'], '10.2f')} {fmt(row['rel_error'], '8.1e')}"
         )
+    for row in rows.values():
+        if row["status"] == "ok" and row["note"]:
+            print(f"  note, {row['label']}: {row['note']}")
 
 
 def cpu_model() -> str:
@@ -548,7 +575,7 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "dtype": "float32",
+        "dtype": "float32 (TF32 off)",
         "rounds": args.rounds,
         "warmup": args.warmup,
         "tolerance": TOLERANCE,
@@ -599,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # True float32 on GPUs: TF32 convolutions (cuDNN's default) alone give relative errors
+    # above 1e-4 on the CNN, for every method, plain double backward included.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     if args.memory_worker:
         return memory_worker(args.memory_worker, args.models[0], device)
     meta = metadata(device, args)
