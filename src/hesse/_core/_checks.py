@@ -18,13 +18,16 @@ def _describe(x: object) -> str:
 
 def all_finite(*xs: Tensor) -> bool:
     """Whether every tensor is finite, with one reduction per tensor and one host sync.
+    (The tensors must share a device.)
 
     The sum of a tensor is finite when all its entries are (a NaN or an infinity makes it
     NaN or infinite); only if a sum is not finite, which a sum of huge finite values can
     also be, are the entries looked at one by one.
     """
-    sums = torch.stack([x.sum(dtype=x.dtype) for x in xs])
-    if bool(torch.isfinite(sums).all()):
+    total = xs[0].sum()
+    for x in xs[1:]:
+        total = total + x.sum()  # a NaN or infinity anywhere makes the total non-finite
+    if bool(torch.isfinite(total)):
         return True
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
