@@ -35,3 +35,14 @@ def test_readme_gives_the_two_commands_first():
     assert "make demo" in first_block and "make test" in first_block
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b[len("python\n") :] for b in readme.split("```")[1::2] if b.startswith("python\n")]
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)  # figures land here
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "density.png").exists()

@@ -410,3 +410,20 @@ def test_single_column_ggn_uses_forward_mode_and_agrees_with_the_vjp_route():
     assert dual is not None
     for a, b in zip(dual, _cached_jmj(out_fn, params, make, reuse=False)(cols)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_linearize_reaches_through_sums_and_scales():
+    model = mlp()
+    X, y = make_data("ce")
+    H = HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    A = (2.0 * H).damped(0.1) - GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    L = A.linearize()
+    assert any(
+        isinstance(op, hesse.LinearizedCurvature)
+        or isinstance(getattr(op, "op", None), hesse.LinearizedCurvature)
+        for op in L.ops
+    )
+    v = torch.randn(A.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(L @ v, A @ v, **TOL)
+    D = hesse.DenseOperator(torch.eye(3))
+    assert D.linearize() is D

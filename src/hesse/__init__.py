@@ -1,21 +1,38 @@
 """hesse: the Hessian in machine learning, with PyTorch.
 
 Compute it (exact Hessian-, Gauss-Newton- and Fisher-vector products, dense Hessians,
-finite differences), as lazy operators over a model's loss and data.
+finite differences), as lazy operators over a model's loss and data; approximate it
+(low-rank, diagonal); analyse it (eigenvalues, trace, spectral density, condition number,
+convexity).
 """
 
-from hesse import func, operators
+from hesse import analysis, func, linalg, operators
 from hesse._core import NonFiniteError, ParamSpace
+from hesse.analysis import (
+    ConvexityReport,
+    Verdict,
+    condition_number,
+    convexity,
+    diagonal,
+    eigenvalues,
+    layer_report,
+    spectral_density,
+    trace,
+)
 from hesse.func import fd_hvp, fisher_vp, ggn_vp, hessian, hvp, linearize_hvp
+from hesse.linalg import InverseOperator, Status, low_rank
 from hesse.operators import (
     CurvatureOperator,
     DenseOperator,
+    DiagonalOperator,
     FiniteDifferenceHessian,
     FisherOperator,
+    FunctionHessian,
     GGNOperator,
     HessianOperator,
     IdentityOperator,
     LinearizedCurvature,
+    LowRankOperator,
 )
 
 __version__ = "0.1.0"
@@ -37,10 +54,28 @@ __all__ = [
     "HessianOperator",
     "IdentityOperator",
     "LinearizedCurvature",
+    "DiagonalOperator",
+    "FunctionHessian",
+    "LowRankOperator",
+    "InverseOperator",
+    "low_rank",
+    # analysis
+    "ConvexityReport",
+    "Verdict",
+    "condition_number",
+    "convexity",
+    "diagonal",
+    "eigenvalues",
+    "layer_report",
+    "spectral_density",
+    "trace",
+    "Status",
     # core
     "NonFiniteError",
     "ParamSpace",
     # modules
+    "analysis",
     "func",
+    "linalg",
     "operators",
 ]

@@ -7,6 +7,7 @@ from hesse.operators._base import (
     ScaledOperator,
     SumOperator,
 )
+from hesse.operators._function import FunctionHessian
 from hesse.operators._model import (
     FiniteDifferenceHessian,
     FisherOperator,
@@ -15,16 +16,20 @@ from hesse.operators._model import (
     LinearizedCurvature,
     ModelCurvature,
 )
+from hesse.operators._structured import DiagonalOperator, LowRankOperator
 
 __all__ = [
     "CurvatureOperator",
     "DenseOperator",
+    "DiagonalOperator",
     "FiniteDifferenceHessian",
     "FisherOperator",
+    "FunctionHessian",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
     "LinearizedCurvature",
+    "LowRankOperator",
     "ModelCurvature",
     "ScaledOperator",
     "SumOperator",

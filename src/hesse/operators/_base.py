@@ -89,6 +89,12 @@ class CurvatureOperator:
             [self, damping * IdentityOperator(self.shape[0], self.dtype, self.device)]
         )
 
+    def linearize(self) -> CurvatureOperator:
+        """An equivalent operator that does the per-point work once, for many products at
+        one point (see :meth:`hesse.operators.ModelCurvature.linearize`); ``self`` where
+        there is nothing to do once."""
+        return self
+
     @property
     def T(self) -> CurvatureOperator:
         if not self.symmetric:
@@ -164,6 +170,9 @@ class SumOperator(CurvatureOperator):
         self.psd = all(op.psd for op in flat)
         self.chunk_size = min(op.chunk_size for op in flat)
 
+    def linearize(self) -> CurvatureOperator:
+        return SumOperator([op.linearize() for op in self.ops])
+
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.ops[0]._matmat(V)
         for op in self.ops[1:]:
@@ -182,6 +191,9 @@ class ScaledOperator(CurvatureOperator):
         self.symmetric = op.symmetric
         self.psd = op.psd and self.c >= 0
         self.chunk_size = op.chunk_size
+
+    def linearize(self) -> CurvatureOperator:
+        return ScaledOperator(self.op.linearize(), self.c)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.c * self.op._matmat(V)

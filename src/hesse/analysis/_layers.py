@@ -1,0 +1,116 @@
+"""Curvature per parameter block (layer) of a model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from hesse.analysis._convexity import Verdict, verdict
+from hesse.linalg import exact_diagonal, lanczos, xtrace
+from hesse.operators import HessianOperator
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One parameter block's curvature: the diagonal block of the Hessian for its
+    parameters (the other parameters held fixed)."""
+
+    name: str
+    size: int
+    top_eigenvalue: float
+    min_eigenvalue: float
+    trace: float
+    trace_stderr: float
+    verdict: Verdict
+    matvecs: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    rows: list[LayerRow]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [{**asdict(r), "verdict": str(r.verdict)} for r in self.rows]
+
+    def to_table(self) -> str:
+        head = (
+            f"{'block':24s} {'size':>8s} {'top eig':>11s} {'min eig':>11s} {'trace':>11s}  verdict"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name:24s} {r.size:8d} {r.top_eigenvalue:11.4g} "
+                f"{r.min_eigenvalue:11.4g} {r.trace:11.4g}  {r.verdict}"
+            )
+        return "\n".join(lines)
+
+
+def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """The parameters (that require grad) of each module that owns some directly."""
+    blocks: dict[str, list[str]] = {}
+    for mod_name, module in model.named_modules():
+        names = [
+            f"{mod_name}.{n}" if mod_name else n
+            for n, p in module.named_parameters(recurse=False)
+            if p.requires_grad
+        ]
+        if names:
+            blocks[mod_name or "(root)"] = names
+    return blocks
+
+
+def layer_report(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    data: Any,
+    *,
+    blocks: dict[str, Sequence[str]] | None = None,
+    tol: float = 1e-3,
+    max_iter: int = 60,
+    trace_matvecs: int = 60,
+    exact_limit: int = 256,
+    rtol: float = 1e-6,
+    seed: int | None = 0,
+) -> LayerReport:
+    """Top and bottom eigenvalue, trace and definiteness of each layer's Hessian block.
+
+    Args:
+        model, loss_fn, data: as for :class:`hesse.HessianOperator`.
+        blocks: ``{name: [parameter names]}``; by default one block per module that owns
+            parameters.
+        tol, max_iter: Lanczos tolerance and steps for the extreme eigenvalues.
+        trace_matvecs: products for the XTrace estimate of a block larger than
+            ``exact_limit`` (smaller blocks get the exact trace from their diagonal).
+        rtol: eigenvalues below ``rtol * max|lambda|`` in magnitude count as zero.
+    """
+    blocks = dict(blocks) if blocks is not None else parameter_blocks(model)
+    rows = []
+    for name, params in blocks.items():
+        H = HessianOperator(model, loss_fn, data, params=list(params)).linearize()
+        n = H.shape[0]
+        r = lanczos(H, 1, "both", tol=tol, max_iter=min(n, max_iter), seed=seed)
+        lo, hi = float(r.eigenvalues[0]), float(r.eigenvalues[-1])
+        if n <= exact_limit:
+            tr, err, mv = float(exact_diagonal(H).estimate.sum()), 0.0, n
+        else:
+            t = xtrace(H, trace_matvecs, seed=seed)
+            tr, err, mv = t.estimate, t.stderr, t.matvecs
+        threshold = rtol * max(abs(lo), abs(hi))
+        rows.append(
+            LayerRow(
+                name,
+                n,
+                hi,
+                lo,
+                tr,
+                err,
+                verdict(lo, hi, threshold),
+                r.matvecs + mv,
+                bool(r.converged.all()),
+            )
+        )
+    return LayerReport(rows)

@@ -1,0 +1,138 @@
+"""Spectral density by stochastic Lanczos quadrature."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hesse.linalg._common import (
+    Status,
+    as_operator,
+    check_positive_int,
+    make_generator,
+    rademacher,
+)
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """A spectral density estimate.
+
+    Attributes:
+        grid: ``(G,)`` points where the density is evaluated.
+        density: ``(G,)`` the smoothed density, normalised so that its integral over the
+            grid (trapezoid rule) is one.
+        nodes: ``(num_probes, steps)`` Gauss quadrature nodes (Ritz values) per probe.
+        weights: ``(num_probes, steps)`` their weights; each row sums to one.
+        sigma: the width of the Gaussian kernel that smooths the nodes.
+        matvecs: products with the operator (``num_probes * steps``, done in batches).
+        status: ``"budget"``, or ``"non_finite"``.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+    matvecs: int
+    status: Status
+
+    def moments(self, power: int) -> float:
+        r"""The quadrature estimate of :math:`\frac1P \operatorname{tr}(A^p)`."""
+        return float((self.weights * self.nodes**power).sum(1).mean())
+
+
+def slq_nodes(
+    A: object, num_probes: int, steps: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, int]:
+    r"""Lanczos from ``num_probes`` random sign vectors at once (one batched product per
+    step, full re-orthogonalisation per probe): the eigenvalues :math:`\theta` of each
+    tridiagonal and the squared first components :math:`\tau^2` of its eigenvectors, the
+    nodes and weights of the Gauss quadrature of :math:`v^\top f(A) v` (Golub & Meurant)."""
+    op = as_operator(A)
+    n = op.shape[0]
+    steps = min(steps, n)
+    V = rademacher(n, num_probes, op.dtype, op.device, generator) / math.sqrt(n)
+    Q = torch.zeros(num_probes, steps, n, dtype=op.dtype, device=op.device)
+    alphas = torch.zeros(num_probes, steps, dtype=op.dtype, device=op.device)
+    betas = torch.zeros(num_probes, steps, dtype=op.dtype, device=op.device)
+    q = V.T.contiguous()  # (num_probes, n)
+    m = steps
+    for j in range(steps):
+        Q[:, j] = q
+        W = (op @ q.T.contiguous()).T  # (num_probes, n)
+        alphas[:, j] = (q * W).sum(1)
+        for _ in range(2):
+            W = W - torch.einsum(
+                "bj,bjn->bn", torch.einsum("bjn,bn->bj", Q[:, : j + 1], W), Q[:, : j + 1]
+            )
+        betas[:, j] = torch.linalg.vector_norm(W, dim=1)
+        if j + 1 < steps:
+            tiny = torch.finfo(op.dtype).eps * alphas[:, : j + 1].abs().amax(1).clamp_min(1.0)
+            if bool((betas[:, j] <= tiny).any()):
+                m = j + 1  # an invariant subspace for some probe: stop all there (exact)
+                break
+            q = W / betas[:, j : j + 1]
+    T = torch.diag_embed(alphas[:, :m])
+    off = betas[:, : m - 1]
+    T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    theta, S = torch.linalg.eigh(T)
+    return theta, S[:, 0, :] ** 2, num_probes * m
+
+
+def spectral_density(
+    A: object,
+    *,
+    num_probes: int = 10,
+    steps: int = 80,
+    grid: Tensor | int = 1000,
+    sigma: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> DensityResult:
+    r"""The spectral density :math:`\phi(t) = \frac1P \sum_i \delta(t - \lambda_i)` of a
+    symmetric operator by stochastic Lanczos quadrature (Lin, Saad, Yang 2016; Ghorbani,
+    Krishnan, Xiao 2019), smoothed by a Gaussian kernel of width ``sigma``.
+
+    Args:
+        A: a symmetric operator or square tensor.
+        num_probes: random starts; the density is their average.
+        steps: Lanczos steps per probe.
+        grid: the evaluation points, or their number (spanning the nodes with a margin).
+        sigma: the kernel width; by default 1% of the span of the nodes.
+        seed, generator: for the probes.
+    """
+    op = as_operator(A)
+    if not op.symmetric:
+        raise ValueError("spectral_density needs a symmetric operator")
+    num_probes = check_positive_int(num_probes, "num_probes")
+    steps = check_positive_int(steps, "steps")
+    gen = make_generator(seed, generator, op.device)
+    nodes, weights, matvecs = slq_nodes(op, num_probes, steps, gen)
+    if not bool(torch.isfinite(nodes).all()):
+        empty = torch.zeros(0, dtype=op.dtype, device=op.device)
+        return DensityResult(empty, empty, nodes, weights, math.nan, matvecs, Status.NON_FINITE)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    if sigma is None:
+        sigma = 0.01 * span
+    elif not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    if isinstance(grid, int):
+        grid = torch.linspace(
+            lo - 5 * sigma,
+            hi + 5 * sigma,
+            check_positive_int(grid, "grid", 2),
+            dtype=op.dtype,
+            device=op.device,
+        )
+    z = (grid[:, None, None] - nodes[None]) / sigma
+    kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+    density = (kernel * weights[None]).sum(-1).mean(-1)
+    area = torch.trapezoid(density, grid)
+    if float(area) > 0:
+        density = density / area
+    return DensityResult(grid, density, nodes, weights, float(sigma), matvecs, Status.BUDGET)

@@ -1,0 +1,265 @@
+"""Extreme eigenpairs of symmetric operators: Lanczos and power iteration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hesse.linalg._common import (
+    NotConvergedError,
+    Status,
+    as_operator,
+    check_choice,
+    check_positive_int,
+    gaussian,
+    make_generator,
+)
+
+WHICH = ("largest", "smallest", "both", "magnitude")
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs found by :func:`lanczos` or :func:`power_iteration`.
+
+    Attributes:
+        eigenvalues: ``(k,)``; for ``"largest"`` in decreasing order, for ``"smallest"`` in
+            increasing order, for ``"both"`` the smallest ones (increasing) then the largest
+            (decreasing).
+        eigenvectors: ``(P, k)``, orthonormal columns.
+        residuals: ``(k,)``, :math:`\\|A y - \\theta y\\|` of each pair: a certificate, since
+            an eigenvalue of ``A`` lies within that distance of each :math:`\\theta`.
+        matvecs: products with ``A``.
+        converged: ``(k,)`` booleans, residual within the tolerance.
+        status: ``"converged"`` when every wanted pair converged, else why it stopped.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    matvecs: int
+    converged: Tensor
+    status: Status
+    tol: float
+
+    @property
+    def success(self) -> bool:
+        return self.status == Status.CONVERGED
+
+    def raise_for_status(self) -> EigenResult:
+        """Return ``self`` if every wanted pair converged, else raise
+        :class:`~hesse.linalg.NotConvergedError` with :attr:`message`."""
+        if not self.success:
+            raise NotConvergedError(self.message)
+        return self
+
+    @property
+    def message(self) -> str:
+        if self.success:
+            return f"{self.eigenvalues.numel()} eigenpair(s) converged in {self.matvecs} products"
+        done = int(self.converged.sum())
+        return (
+            f"{done} of {self.converged.numel()} eigenpair(s) converged to rtol={self.tol} "
+            f"({self.status}) after {self.matvecs} products; raise max_iter or tol"
+        )
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the wanted Ritz values (``theta`` ascending)."""
+    m = theta.numel()
+    if which == "largest":
+        return torch.arange(m - 1, m - 1 - min(k, m), -1)
+    if which == "smallest":
+        return torch.arange(min(k, m))
+    if which == "magnitude":
+        return torch.argsort(theta.abs(), descending=True)[:k]
+    lo = torch.arange(min(k, m))
+    hi = torch.arange(m - 1, m - 1 - min(k, m), -1)
+    return torch.cat([lo, hi[~torch.isin(hi, lo)]])
+
+
+def lanczos(
+    A: object,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    v0: Tensor | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> EigenResult:
+    r"""Extreme eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
+
+    Builds the Krylov basis :math:`Q_m` of :math:`A` from a random start, one product per
+    step, re-orthogonalised twice against all previous vectors (so no spurious copies of
+    converged eigenvalues appear), and the tridiagonal :math:`T_m = Q_m^\top A Q_m`. A Ritz
+    pair :math:`(\theta, Q_m s)` of :math:`T_m` has residual
+    :math:`\|A Q_m s - \theta Q_m s\| = \beta_m |s_m|` at no extra cost; the iteration stops
+    as soon as each wanted pair has residual :math:`\le \mathrm{tol}\cdot|\theta|` (then an
+    eigenvalue of :math:`A` lies within :math:`\mathrm{tol}\,|\theta|` of :math:`\theta`).
+
+    Args:
+        A: a symmetric hesse operator or a square tensor.
+        k: the number of eigenpairs (per end for ``"both"``).
+        which: ``"largest"``, ``"smallest"``, ``"both"`` or ``"magnitude"``.
+        tol: relative residual tolerance.
+        max_iter: most Lanczos steps (= products); by default ``min(P, max(60, 4k + 40))``
+            — raise it for slowly converging ends such as the bottom of a Hessian.
+        v0: the start vector (random normal by default).
+        seed, generator: for the random start.
+
+    Returns:
+        An :class:`EigenResult`; it does not raise when not converged (see ``status``).
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> r = lanczos(A, k=2, seed=0, tol=1e-8)
+        >>> r.eigenvalues
+        tensor([10.,  9.], dtype=torch.float64)
+    """
+    op = as_operator(A)
+    if not op.symmetric:
+        raise ValueError(f"lanczos needs a symmetric operator; {type(op).__name__} is not")
+    k = check_positive_int(k, "k")
+    which = check_choice(which, "which", WHICH)
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    n = op.shape[0]
+    m_max = min(n, max_iter if max_iter is not None else max(60, 4 * k + 40))
+    m_max = check_positive_int(m_max, "max_iter")
+    dtype, device = op.dtype, op.device
+    gen = make_generator(seed, generator, device)
+    if v0 is None:
+        q = gaussian(n, 1, dtype, device, gen)[:, 0]
+    else:
+        if v0.shape != (n,):
+            raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}")
+        q = v0.to(dtype=dtype, device=device).clone()
+    q = q / torch.linalg.vector_norm(q)
+    Q = torch.zeros(n, m_max, dtype=dtype, device=device)
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    status = Status.MAX_ITERATIONS
+    beta = torch.zeros((), dtype=dtype, device=device)
+    for j in range(m_max):
+        Q[:, j] = q
+        w = op @ q
+        alpha = torch.dot(q, w)
+        # full re-orthogonalisation, twice ("twice is enough", Parlett)
+        for _ in range(2):
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        beta = torch.linalg.vector_norm(w)
+        alphas.append(alpha)
+        betas.append(beta)
+        theta, S = _tridiag_eigh(alphas, betas[:-1])
+        idx = _select(theta, k, which)
+        res = (beta * S[-1, idx]).abs()
+        scale = theta[idx].abs().clamp_min(torch.finfo(dtype).eps * theta.abs().max())
+        if not bool(torch.isfinite(theta).all()):
+            status = Status.NON_FINITE
+            break
+        if bool((res <= tol * scale).all()) and idx.numel() == _wanted(k, which, n):
+            status = Status.CONVERGED
+            break
+        if j + 1 == n:
+            status = Status.CONVERGED  # the whole space: the Ritz values are the spectrum
+            break
+        if float(beta) <= math.sqrt(torch.finfo(dtype).eps) * float(theta.abs().max()):
+            # An invariant subspace: its Ritz values are exact, but a repeated eigenvalue
+            # shows only once in it. Continue from a new random vector orthogonal to the
+            # basis (T gets a zero off-diagonal), which finds further copies.
+            w = gaussian(n, 1, dtype, device, gen)[:, 0]
+            for _ in range(2):
+                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            betas[-1] = torch.zeros_like(beta)
+            beta = torch.linalg.vector_norm(w)
+        q = w / beta
+    m = len(alphas)
+    vecs = Q[:, :m] @ S[:, idx]
+    return EigenResult(
+        eigenvalues=theta[idx],
+        eigenvectors=vecs,
+        residuals=res,
+        matvecs=m,
+        converged=res <= tol * scale,
+        status=status,
+        tol=tol,
+    )
+
+
+def _wanted(k: int, which: str, n: int) -> int:
+    return min(2 * k, n) if which == "both" else min(k, n)
+
+
+def _tridiag_eigh(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of the small symmetric tridiagonal matrix (ascending)."""
+    a = torch.stack(alphas)
+    T = torch.diag(a)
+    if betas:
+        b = torch.stack(betas)
+        T = T + torch.diag(b, 1) + torch.diag(b, -1)
+    return torch.linalg.eigh(T)
+
+
+def power_iteration(
+    A: object,
+    *,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    v0: Tensor | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> EigenResult:
+    r"""The eigenvalue of largest magnitude by power iteration (for comparison with
+    :func:`lanczos`, which needs far fewer products).
+
+    Stops when the residual :math:`\|A v - \theta v\| \le \mathrm{tol}\,|\theta|`, with
+    :math:`\theta = v^\top A v` the Rayleigh quotient.
+    """
+    op = as_operator(A)
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    max_iter = check_positive_int(max_iter, "max_iter")
+    n, dtype, device = op.shape[0], op.dtype, op.device
+    if v0 is None:
+        v = gaussian(n, 1, dtype, device, make_generator(seed, generator, device))[:, 0]
+    else:
+        v = v0.to(dtype=dtype, device=device).clone()
+    v = v / torch.linalg.vector_norm(v)
+    w = op @ v
+    status = Status.MAX_ITERATIONS
+    theta = torch.dot(v, w)
+    res = torch.linalg.vector_norm(w - theta * v)
+    it = 1
+    while it < max_iter:
+        if not bool(torch.isfinite(res)):
+            status = Status.NON_FINITE
+            break
+        if float(res) <= tol * abs(float(theta)):
+            status = Status.CONVERGED
+            break
+        norm = torch.linalg.vector_norm(w)
+        if float(norm) == 0.0:
+            status = Status.CONVERGED  # A v = 0: v is an eigenvector of eigenvalue 0
+            break
+        v = w / norm
+        w = op @ v
+        it += 1
+        theta = torch.dot(v, w)
+        res = torch.linalg.vector_norm(w - theta * v)
+    else:
+        if float(res) <= tol * abs(float(theta)):
+            status = Status.CONVERGED
+    return EigenResult(
+        eigenvalues=theta.reshape(1),
+        eigenvectors=v.reshape(-1, 1),
+        residuals=res.reshape(1),
+        matvecs=it,
+        converged=(res <= tol * theta.abs()).reshape(1),
+        status=status,
+        tol=tol,
+    )
