@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_data, mlp, ref_hessian
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 import hesse
+from conftest import make_data, mlp, ref_hessian
 from hesse.analysis import Verdict, verdict
 
 

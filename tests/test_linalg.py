@@ -4,10 +4,10 @@ float64 references with known spectra."""
 import numpy as np
 import pytest
 import torch
-from conftest import make_data, mlp, ref_hessian
 from torch import nn
 
 import hesse
+from conftest import make_data, mlp, ref_hessian
 from hesse.linalg import (
     InverseOperator,
     NotConvergedError,
