@@ -118,8 +118,8 @@ def lanczos(
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> r = lanczos(A, k=2, seed=0, tol=1e-8)
-        >>> r.eigenvalues
-        tensor([10.,  9.], dtype=torch.float64)
+        >>> r.eigenvalues.round(decimals=10), r.status
+        (tensor([10.,  9.], dtype=torch.float64), <Status.CONVERGED: 'converged'>)
     """
     op = as_operator(A)
     if not op.symmetric:
