@@ -140,18 +140,18 @@ def lanczos(
             raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}")
         q = v0.to(dtype=dtype, device=device).clone()
     q = q / torch.linalg.vector_norm(q)
-    Q = torch.zeros(n, m_max, dtype=dtype, device=device)
+    Q = torch.zeros(m_max, n, dtype=dtype, device=device)  # one basis vector per row
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
     status = Status.MAX_ITERATIONS
     beta = torch.zeros((), dtype=dtype, device=device)
     for j in range(m_max):
-        Q[:, j] = q
+        Q[j] = q
         w = op @ q
         alpha = torch.dot(q, w)
         # full re-orthogonalisation, twice ("twice is enough", Parlett)
         for _ in range(2):
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         beta = torch.linalg.vector_norm(w)
         alphas.append(alpha)
         betas.append(beta)
@@ -174,12 +174,12 @@ def lanczos(
             # basis (T gets a zero off-diagonal), which finds further copies.
             w = gaussian(n, 1, dtype, device, gen)[:, 0]
             for _ in range(2):
-                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+                w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
             betas[-1] = torch.zeros_like(beta)
             beta = torch.linalg.vector_norm(w)
         q = w / beta
     m = len(alphas)
-    vecs = Q[:, :m] @ S[:, idx]
+    vecs = Q[:m].T @ S[:, idx]
     return EigenResult(
         eigenvalues=theta[idx],
         eigenvectors=vecs,
