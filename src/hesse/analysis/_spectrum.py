@@ -24,7 +24,7 @@ from hesse.linalg import (
     xtrace,
 )
 from hesse.linalg import spectral_density as _slq
-from hesse.linalg._common import as_operator, check_choice, maybe_linearize
+from hesse.linalg._common import Result, as_operator, check_choice, maybe_linearize
 
 TRACE_METHODS = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace, "xtrace": xtrace}
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
@@ -117,7 +117,7 @@ def spectral_density(
 
 
 @dataclass(frozen=True)
-class ConditionResult:
+class ConditionResult(Result):
     """``value = largest / smallest`` eigenvalue; ``inf`` when the smallest is not positive
     (then the operator is singular or indefinite and has no finite condition number)."""
 
@@ -129,8 +129,13 @@ class ConditionResult:
     status: Status
 
     @property
-    def success(self) -> bool:
-        return self.status == Status.CONVERGED
+    def message(self) -> str:
+        if self.success:
+            return f"condition number {self.value:.4g} from {self.matvecs} products"
+        return (
+            f"the extreme eigenvalues did not converge ({self.status}) after {self.matvecs} "
+            "products; raise max_iter (the bottom of a Hessian converges slowly) or tol"
+        )
 
 
 def condition_number(

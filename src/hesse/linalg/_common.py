@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -27,6 +28,27 @@ class Status(str, Enum):
 
 class NotConvergedError(RuntimeError):
     """Raised by ``result.raise_for_status()`` when a routine did not succeed."""
+
+
+class Result:
+    """What every result of :mod:`hesse.linalg` shares: ``success`` (its ``status`` is one
+    of the class's ``OK`` statuses) and ``raise_for_status()`` (STYLE: the ``throw=True`` of
+    lineax, on request). Subclasses are frozen dataclasses with ``status`` and ``message``."""
+
+    OK: ClassVar[tuple[Status, ...]] = (Status.CONVERGED,)
+    status: Status
+    message: str
+
+    @property
+    def success(self) -> bool:
+        return self.status in self.OK
+
+    def raise_for_status(self):
+        """Return ``self`` if it succeeded, else raise :class:`NotConvergedError` with the
+        result's message (which says what to change)."""
+        if not self.success:
+            raise NotConvergedError(self.message)
+        return self
 
 
 def as_operator(A: object) -> CurvatureOperator:

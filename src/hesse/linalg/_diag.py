@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 from hesse._core import NonFiniteError
-from hesse.linalg._common import NotConvergedError, Status, as_operator
+from hesse.linalg._common import Result, Status, as_operator
 from hesse.linalg._trace import apply, check_budget, leave_one_out_basis, prepare, rank_deficient
 from hesse.linalg._trace import signs as sign_probes
 from hesse.operators import CurvatureOperator
 
 
 @dataclass(frozen=True)
-class DiagonalResult:
+class DiagonalResult(Result):
     """The result of a diagonal estimator.
 
     Attributes:
@@ -35,21 +35,13 @@ class DiagonalResult:
             estimate was not finite.
     """
 
+    OK = (Status.BUDGET, Status.CONVERGED)
+
     estimate: Tensor
     stderr: Tensor | None
     matvecs: int
     method: str
     status: Status
-
-    @property
-    def success(self) -> bool:
-        return self.status in (Status.BUDGET, Status.CONVERGED)
-
-    def raise_for_status(self) -> DiagonalResult:
-        """Return ``self`` if the estimate is usable, else raise :class:`NotConvergedError`."""
-        if not self.success:
-            raise NotConvergedError(self.message)
-        return self
 
     @property
     def message(self) -> str:

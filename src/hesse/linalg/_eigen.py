@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hesse.linalg._common import (
-    NotConvergedError,
+    Result,
     Status,
     as_operator,
     check_choice,
@@ -22,7 +22,7 @@ WHICH = ("largest", "smallest", "both", "magnitude")
 
 
 @dataclass(frozen=True)
-class EigenResult:
+class EigenResult(Result):
     """Eigenpairs found by :func:`lanczos` or :func:`power_iteration`.
 
     Attributes:
@@ -44,17 +44,6 @@ class EigenResult:
     converged: Tensor
     status: Status
     tol: float
-
-    @property
-    def success(self) -> bool:
-        return self.status == Status.CONVERGED
-
-    def raise_for_status(self) -> EigenResult:
-        """Return ``self`` if every wanted pair converged, else raise
-        :class:`~hesse.linalg.NotConvergedError` with :attr:`message`."""
-        if not self.success:
-            raise NotConvergedError(self.message)
-        return self
 
     @property
     def message(self) -> str:

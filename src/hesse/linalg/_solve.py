@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hesse.linalg._common import NotConvergedError, Status, as_operator, check_positive_int
+from hesse.linalg._common import Result, Status, as_operator, check_positive_int
 from hesse.operators import CurvatureOperator
 
 
 @dataclass(frozen=True)
-class SolveResult:
+class SolveResult(Result):
     """The outcome of :func:`cg` or :func:`minres`.
 
     Attributes:
@@ -37,16 +37,6 @@ class SolveResult:
     status: Status
     direction: Tensor | None = None
     curvature: float | None = None
-
-    @property
-    def success(self) -> bool:
-        return self.status == Status.CONVERGED
-
-    def raise_for_status(self) -> SolveResult:
-        """Return ``self`` if converged, else raise :class:`~hesse.linalg.NotConvergedError`."""
-        if not self.success:
-            raise NotConvergedError(self.message)
-        return self
 
     @property
     def message(self) -> str:

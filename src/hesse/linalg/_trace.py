@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hesse._core import NonFiniteError
 from hesse.linalg._common import (
-    NotConvergedError,
+    Result,
     Status,
     as_operator,
     check_choice,
@@ -28,7 +28,7 @@ XTRACE_PROBES = ("improved", "sphere", "signs")
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(Result):
     """The result of a trace estimator.
 
     Attributes:
@@ -41,21 +41,13 @@ class TraceResult:
             when a product or the estimate was not finite.
     """
 
+    OK = (Status.BUDGET,)
+
     estimate: float
     stderr: float
     matvecs: int
     method: str
     status: Status
-
-    @property
-    def success(self) -> bool:
-        return self.status == Status.BUDGET
-
-    def raise_for_status(self) -> TraceResult:
-        """Return ``self`` if the estimate is usable, else raise :class:`NotConvergedError`."""
-        if not self.success:
-            raise NotConvergedError(self.message)
-        return self
 
     @property
     def message(self) -> str:
