@@ -368,6 +368,16 @@ def test_cuda_products_stay_on_the_device():
         kind="mc",
         generator=torch.Generator().manual_seed(0),
     )
+    F_cuda_gen = FisherOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        (X.cuda(), y.cuda()),
+        kind="mc",
+        generator=torch.Generator(device="cuda").manual_seed(0),
+    )
+    assert torch.isfinite(
+        F_cuda_gen @ torch.ones(F.shape[0], dtype=torch.float64, device="cuda")
+    ).all()
     assert (F @ torch.ones(F.shape[0], dtype=torch.float64, device="cuda")).device.type == "cuda"
 
 

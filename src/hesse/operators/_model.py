@@ -293,7 +293,8 @@ class FisherOperator(_OutputSpaceCurvature):
             )
         self.kind, self.mc_samples = kind, mc_samples
         # One seed drawn now; batch i then draws from seed + i, the same at every product.
-        self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        gen_device = generator.device if generator is not None else "cpu"
+        self._seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
 
     def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
         def make(out: Tensor) -> Callable[[Tensor], Tensor]:
