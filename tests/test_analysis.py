@@ -179,3 +179,33 @@ def test_plots_are_written(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert fig.axes[0].get_yscale() == "log"
+
+
+def test_an_unconverged_bottom_end_is_not_certified_as_convex():
+    evs = torch.cat(
+        [
+            torch.linspace(0, 100, 1999, dtype=torch.float64) ** 2 / 100,
+            torch.tensor([-1e-3], dtype=torch.float64),
+        ]
+    )
+    with pytest.warns(hesse.linalg.ConvergenceWarning, match="not certified"):
+        rep = hesse.convexity(hesse.DiagonalOperator(evs), dense_limit=10, max_iter=50, seed=0)
+    assert not rep.certified and rep.verdict != "indefinite"
+    # a negative Ritz value proves negative curvature: certain without convergence
+    neg = torch.cat([torch.linspace(1, 2, 1999, dtype=torch.float64), torch.tensor([-5.0])])
+    found = hesse.convexity(
+        hesse.DiagonalOperator(neg.double()), dense_limit=10, max_iter=50, seed=0
+    )
+    assert found.verdict == "indefinite" and found.certified
+
+
+def test_linearized_block_notices_changes_to_other_layers():
+    model = mlp()
+    X, y = make_data("ce")
+    L = hesse.HessianOperator(model, nn.CrossEntropyLoss(), (X, y), params=["4.weight"]).linearize()
+    v = torch.ones(L.shape[0], dtype=torch.float64)
+    L @ v
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    with pytest.raises(RuntimeError, match="call linearize"):
+        L @ v

@@ -227,3 +227,38 @@ def test_bad_arguments_get_clear_errors():
         lanczos([[1.0]])
     with pytest.raises(ValueError, match="symmetric"):
         lanczos(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64))
+
+
+def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue():
+    lam = torch.cat([torch.ones(5, dtype=torch.float64), torch.arange(2.0, 17.0).double()])
+    r = lanczos(with_spectrum(lam), k=3, which="smallest", tol=1e-8, seed=0)
+    assert r.success
+    torch.testing.assert_close(r.eigenvalues, torch.ones(3, dtype=torch.float64))
+    # a start vector inside an invariant subspace does not fool it either
+    D = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    v0 = torch.zeros(10, dtype=torch.float64)
+    v0[:2] = 1.0
+    assert float(lanczos(D, k=1, v0=v0, tol=1e-8).eigenvalues[0]) == pytest.approx(10.0)
+
+
+def test_minres_stops_at_a_least_squares_solution_of_an_inconsistent_system():
+    lam = torch.linspace(-3, 5, 30, dtype=torch.float64)
+    lam[5] = 0.0
+    A = with_spectrum(lam)
+    b = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = minres(A, b, rtol=1e-8)
+    best = float(torch.linalg.vector_norm(b - A @ torch.linalg.pinv(A) @ b))
+    assert r.success
+    assert float(torch.linalg.vector_norm(b - A @ r.x)) == pytest.approx(best, rel=1e-6)
+    assert r.residual_norm == pytest.approx(best, rel=1e-6)
+
+
+def test_cg_refuses_a_nan_preconditioner_and_a_preconditioned_trust_region():
+    A = with_spectrum(torch.linspace(1, 2, 10))
+    b = torch.ones(10, dtype=torch.float64)
+    M = torch.ones(10, dtype=torch.float64)
+    M[3] = float("nan")
+    with pytest.raises(ValueError, match="positive and finite"):
+        cg(A, b, M=M)
+    with pytest.raises(ValueError, match="without a preconditioner"):
+        cg(A, b, M=torch.ones(10, dtype=torch.float64), radius=1.0)

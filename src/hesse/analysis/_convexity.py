@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,7 +11,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from hesse.linalg import lanczos
+from hesse.linalg import ConvergenceWarning, lanczos
 from hesse.linalg._common import as_operator, make_generator
 from hesse.operators import CurvatureOperator, FunctionHessian
 from hesse.operators._function import gradient
@@ -59,6 +60,10 @@ class ConvexityReport:
         exact: eigenvalues from a dense ``eigh`` (small problems) rather than Lanczos.
         matvecs: Hessian-vector products used (0 when dense).
         residuals: Lanczos residuals of the two extreme eigenvalues (certificates).
+        certified: the verdict is backed by the evidence: exact eigenvalues, or a Ritz value
+            of the right sign (which proves curvature of that sign), or a converged
+            bottom (top) end for a (negative) semidefinite verdict. When not, a
+            :class:`~hesse.linalg.ConvergenceWarning` is raised too.
         points: the number of points examined.
         share_nonconvex: over a set, the share of points with negative curvature.
         worst_point: over a set, the point of most negative curvature.
@@ -75,6 +80,7 @@ class ConvexityReport:
     exact: bool = True
     matvecs: int = 0
     residuals: tuple[float, float] = (0.0, 0.0)
+    certified: bool = True
     points: int = 1
     share_nonconvex: float | None = None
     worst_point: Tensor | None = None
@@ -92,7 +98,7 @@ def _extremes(
     n = op.shape[0]
     if n <= dense_limit:
         lam, vecs = torch.linalg.eigh(op.to_dense())
-        return (float(lam[0]), float(lam[-1]), vecs[:, 0], True, 0, (0.0, 0.0))
+        return (float(lam[0]), float(lam[-1]), vecs[:, 0], True, 0, (0.0, 0.0), (True, True))
     r = lanczos(op, k=1, which="both", tol=tol, seed=seed, max_iter=max_iter or min(n, 200))
     return (
         float(r.eigenvalues[0]),
@@ -101,20 +107,37 @@ def _extremes(
         False,
         r.matvecs,
         (float(r.residuals[0]), float(r.residuals[-1])),
+        (bool(r.converged[0]), bool(r.converged[-1])),
     )
 
 
 def _report_operator(
     op, *, rtol, atol, dense_limit, lanczos_tol, seed, max_iter, grad_norm=None, gtol=None
 ) -> ConvexityReport:
-    lo, hi, vec, exact, mv, res = _extremes(op, dense_limit, lanczos_tol, seed, max_iter)
+    lo, hi, vec, exact, mv, res, conv = _extremes(op, dense_limit, lanczos_tol, seed, max_iter)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("the Hessian has non-finite entries at this point")
     threshold = max(atol, rtol * max(abs(lo), abs(hi)))
     v = verdict(lo, hi, threshold)
+    # Ritz values lie inside the spectrum: a negative (positive) one proves negative
+    # (positive) curvature, but "no negative curvature" needs the bottom end converged.
+    certified = (
+        v == Verdict.INDEFINITE
+        or (v in (Verdict.POSITIVE_DEFINITE, Verdict.POSITIVE_SEMIDEFINITE) and conv[0])
+        or (v in (Verdict.NEGATIVE_DEFINITE, Verdict.NEGATIVE_SEMIDEFINITE) and conv[1])
+    )
+    if not certified:
+        warnings.warn(
+            f"convexity: the verdict {v} is not certified: Lanczos did not converge at the "
+            f"end it rests on in {mv} products; raise max_iter or dense_limit",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     direction = vec / torch.linalg.vector_norm(vec) if lo < -threshold else None
     saddle = v == Verdict.INDEFINITE and grad_norm is not None and grad_norm <= gtol
-    return ConvexityReport(v, lo, hi, threshold, direction, grad_norm, saddle, exact, mv, res)
+    return ConvexityReport(
+        v, lo, hi, threshold, direction, grad_norm, saddle, exact, mv, res, certified=certified
+    )
 
 
 def convexity(
@@ -235,6 +258,7 @@ def _aggregate(reports, pts, rtol, atol) -> ConvexityReport:
         gradient_norm=reports[worst].gradient_norm,
         is_saddle=any(r.is_saddle for r in reports),
         exact=all(r.exact for r in reports),
+        certified=all(r.certified for r in reports),
         matvecs=sum(r.matvecs for r in reports),
         residuals=reports[worst].residuals,
         points=len(reports),

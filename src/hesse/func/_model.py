@@ -152,8 +152,11 @@ class ModelLoss:
         return tuple(p.detach() for p in self._selected)
 
     def versions(self) -> tuple[int, ...]:
-        """In-place version counters of the selected parameters (to detect stale caches)."""
-        return tuple(p._version for p in self._selected)
+        """In-place version counters of every parameter and buffer of the model (to detect
+        stale caches: a block's curvature depends on the other layers too). Writes through
+        ``.data`` bypass these counters and cannot be seen."""
+        model = self.model
+        return tuple(t._version for t in (*model.parameters(), *model.buffers()))
 
     def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         model = self.model

@@ -134,6 +134,10 @@ def lanczos(
     betas: list[Tensor] = []
     status = Status.MAX_ITERATIONS
     beta = torch.zeros((), dtype=dtype, device=device)
+    # An eigenvalue near 0 cannot meet a relative test; like ARPACK, measure it against
+    # eps^(2/3) of the largest Ritz value instead.
+    floor = torch.finfo(dtype).eps ** (2.0 / 3.0)
+    last_breakdown: Tensor | None = None
     for j in range(m_max):
         Q[j] = q
         w = op @ q
@@ -145,27 +149,43 @@ def lanczos(
         alphas.append(alpha)
         betas.append(beta)
         theta, S = _tridiag_eigh(alphas, betas[:-1])
-        idx = _select(theta, k, which)
-        res = (beta * S[-1, idx]).abs()
-        scale = theta[idx].abs().clamp_min(torch.finfo(dtype).eps * theta.abs().max())
         if not bool(torch.isfinite(theta).all()):
             status = Status.NON_FINITE
             break
-        if bool((res <= tol * scale).all()) and idx.numel() == _wanted(k, which, n):
-            status = Status.CONVERGED
-            break
+        idx = _select(theta, k, which)
+        res = (beta * S[-1, idx]).abs()
+        scale = theta[idx].abs().clamp_min(floor * theta.abs().max())
+        done = bool((res <= tol * scale).all()) and idx.numel() == _wanted(k, which, n)
         if j + 1 == n:
             status = Status.CONVERGED  # the whole space: the Ritz values are the spectrum
             break
         if float(beta) <= math.sqrt(torch.finfo(dtype).eps) * float(theta.abs().max()):
             # An invariant subspace: its Ritz values are exact, but a repeated eigenvalue
             # shows only once in it. Continue from a new random vector orthogonal to the
-            # basis (T gets a zero off-diagonal), which finds further copies.
+            # basis (T gets a zero off-diagonal), which finds further copies; stop only
+            # once a restart no longer changes the wanted values.
+            values = theta[idx]
+            if (
+                done
+                and last_breakdown is not None
+                and last_breakdown.shape == values.shape
+                and bool(
+                    torch.allclose(
+                        values, last_breakdown, rtol=tol, atol=tol * float(theta.abs().max())
+                    )
+                )
+            ):
+                status = Status.CONVERGED
+                break
+            last_breakdown = values
             w = gaussian(n, 1, dtype, device, gen)[:, 0]
             for _ in range(2):
                 w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
             betas[-1] = torch.zeros_like(beta)
             beta = torch.linalg.vector_norm(w)
+        elif done:
+            status = Status.CONVERGED
+            break
         q = w / beta
     m = len(alphas)
     vecs = Q[:m].T @ S[:, idx]

@@ -59,8 +59,8 @@ def _as_preconditioner(M: object, n: int, dtype, device) -> Callable[[Tensor], T
     if M is None:
         return lambda r: r
     if isinstance(M, Tensor) and M.shape == (n,):
-        if bool((M <= 0).any()):
-            raise ValueError("a diagonal preconditioner must be positive")
+        if not bool((M > 0).all()):  # also refuses NaN
+            raise ValueError("a diagonal preconditioner must be positive and finite")
         inv = (1.0 / M).to(dtype=dtype, device=device)
         return lambda r: inv * r
     if isinstance(M, (CurvatureOperator, Tensor)):
@@ -122,8 +122,11 @@ def cg(
     if not isinstance(b, Tensor) or b.shape != (n,):
         got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"b must be a tensor of shape ({n},), got {got}")
-    if radius is not None and (not radius > 0 or x0 is not None):
-        raise ValueError("radius must be positive, and Steihaug-CG starts from x0 = 0")
+    if radius is not None and (not radius > 0 or x0 is not None or M is not None):
+        raise ValueError(
+            "radius must be positive, and Steihaug-CG here starts from x0 = 0 without a "
+            "preconditioner (its radius bounds the Euclidean norm of the step)"
+        )
     max_iter = check_positive_int(max_iter if max_iter is not None else n, "max_iter")
     precond = _as_preconditioner(M, n, op.dtype, op.device)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -185,7 +188,8 @@ def minres(
     r"""MINRES (Paige & Saunders 1975) for :math:`(A - \sigma I) x = b` with :math:`A`
     symmetric, possibly indefinite or singular: minimises :math:`\|b - (A-\sigma I)x\|` over
     the Krylov space, so the residual never increases. For a singular consistent system it
-    converges to a solution; for an inconsistent one to a least-squares solution.
+    converges to a solution; for an inconsistent one it stops at a least-squares solution
+    (``status="converged"``, ``residual_norm`` then the least-squares residual).
 
     Example:
         >>> A = torch.tensor([[1.0, 0.0], [0.0, -2.0]], dtype=torch.float64)
@@ -217,6 +221,7 @@ def minres(
     cs, sn = -1.0, 0.0
     w = torch.zeros_like(b)
     w2 = torch.zeros_like(b)
+    tnorm2 = 0.0  # ||T_k||_F^2, for the estimate of ||A|| in the least-squares test
     matvecs = 0
     for it in range(1, max_iter + 1):
         v = y / beta
@@ -232,6 +237,7 @@ def minres(
         old_beta, beta = beta, float(torch.linalg.vector_norm(y))
         if not (math.isfinite(alpha) and math.isfinite(beta)):
             return SolveResult(x, phi_bar, it, matvecs, Status.NON_FINITE)
+        tnorm2 += alpha**2 + old_beta**2 + beta**2
         old_eps = epsln
         delta = cs * dbar + sn * alpha
         gbar = sn * dbar - cs * alpha
@@ -248,5 +254,10 @@ def minres(
         x = x + phi * w
         if abs(phi_bar) <= target or beta == 0.0:
             # converged, or an invariant subspace: x is then the least-squares solution
+            return SolveResult(x, abs(phi_bar), it, matvecs, Status.CONVERGED)
+        # A singular, inconsistent system has no solution: stop at the least-squares one,
+        # where ||A r|| / (||A|| ||r||) = sqrt(gbar^2 + dbar^2) / ||A|| is small (scipy's
+        # test2); without this test x keeps growing along the null space.
+        if math.hypot(gbar, dbar) <= rtol * math.sqrt(tnorm2):
             return SolveResult(x, abs(phi_bar), it, matvecs, Status.CONVERGED)
     return SolveResult(x, abs(phi_bar), max_iter, matvecs, Status.MAX_ITERATIONS)
