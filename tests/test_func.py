@@ -165,3 +165,27 @@ def test_func_errors_are_clear():
         hesse.hvp(rosen, x, torch.ones(3), mode="fast")
     with pytest.raises(ValueError, match="positive step"):
         hesse.fd_hvp(rosen, x, torch.ones(3), h=0.0)
+
+
+def test_non_finite_derivatives_are_reported():
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    v = torch.ones(2, dtype=torch.float64)
+
+    def f(x):
+        return (x.abs() ** 1.5).sum()  # second derivative infinite at 0
+
+    for call in (
+        lambda: hesse.hvp(f, x, v),
+        lambda: hesse.hessian(f, x),
+        lambda: hesse.linearize_hvp(f, x)(v),
+    ):
+        with pytest.raises(NonFiniteError, match="not finite"):
+            call()
+    with pytest.raises(NonFiniteError, match="not finite"):
+        hesse.ggn_vp(
+            lambda z: z.sqrt(),  # derivative NaN at -1
+            nn.MSELoss(),
+            torch.tensor([-1.0, 1.0]),
+            torch.ones(2),
+            targets=torch.zeros(2),
+        )

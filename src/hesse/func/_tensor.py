@@ -48,6 +48,11 @@ def _scalar_fn(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return wrapped
 
 
+def _finite(out: Tensor, what: str) -> Tensor:
+    check_finite(out, f"{what} (f or its derivatives are not finite at x?)")
+    return out
+
+
 def _check_mode(mode: str) -> str:
     if mode not in HVP_MODES:
         raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
@@ -77,8 +82,9 @@ def hvp(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, *, mode: str | None
     mode = _check_mode(mode or DEFAULT_HVP_MODE)
     if mode == "forward-over-reverse":
         with torch.enable_grad():
-            return jvp(grad(_scalar_fn(f)), (x,), (v,))[1]
-    return hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,))((v.unsqueeze(0),))[0][0]
+            return _finite(jvp(grad(_scalar_fn(f)), (x,), (v,))[1], "the Hessian-vector product")
+    out = hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,))((v.unsqueeze(0),))[0][0]
+    return _finite(out, "the Hessian-vector product")
 
 
 def linearize_hvp(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -101,8 +107,9 @@ def linearize_hvp(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor]
         if isinstance(v, Tensor) and v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
             _check_direction(x, v[0])
             check_finite(v, "v")
-            return apply((v,))[0]
-        return apply((_check_direction(x, v).unsqueeze(0),))[0][0]
+            return _finite(apply((v,))[0], "the Hessian-vector product")
+        out = apply((_check_direction(x, v).unsqueeze(0),))[0][0]
+        return _finite(out, "the Hessian-vector product")
 
     return product
 
@@ -117,7 +124,7 @@ def hessian(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """
     x = _check_point(x)
     with torch.enable_grad():
-        return torch.func.hessian(_scalar_fn(f))(x)
+        return _finite(torch.func.hessian(_scalar_fn(f))(x), "the Hessian")
 
 
 def fd_step(dtype: torch.dtype) -> float:
@@ -174,4 +181,4 @@ def fd_hvp(
         raise ValueError(f"h must be a positive step, got {h}")
     with torch.enable_grad():
         out = (g(x + h * v) - g(x - h * v)) / (2.0 * h)
-    return out
+    return _finite(out, "the finite-difference Hessian-vector product")

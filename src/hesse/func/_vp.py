@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hesse._core import check_finite
 from hesse.func._engine import jmj_product
 from hesse.func._output import OutputCurvature, fisher_mm
 from hesse.func._tensor import _check_direction, _check_point
@@ -52,6 +53,7 @@ def ggn_vp(
     out = jmj_product(
         lambda xs: output_fn(xs[0]), (x,), lambda o: lambda U: curv.hessian_mm(o, targets, U)
     )((V,))[0]
+    check_finite(out, "the product (the outputs or the loss are not finite at x?)")
     return out[0] if single else out
 
 
@@ -81,4 +83,5 @@ def fisher_vp(
         return lambda U: fisher_mm(S, c, U)
 
     out = jmj_product(lambda xs: output_fn(xs[0]), (x,), make_out_mm)((V,))[0]
+    check_finite(out, "the product (the outputs or the loss are not finite at x?)")
     return out[0] if single else out
