@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -112,7 +113,17 @@ def _extremes(
 
 
 def _report_operator(
-    op, *, rtol, atol, dense_limit, lanczos_tol, seed, max_iter, grad_norm=None, gtol=None
+    op,
+    *,
+    rtol,
+    atol,
+    dense_limit,
+    lanczos_tol,
+    seed,
+    max_iter,
+    grad_norm=None,
+    gtol=None,
+    warn=True,
 ) -> ConvexityReport:
     lo, hi, vec, exact, mv, res, conv = _extremes(op, dense_limit, lanczos_tol, seed, max_iter)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -126,7 +137,7 @@ def _report_operator(
         or (v in (Verdict.POSITIVE_DEFINITE, Verdict.POSITIVE_SEMIDEFINITE) and conv[0])
         or (v in (Verdict.NEGATIVE_DEFINITE, Verdict.NEGATIVE_SEMIDEFINITE) and conv[1])
     )
-    if not certified:
+    if not certified and warn:
         warnings.warn(
             f"convexity: the verdict {v} is not certified: Lanczos did not converge at the "
             f"end it rests on in {mv} products; raise max_iter or dense_limit",
@@ -175,18 +186,19 @@ def convexity(
         >>> convexity(lambda z: z[0] ** 2 - z[1] ** 2, torch.zeros(2)).is_saddle
         True
     """
+    report = functools.partial(
+        _report_operator,
+        rtol=rtol,
+        atol=atol,
+        dense_limit=dense_limit,
+        lanczos_tol=lanczos_tol,
+        seed=seed,
+        max_iter=max_iter,
+    )
     if isinstance(target, (CurvatureOperator, Tensor)):
         if x is not None or points is not None or box is not None or segment is not None:
             raise ValueError("an operator has no points: call convexity(A) alone")
-        return _report_operator(
-            as_operator(target),
-            rtol=rtol,
-            atol=atol,
-            dense_limit=dense_limit,
-            lanczos_tol=lanczos_tol,
-            seed=seed,
-            max_iter=max_iter,
-        )
+        return report(as_operator(target))
     if not callable(target):
         raise TypeError(
             "convexity takes a function f (with x, points, box or segment), an operator or "
@@ -199,19 +211,8 @@ def convexity(
         value, g = gradient(f, p)
         if not bool(torch.isfinite(value)) or not bool(torch.isfinite(g).all()):
             raise ValueError(f"f or its gradient is not finite at the point {p.tolist()}")
-        reports.append(
-            _report_operator(
-                FunctionHessian(f, p),
-                rtol=rtol,
-                atol=atol,
-                dense_limit=dense_limit,
-                lanczos_tol=lanczos_tol,
-                seed=seed,
-                max_iter=max_iter,
-                grad_norm=float(torch.linalg.vector_norm(g)),
-                gtol=gtol,
-            )
-        )
+        grad_norm = float(torch.linalg.vector_norm(g))
+        reports.append(report(FunctionHessian(f, p), grad_norm=grad_norm, gtol=gtol))
     if len(reports) == 1 and points is None and box is None and segment is None:
         return reports[0]
     return _aggregate(reports, pts, rtol, atol)

@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from hesse.analysis._convexity import Verdict, verdict
-from hesse.linalg import exact_diagonal, lanczos, xtrace
-from hesse.operators import HessianOperator
+from hesse.analysis._convexity import Verdict, _report_operator
+from hesse.linalg import xtrace
+from hesse.operators import DenseOperator, HessianOperator
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class LayerRow:
     trace_stderr: float
     verdict: Verdict
     matvecs: int
-    converged: bool
+    converged: bool  # the verdict is certified (exact, or backed by converged Lanczos ends)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class LayerReport:
             lines.append(
                 f"{r.name:24s} {r.size:8d} {r.top_eigenvalue:11.4g} "
                 f"{r.min_eigenvalue:11.4g} {r.trace:11.4g}  {r.verdict}"
+                + ("" if r.converged else " (not certified: raise max_iter)")
             )
         return "\n".join(lines)
 
@@ -84,7 +85,8 @@ def layer_report(
             parameters.
         tol, max_iter: Lanczos tolerance and steps for the extreme eigenvalues.
         trace_matvecs: products for the XTrace estimate of a block larger than
-            ``exact_limit`` (smaller blocks get the exact trace from their diagonal).
+            ``exact_limit``; a smaller block is formed densely (``P`` products), which
+            gives its eigenvalues and trace exactly.
         rtol: eigenvalues below ``rtol * max|lambda|`` in magnitude count as zero.
     """
     blocks = dict(blocks) if blocks is not None else parameter_blocks(model)
@@ -92,25 +94,35 @@ def layer_report(
     for name, params in blocks.items():
         H = HessianOperator(model, loss_fn, data, params=list(params)).linearize()
         n = H.shape[0]
-        r = lanczos(H, 1, "both", tol=tol, max_iter=min(n, max_iter), seed=seed)
-        lo, hi = float(r.eigenvalues[0]), float(r.eigenvalues[-1])
         if n <= exact_limit:
-            tr, err, mv = float(exact_diagonal(H).estimate.sum()), 0.0, n
+            # P products give the whole block: exact eigenvalues and trace, no estimates
+            dense = H.to_dense()
+            target, tr, err, mv = DenseOperator(dense), float(dense.trace()), 0.0, n
         else:
             t = xtrace(H, trace_matvecs, seed=seed)
-            tr, err, mv = t.estimate, t.stderr, t.matvecs
-        threshold = rtol * max(abs(lo), abs(hi))
+            target, tr, err, mv = H, t.estimate, t.stderr, t.matvecs
+        # the same verdict, with the same certification, as hesse.convexity
+        rep = _report_operator(
+            target,
+            rtol=rtol,
+            atol=0.0,
+            dense_limit=exact_limit,
+            lanczos_tol=tol,
+            seed=seed,
+            max_iter=min(n, max_iter),
+            warn=False,  # the row says whether it is certified
+        )
         rows.append(
             LayerRow(
                 name,
                 n,
-                hi,
-                lo,
+                rep.max_eigenvalue,
+                rep.min_eigenvalue,
                 tr,
                 err,
-                verdict(lo, hi, threshold),
-                r.matvecs + mv,
-                bool(r.converged.all()),
+                rep.verdict,
+                mv + rep.matvecs,
+                rep.certified,
             )
         )
     return LayerReport(rows)

@@ -41,6 +41,16 @@ def _check_direction(x: Tensor, v: object) -> Tensor:
     return v
 
 
+def as_directions(x: Tensor, v: object) -> tuple[Tensor, bool]:
+    """``v`` as a batch ``(k, *x.shape)`` of checked directions, and whether it was one
+    direction shaped like ``x``."""
+    if isinstance(v, Tensor) and v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
+        _check_direction(x, v[0])
+        check_finite(v, "v")
+        return v, False
+    return _check_direction(x, v).unsqueeze(0), True
+
+
 def _scalar_fn(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     def wrapped(x: Tensor) -> Tensor:
         return check_scalar(f(x), "f(x)")
@@ -104,12 +114,9 @@ def linearize_hvp(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor]
     apply = hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,), reuse=True)
 
     def product(v: Tensor) -> Tensor:
-        if isinstance(v, Tensor) and v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
-            _check_direction(x, v[0])
-            check_finite(v, "v")
-            return _finite(apply((v,))[0], "the Hessian-vector product")
-        out = apply((_check_direction(x, v).unsqueeze(0),))[0][0]
-        return _finite(out, "the Hessian-vector product")
+        V, single = as_directions(x, v)
+        out = _finite(apply((V,))[0], "the Hessian-vector product")
+        return out[0] if single else out
 
     return product
 

@@ -12,14 +12,7 @@ from torch import Tensor
 from hesse._core import check_finite
 from hesse.func._engine import jmj_product
 from hesse.func._output import OutputCurvature, fisher_mm
-from hesse.func._tensor import _check_direction, _check_point
-
-
-def _as_batch(x: Tensor, v: Tensor) -> tuple[Tensor, bool]:
-    if v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
-        _check_direction(x, v[0])
-        return v, False
-    return _check_direction(x, v).unsqueeze(0), True
+from hesse.func._tensor import _check_point, as_directions
 
 
 def ggn_vp(
@@ -48,7 +41,7 @@ def ggn_vp(
         tensor([2., 4.])
     """
     x = _check_point(x)
-    V, single = _as_batch(x, v)
+    V, single = as_directions(x, v)
     curv = OutputCurvature(loss_fn)
     out = jmj_product(
         lambda xs: output_fn(xs[0]), (x,), lambda o: lambda U: curv.hessian_mm(o, targets, U)
@@ -75,7 +68,7 @@ def fisher_vp(
     distribution (with ``generator``), whose expectation is the GGN.
     """
     x = _check_point(x)
-    V, single = _as_batch(x, v)
+    V, single = as_directions(x, v)
     curv = OutputCurvature(loss_fn)
 
     def make_out_mm(o: Tensor) -> Callable[[Tensor], Tensor]:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hesse._core import check_finite, check_scalar
+from hesse._core import check_scalar
 from hesse.func._engine import hvp_product
+from hesse.func._tensor import _check_point
 from hesse.operators._base import CurvatureOperator
 
 
@@ -25,9 +26,7 @@ class FunctionHessian(CurvatureOperator):
     """
 
     def __init__(self, f: Callable[[Tensor], Tensor], x: Tensor):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating point tensor, got {type(x).__name__}")
-        check_finite(x, "x")
+        x = _check_point(x)
         super().__init__(x.numel(), x.dtype, x.device)
         self.x = x.detach()
         shape = x.shape
