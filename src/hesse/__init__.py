@@ -3,11 +3,13 @@
 Compute it (exact Hessian-, Gauss-Newton- and Fisher-vector products, dense Hessians,
 finite differences), as lazy operators over a model's loss and data; approximate it
 (low-rank, diagonal); analyse it (eigenvalues, trace, spectral density, condition number,
-convexity).
+convexity); use it (``minimize``: Newton, Newton-CG, trust regions, BFGS, DFP, SR1,
+L-BFGS).
 """
 
-from hesse import analysis, func, linalg, operators
+from hesse import analysis, func, linalg, operators, solvers
 from hesse._core import NonFiniteError, ParamSpace
+from hesse._minimize import OptimizeResult, OptimizeWarning, minimize
 from hesse.analysis import (
     ConvexityReport,
     Verdict,
@@ -70,6 +72,10 @@ __all__ = [
     "spectral_density",
     "trace",
     "Status",
+    # optimisation
+    "OptimizeResult",
+    "OptimizeWarning",
+    "minimize",
     # core
     "NonFiniteError",
     "ParamSpace",
@@ -78,4 +84,5 @@ __all__ = [
     "func",
     "linalg",
     "operators",
+    "solvers",
 ]

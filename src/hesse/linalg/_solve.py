@@ -28,6 +28,9 @@ class SolveResult(Result):
             ``"breakdown"``; ``"non_finite"``.
         direction: the negative-curvature direction, when one was found.
         curvature: :math:`d^\\top A d / d^\\top d` for that direction.
+        model: :math:`\\tfrac12 x^\\top A x - b^\\top x` at ``x`` (from :func:`cg`, tracked
+            with the iterates at no extra product): the quadratic model's value, which a
+            trust-region method compares with the actual reduction.
     """
 
     x: Tensor
@@ -37,6 +40,7 @@ class SolveResult(Result):
     status: Status
     direction: Tensor | None = None
     curvature: float | None = None
+    model: float | None = None
 
     @property
     def message(self) -> str:
@@ -74,11 +78,11 @@ def _as_preconditioner(M: object, n: int, dtype, device) -> Callable[[Tensor], T
     )
 
 
-def _to_boundary(x: Tensor, p: Tensor, radius: float) -> Tensor:
-    """``x + tau p`` with ``tau >= 0`` and ``|x + tau p| = radius``."""
+def _to_boundary(x: Tensor, p: Tensor, radius: float) -> tuple[Tensor, float]:
+    """``(x + tau p, tau)`` with ``tau >= 0`` and ``|x + tau p| = radius``."""
     pp, xp, xx = torch.dot(p, p), torch.dot(x, p), torch.dot(x, x)
-    tau = (-xp + torch.sqrt(xp * xp + pp * (radius**2 - xx))) / pp
-    return x + tau * p
+    tau = (-xp + torch.sqrt((xp * xp + pp * (radius**2 - xx)).clamp_min(0))) / pp
+    return x + tau * p, float(tau)
 
 
 def cg(
@@ -139,32 +143,41 @@ def cg(
     if not math.isfinite(b_norm):
         return SolveResult(x, math.nan, 0, matvecs, Status.NON_FINITE)
     target = max(rtol * b_norm, atol)
+    # q = x'Ax/2 - b'x, kept up to date: with A x = b - r, q = -x'(b + r)/2 at the start,
+    # and a step t along p changes it by -t p'r + t^2 p'Ap/2 (p'r = r'z for CG's p).
+    q = 0.0 if x0 is None else float(-0.5 * torch.dot(x, b + r))
+
+    def done(x, it, status, t=None, pAp=None, **extra) -> SolveResult:
+        model = q if t is None else q - t * float(rz) + 0.5 * t * t * float(pAp)
+        return SolveResult(x, r_norm, it, matvecs, status, model=model, **extra)
+
     z = precond(r)
     p = z.clone()
     rz = torch.dot(r, z)
     r_norm = float(torch.linalg.vector_norm(r))
     for it in range(max_iter):
         if r_norm <= target:
-            return SolveResult(x, r_norm, it, matvecs, Status.CONVERGED)
+            return done(x, it, Status.CONVERGED)
         if float(rz) <= 0:
-            return SolveResult(x, r_norm, it, matvecs, Status.BREAKDOWN)
+            return done(x, it, Status.BREAKDOWN)
         Ap = op @ p
         matvecs += 1
         pAp = torch.dot(p, Ap)
         if not bool(torch.isfinite(pAp)):
-            return SolveResult(x, r_norm, it, matvecs, Status.NON_FINITE)
+            return done(x, it, Status.NON_FINITE)
         pp = torch.dot(p, p)
         if float(pAp) <= 0:
             curv = float(pAp / pp)
-            if radius is not None:
-                x = _to_boundary(x, p, radius)
-            return SolveResult(
-                x, r_norm, it + 1, matvecs, Status.NEGATIVE_CURVATURE, direction=p, curvature=curv
-            )
+            if radius is None:
+                return done(x, it + 1, Status.NEGATIVE_CURVATURE, direction=p, curvature=curv)
+            x, t = _to_boundary(x, p, radius)
+            return done(x, it + 1, Status.NEGATIVE_CURVATURE, t, pAp, direction=p, curvature=curv)
         alpha = rz / pAp
         x_next = x + alpha * p
         if radius is not None and float(torch.linalg.vector_norm(x_next)) >= radius:
-            return SolveResult(_to_boundary(x, p, radius), r_norm, it + 1, matvecs, Status.BOUNDARY)
+            x, t = _to_boundary(x, p, radius)
+            return done(x, it + 1, Status.BOUNDARY, t, pAp)
+        q -= 0.5 * float(alpha * rz)
         x = x_next
         r = r - alpha * Ap
         z = precond(r)
@@ -172,8 +185,7 @@ def cg(
         p = z + (rz_next / rz) * p
         rz = rz_next
         r_norm = float(torch.linalg.vector_norm(r))
-    status = Status.CONVERGED if r_norm <= target else Status.MAX_ITERATIONS
-    return SolveResult(x, r_norm, max_iter, matvecs, status)
+    return done(x, max_iter, Status.CONVERGED if r_norm <= target else Status.MAX_ITERATIONS)
 
 
 def minres(

@@ -1,0 +1,283 @@
+"""``hesse.minimize``: deterministic minimisation of a function of one tensor (layer 7),
+driving the mathematics of :mod:`hesse.solvers`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hesse._minimize._directions import LBFGS, Gradient, Newton, NewtonCG, bfgs, dfp
+from hesse._minimize._loops import line_search_loop, nag_loop, trust_region_loop
+from hesse._minimize._objective import Objective
+from hesse._minimize._result import STATUSES, OptimizeResult
+from hesse._minimize._run import Run, Stop
+from hesse.func._tensor import _check_point
+from hesse.solvers import CORRECTIONS, Tolerances, default_tolerances
+
+#: Line-search methods and their directions.
+_LINE_SEARCH = {
+    "newton": Newton,
+    "newton-cg": NewtonCG,
+    "bfgs": bfgs,
+    "dfp": dfp,
+    "l-bfgs": LBFGS,
+    "gd": Gradient,
+}
+_TRUST = ("trust-ncg", "trust-exact", "sr1")
+METHODS = (
+    "newton",
+    "newton-cg",
+    "trust-ncg",
+    "trust-exact",
+    "bfgs",
+    "dfp",
+    "sr1",
+    "l-bfgs",
+    "gd",
+    "nag",
+)
+#: Methods that use second derivatives, and so check for saddles by default.
+SECOND_ORDER = ("newton", "newton-cg", "trust-ncg", "trust-exact")
+
+_COMMON = {
+    "gtol": None,
+    "grad_rtol": 0.0,
+    "ftol": None,
+    "xtol": None,
+    "norm": math.inf,
+    "max_fev": None,
+    "history": False,
+    "saddle_check": None,
+    "curvature_tol": None,
+}
+LINE_SEARCHES = ("strong-wolfe", "wolfe", "armijo")
+_LS = {"line_search": "strong-wolfe", "c1": 1e-4, "c2": 0.9}
+_TR = {"initial_radius": 1.0, "max_radius": 1e4}
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "newton": {**_LS, "correction": "eigen-flip"},
+    "newton-cg": {**_LS, "cg_max_iter": None},
+    "trust-ncg": {**_TR, "cg_max_iter": None},
+    "trust-exact": dict(_TR),
+    "sr1": dict(_TR),
+    "bfgs": dict(_LS),
+    "dfp": dict(_LS),
+    "l-bfgs": {**_LS, "memory": 10},
+    "gd": dict(_LS),
+    "nag": {},
+}
+_ALL_OPTIONS = set(_COMMON).union(*(set(o) for o in _OPTIONS.values()))
+
+
+class OptimizeWarning(UserWarning):
+    """An option that does not apply to the chosen method was given (and is ignored)."""
+
+
+def _method(method: object) -> str:
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a string, one of {', '.join(METHODS)}; got {type(method).__name__}"
+        )
+    name = method.strip().lower().replace("_", "-")
+    name = {"lbfgs": "l-bfgs", "newtoncg": "newton-cg", "ncg": "newton-cg"}.get(name, name)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; hesse.minimize has: {', '.join(METHODS)}")
+    return name
+
+
+def _options(method: str, options: dict | None) -> dict[str, Any]:
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    known = {**_COMMON, **_OPTIONS[method]}
+    out = dict(known)
+    for key, value in options.items():
+        if key not in _ALL_OPTIONS:
+            raise ValueError(
+                f"unknown option {key!r} for method {method!r}; its options are: "
+                f"{', '.join(sorted(known))}"
+            )
+        if key not in known:
+            warnings.warn(
+                f"option {key!r} does not apply to method {method!r} and is ignored",
+                OptimizeWarning,
+                stacklevel=3,
+            )
+            continue
+        out[key] = value
+    if "line_search" in known and out["line_search"] not in LINE_SEARCHES:
+        raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {out['line_search']!r}")
+    if "correction" in known and out["correction"] not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {out['correction']!r}")
+    if "c1" in known and not 0 < out["c1"] < out["c2"] < 1:
+        raise ValueError(f"need 0 < c1 < c2 < 1, got c1={out['c1']}, c2={out['c2']}")
+    for key in ("initial_radius", "max_radius"):
+        if key in known and not out[key] > 0:
+            raise ValueError(f"{key} must be positive, got {out[key]!r}")
+    for key in ("memory", "cg_max_iter", "max_fev"):
+        v = out.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    if out["norm"] not in (2, math.inf):
+        raise ValueError(f"norm must be 2 or math.inf, got {out['norm']!r}")
+    return out
+
+
+def _tolerances(dtype: torch.dtype, tol: float | None, opts: dict) -> Tolerances:
+    d = default_tolerances(dtype)
+    gtol = opts["gtol"] if opts["gtol"] is not None else tol if tol is not None else d.gtol
+    values = {
+        "gtol": gtol,
+        "grad_rtol": opts["grad_rtol"],
+        "ftol": d.ftol if opts["ftol"] is None else opts["ftol"],
+        "xtol": d.xtol if opts["xtol"] is None else opts["xtol"],
+    }
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{key} must be a non-negative number, got {v!r}")
+    return Tolerances(norm=opts["norm"], **values)
+
+
+def minimize(
+    fun: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    method: str = "trust-ncg",
+    *,
+    grad: Callable[[Tensor], Tensor] | None = None,
+    hvp: Callable[[Tensor, Tensor], Tensor] | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    callback: Callable[[OptimizeResult], bool | None] | None = None,
+    options: dict[str, Any] | None = None,
+) -> OptimizeResult:
+    r"""Minimise ``fun(x)`` over a tensor ``x`` from ``x0``.
+
+    Methods (all share the line searches, quasi-Newton updates and trust-region solvers
+    of :mod:`hesse.solvers`):
+
+    ==================  =====================================================================
+    ``"newton"``        dense Hessian, strong-Wolfe line search; an indefinite or singular
+                        Hessian is corrected by ``options["correction"]``: ``"eigen-flip"``
+                        (default), ``"eigen-clip"``, ``"cholesky"`` (modified Cholesky) or
+                        ``"lm"`` (Levenberg-Marquardt damping adapted by the reduction ratio)
+    ``"newton-cg"``     truncated CG on Hessian-vector products (Hessian-free), line search,
+                        negative curvature handled
+    ``"trust-ncg"``     Steihaug-Toint CG in a trust region (the default)
+    ``"trust-exact"``   the exact trust-region subproblem on the dense Hessian (Moré-Sorensen)
+    ``"bfgs"``/``"dfp"`` rank-2 updates of a dense inverse Hessian, Powell-damped
+    ``"sr1"``           rank-1 updates of the Hessian, in a trust region
+    ``"l-bfgs"``        the two-loop recursion over the last ``memory`` pairs (default 10)
+    ``"gd"``            gradient descent with the same line search
+    ``"nag"``           Nesterov's accelerated gradient, backtracking step, adaptive restart
+    ==================  =====================================================================
+
+    Stops when :math:`\|\nabla f\|_\infty \le` ``tol`` (default :math:`\epsilon^{1/3}`
+    of the dtype: 6e-6 in float64, 5e-3 in float32), when an iteration changes ``f`` or
+    ``x`` by less than rounding (``ftol``, ``xtol``), or on a budget. The second-order
+    methods then check the curvature (the dense Hessian's eigenvalues, or Lanczos on
+    Hessian-vector products): at a saddle they step along the direction of negative
+    curvature and go on (``options={"saddle_check": ...}`` switches this on or off for any
+    method). A trial point where ``fun`` is not finite shortens the step; the run never
+    reports success with a non-finite ``fun`` and returns the best point it saw.
+
+    Args:
+        fun: ``x -> scalar tensor``, differentiable by autograd unless ``grad`` is given.
+        x0: the start (any shape; floating point; never modified).
+        method: one of the names above (case and ``_``/``-`` do not matter).
+        grad: ``x -> gradient`` instead of autograd.
+        hvp: ``(x, v) -> Hessian @ v`` instead of autograd (with ``grad`` but no ``hvp``,
+            products are central differences of ``grad``).
+        tol: the gradient tolerance ``gtol``.
+        max_iter: most iterations (default ``max(1000, 200 n)``).
+        callback: called after each iteration with an intermediate
+            :class:`OptimizeResult`; returning ``True`` or raising ``StopIteration`` stops.
+        options: ``gtol``, ``grad_rtol`` (relative to the start's gradient), ``ftol``,
+            ``xtol``, ``norm`` (``math.inf`` or ``2``), ``max_fev``, ``history``,
+            ``saddle_check``, ``curvature_tol``; line-search methods: ``line_search``
+            (``"strong-wolfe"``, ``"wolfe"`` (weak) or ``"armijo"``), ``c1``, ``c2``; trust regions:
+            ``initial_radius``, ``max_radius``; ``correction`` (newton), ``cg_max_iter``
+            (newton-cg, trust-ncg), ``memory`` (l-bfgs). An option of another method warns
+            (:class:`OptimizeWarning`); an unknown one raises.
+
+    Returns:
+        :class:`OptimizeResult` (``x``, ``fun``, ``jac``, ``nit``, ``nfev``, ``njev``,
+        ``nhev``, ``nhvp``, ``success``, ``status``, ``message``, ...).
+
+    Example:
+        >>> rosen = lambda x: 100 * (x[1] - x[0] ** 2) ** 2 + (1 - x[0]) ** 2
+        >>> r = minimize(rosen, torch.tensor([-1.2, 1.0], dtype=torch.float64), "trust-ncg")
+        >>> r.success, r.x.round(decimals=6)
+        (True, tensor([1., 1.], dtype=torch.float64))
+    """
+    if not callable(fun):
+        raise TypeError(f"fun must be callable (x -> scalar tensor), got {type(fun).__name__}")
+    x0 = _check_point(x0, "x0")
+    name = _method(method)
+    opts = _options(name, options)
+    for what, f in (("grad", grad), ("hvp", hvp), ("callback", callback)):
+        if f is not None and not callable(f):
+            raise TypeError(f"{what} must be callable or None, got {type(f).__name__}")
+    n = x0.numel()
+    if max_iter is None:
+        max_iter = max(1000, 200 * n)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if tol is not None and (
+        isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
+    ):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    tols = _tolerances(x0.dtype, tol, opts)
+    saddle = opts["saddle_check"] if opts["saddle_check"] is not None else name in SECOND_ORDER
+    curv_tol = opts["curvature_tol"] or torch.finfo(x0.dtype).eps ** (1.0 / 3.0)
+    obj = Objective(fun, x0, grad, hvp)
+    run = Run(
+        name,
+        obj,
+        tols,
+        max_iter,
+        opts["max_fev"] or 2**62,
+        callback,
+        opts["history"],
+        saddle,
+        curv_tol,
+    )
+    x = x0.detach().clone().reshape(-1)  # the caller's x0 is never written to
+    try:
+        if name == "nag":
+            nag_loop(run, x, opts)
+        elif name in _TRUST or (name == "newton" and opts["correction"] == "lm"):
+            trust_region_loop(run, name, x, opts)
+        else:
+            line_search_loop(run, _LINE_SEARCH[name](obj, opts), x, opts)
+    except Stop as stop:
+        end = stop
+    if run.current is None:
+        return _no_point(run, x, end)
+    return run.result(run.current, end.status, end.message)
+
+
+def _no_point(run: Run, x: Tensor, end: Stop) -> OptimizeResult:
+    c = run.obj.counts
+    nan = torch.full_like(x, math.nan)
+    return OptimizeResult(
+        x=x.view(run.obj.shape),
+        fun=torch.tensor(math.nan, dtype=x.dtype, device=x.device),
+        jac=nan.view(run.obj.shape),
+        nit=0,
+        nfev=c.nfev,
+        njev=c.njev,
+        nhev=c.nhev,
+        nhvp=c.nhvp,
+        success=False,
+        status=end.status,
+        message=end.message,
+        method=run.method,
+    )
+
+
+__all__ = ["METHODS", "OptimizeResult", "OptimizeWarning", "STATUSES", "minimize"]

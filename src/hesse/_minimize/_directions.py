@@ -1,0 +1,177 @@
+"""The search directions of the line-search methods: thin state around the mathematics of
+:mod:`hesse.solvers`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hesse._minimize._objective import Objective, Point
+from hesse.linalg import cg
+from hesse.solvers import (
+    LBFGSMemory,
+    bfgs_update,
+    cholesky_newton,
+    curvature_pair,
+    dfp_update,
+    eigen_newton,
+    forcing_rtol,
+    initial_scale,
+)
+
+
+class Direction:
+    """A search direction: ``compute(pt)`` gives ``d`` with ``g'd < 0``; ``update`` learns
+    from an accepted step ``s = alpha d``; ``reset`` forgets."""
+
+    needs_graph = False  # does compute() take Hessian-vector products at pt?
+    second_order = False
+
+    def __init__(self, obj: Objective, options: dict):
+        self.obj = obj
+
+    def compute(self, pt: Point) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, old: Point, new: Point, alpha: float, d: Tensor) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def first_step(self, pt: Point, d: Tensor) -> float:
+        return 1.0
+
+
+class Gradient(Direction):
+    """Steepest descent, with Nocedal & Wright's initial step (eq. 3.60): the step that
+    would repeat the last decrease, ``2 (f_k - f_{k-1}) / g'd``."""
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self.last_decrease: float | None = None
+
+    def compute(self, pt):
+        return -pt.g
+
+    def update(self, old, new, alpha, d):
+        self.last_decrease = old.f - new.f
+
+    def first_step(self, pt, d):
+        slope = float(torch.dot(pt.g, d))
+        if self.last_decrease is None or self.last_decrease <= 0:
+            return min(1.0, 1.0 / max(pt.g_norm(2), 1e-300))
+        return 1.01 * 2.0 * self.last_decrease / -slope
+
+
+class Newton(Direction):
+    """The Newton direction of the dense Hessian, corrected when it is not positive definite."""
+
+    needs_graph = True
+    second_order = True
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self.correction = options["correction"]
+
+    def compute(self, pt):
+        H = self.obj.hessian(pt)
+        if self.correction == "cholesky":
+            return cholesky_newton(H, pt.g).direction
+        return eigen_newton(H, pt.g, self.correction).direction
+
+
+class NewtonCG(Direction):
+    """Truncated CG on :math:`H p = -g` to the forcing tolerance; at negative curvature the
+    iterate so far, or the steepest descent direction if there is none (N&W Algorithm 7.1).
+
+    The first trial step is :math:`\\min(1, 2.02 (f_{k-1} - f_k) / (-g^\\top d))` (the
+    step that would repeat the last decrease, as scipy's Newton-CG does): a truncated
+    direction far from the solution is often too long, and on the 100-dimensional
+    Rosenbrock function this halves the function evaluations (722 to 315). Near a solution
+    the bound exceeds 1 and the full Newton step is tried.
+    """
+
+    needs_graph = True
+    second_order = True
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self.max_cg = options["cg_max_iter"] or 20 * obj.n
+        self.last_decrease: float | None = None
+
+    def reset(self):
+        self.last_decrease = None
+
+    def update(self, old, new, alpha, d):
+        self.last_decrease = old.f - new.f
+
+    def first_step(self, pt, d):
+        if self.last_decrease is None:
+            return 1.0
+        return min(1.0, 1.01 * 2.0 * self.last_decrease / -float(torch.dot(pt.g, d)))
+
+    def compute(self, pt):
+        r = cg(self.obj.operator(pt), -pt.g, rtol=forcing_rtol(pt.g_norm(2)), max_iter=self.max_cg)
+        if not bool(r.x.abs().max() > 0) or float(torch.dot(r.x, pt.g)) >= 0:
+            return -pt.g
+        return r.x
+
+
+class InverseUpdate(Direction):
+    """BFGS or DFP: a dense inverse-Hessian approximation :math:`H`, :math:`d = -H g`,
+    started as :math:`\\gamma I` after the first step (N&W eq. 6.20), updated with Powell's
+    damping when the line search does not ensure :math:`s^\\top y > 0`."""
+
+    def __init__(self, obj, options, update):
+        super().__init__(obj, options)
+        self.update_fn = update
+        self.H: Tensor | None = None
+
+    def reset(self):
+        self.H = None
+
+    def compute(self, pt):
+        return -pt.g if self.H is None else -(self.H @ pt.g)
+
+    def first_step(self, pt, d):
+        return min(1.0, 1.0 / max(pt.g_norm(2), 1e-300)) if self.H is None else 1.0
+
+    def update(self, old, new, alpha, d):
+        pair = curvature_pair(alpha * d, new.g - old.g, -alpha * old.g)
+        if pair is None:
+            return
+        s, y = pair
+        if self.H is None:
+            self.H = initial_scale(s, y) * torch.eye(s.numel(), dtype=s.dtype, device=s.device)
+        self.H = self.update_fn(self.H, s, y)
+
+
+def bfgs(obj, options):
+    return InverseUpdate(obj, options, bfgs_update)
+
+
+def dfp(obj, options):
+    return InverseUpdate(obj, options, dfp_update)
+
+
+class LBFGS(Direction):
+    """L-BFGS: the two-loop recursion over the last ``memory`` pairs."""
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self.memory = LBFGSMemory(size=options["memory"])
+
+    def reset(self):
+        self.memory.clear()
+
+    def compute(self, pt):
+        return self.memory.direction(pt.g)
+
+    def first_step(self, pt, d):
+        return min(1.0, 1.0 / max(pt.g_norm(2), 1e-300)) if not len(self.memory) else 1.0
+
+    def update(self, old, new, alpha, d):
+        pair = curvature_pair(alpha * d, new.g - old.g, -alpha * old.g)
+        if pair is not None:
+            self.memory.push(*pair)

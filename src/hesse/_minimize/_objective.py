@@ -1,0 +1,188 @@
+"""The function being minimised: evaluations of ``f``, its gradient and its curvature at a
+point, counted."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hesse._core import all_finite, check_scalar
+from hesse.func import fd_step
+from hesse.operators import CurvatureOperator
+
+
+@dataclass
+class Point:
+    """``x`` (flat) with ``f(x)`` and the gradient there; ``hvp`` applies the Hessian at
+    ``x`` to a flat vector (kept from the gradient's graph when the method needs it)."""
+
+    x: Tensor
+    f: float
+    value: Tensor
+    g: Tensor | None = None
+    hvp: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    _g_norm: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.f) and self.g is not None
+
+    def g_norm(self, order: float) -> float:
+        if order not in self._g_norm:
+            self._g_norm[order] = float(torch.linalg.vector_norm(self.g, ord=order))
+        return self._g_norm[order]
+
+
+class Counts:
+    def __init__(self):
+        self.nfev = self.njev = self.nhvp = self.nhev = 0
+
+
+class Objective:
+    """``fun`` of a tensor shaped like ``x0``, seen as a function of flat vectors.
+
+    Derivatives come from autograd unless the user gave ``grad`` (then a Hessian-vector
+    product, if not given as ``hvp``, is a central difference of ``grad``, at two gradient
+    evaluations per product).
+    """
+
+    def __init__(self, fun, x0: Tensor, grad=None, hvp=None):
+        self.fun, self.user_grad, self.user_hvp = fun, grad, hvp
+        self.shape = x0.shape
+        self.n = x0.numel()
+        self.dtype, self.device = x0.dtype, x0.device
+        self.counts = Counts()
+
+    def _shaped(self, x: Tensor) -> Tensor:
+        return x.view(self.shape)
+
+    def _check_grad(self, g: object) -> Tensor:
+        if not isinstance(g, Tensor) or g.numel() != self.n:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ValueError(
+                f"grad(x) must return a tensor shaped like x0 {tuple(self.shape)}, got {got}"
+            )
+        return g.detach().reshape(-1).to(self.dtype)
+
+    def evaluate(self, x: Tensor, graph: bool = False) -> Point:
+        """``f`` and its gradient at ``x``; with ``graph`` the gradient's graph is kept for
+        Hessian-vector products at ``x`` (cheaper than building it again)."""
+        c = self.counts
+        c.nfev += 1
+        if self.user_grad is not None:
+            with torch.no_grad():
+                value = check_scalar(self.fun(self._shaped(x)), "fun(x)").detach()
+            pt = Point(x, float(value), value)
+            if math.isfinite(pt.f):
+                c.njev += 1
+                g = self._check_grad(self.user_grad(self._shaped(x)))
+                if all_finite(g):
+                    pt.g = g
+                    pt.hvp = self._user_hvp(x, g)
+            return pt
+        with torch.enable_grad():
+            xl = x.detach().requires_grad_()
+            value = check_scalar(self.fun(self._shaped(xl)), "fun(x)")
+            detached = value.detach()
+            pt = Point(x, float(detached), detached)
+            if not math.isfinite(pt.f):
+                return pt
+            c.njev += 1
+            if not value.requires_grad:  # a constant
+                g = torch.zeros_like(x)
+            else:
+                (g,) = torch.autograd.grad(value, xl, create_graph=graph, allow_unused=True)
+                g = torch.zeros_like(x) if g is None else g
+        if not all_finite(g.detach()):
+            return pt
+        pt.g = g.detach()
+        if self.user_hvp is not None:
+            pt.hvp = self._user_hvp(x, pt.g)
+        elif graph:
+            pt.hvp = self._graph_hvp(xl, g)
+        return pt
+
+    def _graph_hvp(self, xl: Tensor, g: Tensor) -> Callable[[Tensor], Tensor]:
+        counts = self.counts
+
+        def hvp(V: Tensor) -> Tensor:  # V: (n,) or (n, k)
+            k = 1 if V.dim() == 1 else V.shape[1]
+            counts.nhvp += k
+            if not g.requires_grad:
+                return torch.zeros_like(V)
+            with torch.enable_grad():
+                if V.dim() == 1:
+                    (hv,) = torch.autograd.grad(g, xl, V, retain_graph=True, allow_unused=True)
+                    return torch.zeros_like(V) if hv is None else hv
+                try:  # all columns in one batched backward pass
+                    (HV,) = torch.autograd.grad(
+                        g, xl, V.T, retain_graph=True, is_grads_batched=True, allow_unused=True
+                    )
+                except RuntimeError:  # an operation without a batching rule
+                    HV = torch.stack(
+                        [torch.autograd.grad(g, xl, v, retain_graph=True)[0] for v in V.T]
+                    )
+            return torch.zeros_like(V) if HV is None else HV.T
+
+        return hvp
+
+    def _user_hvp(self, x: Tensor, g: Tensor) -> Callable[[Tensor], Tensor]:
+        counts = self.counts
+        if self.user_hvp is not None:
+
+            def hvp(V: Tensor) -> Tensor:
+                cols = [V] if V.dim() == 1 else list(V.T)
+                counts.nhvp += len(cols)
+                out = [
+                    self._check_grad(self.user_hvp(self._shaped(x), self._shaped(v))) for v in cols
+                ]
+                return out[0] if V.dim() == 1 else torch.stack(out, dim=1)
+
+            return hvp
+        if self.user_grad is None:
+            return None  # autograd: built with the graph instead
+
+        def fd(V: Tensor) -> Tensor:
+            cols = [V] if V.dim() == 1 else list(V.T)
+            counts.nhvp += len(cols)
+            counts.njev += 2 * len(cols)
+            x_norm = float(torch.linalg.vector_norm(x))
+            out = []
+            for v in cols:
+                v_norm = float(torch.linalg.vector_norm(v))
+                if v_norm == 0:
+                    out.append(torch.zeros_like(v))
+                    continue
+                h = fd_step(x.dtype) * (1.0 + x_norm) / v_norm
+                gp = self._check_grad(self.user_grad(self._shaped(x + h * v)))
+                gm = self._check_grad(self.user_grad(self._shaped(x - h * v)))
+                out.append((gp - gm) / (2 * h))
+            return out[0] if V.dim() == 1 else torch.stack(out, dim=1)
+
+        return fd
+
+    def hessian(self, pt: Point) -> Tensor:
+        """The dense Hessian at ``pt`` (which must carry ``hvp``), symmetrised."""
+        self.counts.nhev += 1
+        before = self.counts.nhvp
+        eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
+        H = pt.hvp(eye)
+        self.counts.nhvp = before  # counted as one Hessian, not n products
+        return 0.5 * (H + H.T)
+
+    def operator(self, pt: Point) -> CurvatureOperator:
+        """The Hessian at ``pt`` as a hesse operator (for CG and Lanczos)."""
+        return _PointHessian(pt, self.n, self.dtype, self.device)
+
+
+class _PointHessian(CurvatureOperator):
+    def __init__(self, pt: Point, n: int, dtype, device):
+        super().__init__(n, dtype, device)
+        self._hvp = pt.hvp
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._hvp(V[:, 0]).unsqueeze(1) if V.shape[1] == 1 else self._hvp(V)

@@ -1,0 +1,197 @@
+"""What every method's loop shares: counting, stopping tests, the callback, the history,
+the best point, the result, and the escape from saddle points."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hesse._core import NonFiniteError
+from hesse._minimize._objective import Objective, Point
+from hesse._minimize._result import STATUSES, OptimizeResult
+from hesse.linalg import lanczos
+from hesse.solvers import Tolerances
+
+
+class Stop(Exception):
+    """Raised inside a loop to end the run with a status and a message."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Run:
+    def __init__(
+        self,
+        method: str,
+        obj: Objective,
+        tol: Tolerances,
+        max_iter: int,
+        max_fev: int,
+        callback,
+        history: bool,
+        saddle_check: bool,
+        curvature_tol: float,
+    ):
+        self.method, self.obj, self.tol = method, obj, tol
+        self.max_iter, self.max_fev = max_iter, max_fev
+        self.callback = callback
+        self.history: list[dict[str, Any]] | None = [] if history else None
+        self.saddle_check, self.curvature_tol = saddle_check, curvature_tol
+        self.nit = 0
+        self.g0_norm = math.inf
+        self.best: Point | None = None  # the lowest finite point evaluated
+        self.current: Point | None = None  # the point the method stands at
+        self.start = time.perf_counter()
+        self.hess_inv: Tensor | None = None
+
+    # -- points ------------------------------------------------------------------------
+    def evaluate(self, x: Tensor, graph: bool = False) -> Point:
+        if self.obj.counts.nfev >= self.max_fev:
+            raise Stop("max_evaluations", f"stopped after max_fev={self.max_fev} evaluations")
+        pt = self.obj.evaluate(x, graph)
+        if pt.finite and (self.best is None or pt.f < self.best.f):
+            self.best = pt
+        return pt
+
+    def first(self, x0: Tensor, graph: bool) -> Point:
+        pt = self.evaluate(x0, graph)
+        if not pt.finite:
+            what = "fun(x0)" if not math.isfinite(pt.f) else "the gradient at x0"
+            raise Stop("non_finite", f"{what} is not finite; start from a point where it is")
+        self.g0_norm = pt.g_norm(self.tol.norm)
+        self.current = pt
+        return pt
+
+    # -- stopping ----------------------------------------------------------------------
+    def converged(self, pt: Point) -> bool:
+        return self.tol.gradient_small(pt.g_norm(self.tol.norm), self.g0_norm)
+
+    def after_step(self, old: Point, new: Point, step_norm: float) -> None:
+        """Tests after an accepted step: budget, function change, step size, callback."""
+        self.nit += 1
+        self.current = new
+        self.record(new)
+        if self.callback is not None:
+            try:
+                stop = self.callback(self.result(new, "callback", ""))
+            except StopIteration:
+                stop = True
+            if stop:
+                raise Stop("callback", "stopped by the callback")
+        if abs(old.f - new.f) <= self.tol.ftol * max(abs(old.f), abs(new.f), 1.0):
+            raise Stop(
+                "ftol",
+                f"the last iteration changed f by at most ftol={self.tol.ftol:.1e} (relative)",
+            )
+        x_norm = float(torch.linalg.vector_norm(new.x))
+        if step_norm <= self.tol.xtol * (1.0 + x_norm):
+            raise Stop(
+                "xtol", f"the last step was shorter than xtol={self.tol.xtol:.1e} (relative)"
+            )
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        if self.nit >= self.max_iter:
+            raise Stop("max_iterations", f"stopped after max_iter={self.max_iter} iterations")
+
+    def record(self, pt: Point) -> None:
+        if self.history is None:
+            return
+        c = self.obj.counts
+        self.history.append(
+            {
+                "nit": self.nit,
+                "fun": pt.f,
+                "grad_norm": pt.g_norm(self.tol.norm),
+                "nfev": c.nfev,
+                "njev": c.njev,
+                "nhvp": c.nhvp,
+                "nhev": c.nhev,
+                "time": time.perf_counter() - self.start,
+            }
+        )
+
+    # -- saddles -----------------------------------------------------------------------
+    def negative_curvature(self, pt: Point, H: Tensor | None = None) -> tuple[float, Tensor] | None:
+        """A direction of negative curvature at a stationary ``pt``, if there is one:
+        from the dense Hessian's eigendecomposition when ``H`` is given, else from Lanczos
+        on at most 20 Hessian-vector products; the curvature along the direction found must
+        be below ``-curvature_tol``."""
+        if not self.saddle_check:
+            return None
+        try:
+            if pt.hvp is None:  # evaluated without the gradient's graph: build it here
+                pt = self.obj.evaluate(pt.x, graph=True)
+                if not pt.finite or pt.hvp is None:
+                    return None
+            if H is not None or self.obj.n <= 16:
+                H = self.obj.hessian(pt) if H is None else H
+                evals, vecs = torch.linalg.eigh(H)
+                lam, v = float(evals[0]), vecs[:, 0]
+            else:
+                # A few Lanczos steps: a Ritz value is the Rayleigh quotient of its vector,
+                # so theta < 0 already proves negative curvature along that vector (no
+                # residual needed); a search that finds none within the budget accepts.
+                r = lanczos(
+                    self.obj.operator(pt),
+                    1,
+                    "smallest",
+                    tol=1e-2,
+                    max_iter=min(self.obj.n, 20),
+                    seed=0,
+                )
+                lam, v = float(r.eigenvalues[0]), r.eigenvectors[:, 0]
+        except NonFiniteError:
+            return None
+        if lam < -self.curvature_tol:
+            return lam, v
+        return None
+
+    def escape(self, pt: Point, lam: float, v: Tensor, graph: bool) -> Point:
+        """Leave a saddle along the unit direction ``v`` of curvature ``lam < 0``: the step
+        ``t`` from 1 is halved until ``f`` falls by at least ``1e-4 |lam| t^2 / 2`` (the
+        second-order analogue of the Armijo condition; the slope is zero there)."""
+        d = v if float(torch.dot(pt.g, v)) <= 0 else -v
+        t = max(1.0, float(torch.linalg.vector_norm(pt.x))) ** 0.5
+        for _ in range(40):
+            trial = self.evaluate(pt.x + t * d, graph)
+            if trial.finite and trial.f < pt.f - 1e-4 * 0.5 * abs(lam) * t * t:
+                self.after_step(pt, trial, t)
+                return trial
+            t *= 0.5
+        raise Stop(
+            "no_progress",
+            f"a stationary point with negative curvature ({lam:.3e}) that no step along its "
+            "direction could leave: a saddle point, not a minimum",
+        )
+
+    # -- the result --------------------------------------------------------------------
+    def result(self, pt: Point, status: str, message: str) -> OptimizeResult:
+        good = STATUSES.get(status, False) and pt.finite
+        if not good and self.best is not None and (not pt.finite or self.best.f < pt.f):
+            pt = self.best
+        shape = self.obj.shape
+        c = self.obj.counts
+        g = pt.g if pt.g is not None else torch.full_like(pt.x, math.nan)
+        return OptimizeResult(
+            x=pt.x.detach().clone().view(shape),
+            fun=pt.value,
+            jac=g.view(shape),
+            nit=self.nit,
+            nfev=c.nfev,
+            njev=c.njev,
+            nhev=c.nhev,
+            nhvp=c.nhvp,
+            success=bool(good),
+            status=status,
+            message=message,
+            method=self.method,
+            hess_inv=self.hess_inv,
+            history=self.history,
+        )

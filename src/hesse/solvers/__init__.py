@@ -1,0 +1,72 @@
+"""Layer 6: the mathematics of each optimisation method, written once.
+
+Descent directions (modified Newton, truncated CG), quasi-Newton updates (BFGS, DFP, SR1,
+the L-BFGS two-loop recursion), line searches (backtracking Armijo, strong Wolfe), trust
+regions (Steihaug-CG, the exact small subproblem, the radius update) and default
+tolerances, as pure functions and small state objects over flat tensors.
+:func:`hesse.minimize` and :mod:`hesse.optim` drive these; neither has its own copy.
+"""
+
+from hesse.solvers._linesearch import LineSearchResult, armijo, cubic_minimizer, strong_wolfe
+from hesse.solvers._newton import (
+    CORRECTIONS,
+    NewtonStep,
+    cholesky_newton,
+    damped_newton,
+    eigen_floor,
+    eigen_newton,
+    lm_damping,
+    shifted_cholesky,
+)
+from hesse.solvers._quasi_newton import (
+    LBFGSMemory,
+    bfgs_update,
+    curvature_pair,
+    dfp_update,
+    initial_scale,
+    sr1_update,
+)
+from hesse.solvers._stopping import Tolerances, default_tolerances, forcing_rtol
+from hesse.solvers._trust import (
+    ETA,
+    SteihaugPath,
+    TrustStep,
+    exact_step,
+    steihaug_step,
+    update_radius,
+)
+
+__all__ = [
+    # line searches
+    "LineSearchResult",
+    "armijo",
+    "cubic_minimizer",
+    "strong_wolfe",
+    # Newton directions
+    "CORRECTIONS",
+    "NewtonStep",
+    "cholesky_newton",
+    "damped_newton",
+    "eigen_floor",
+    "eigen_newton",
+    "lm_damping",
+    "shifted_cholesky",
+    # quasi-Newton
+    "LBFGSMemory",
+    "bfgs_update",
+    "curvature_pair",
+    "dfp_update",
+    "initial_scale",
+    "sr1_update",
+    # trust regions
+    "ETA",
+    "SteihaugPath",
+    "TrustStep",
+    "exact_step",
+    "steihaug_step",
+    "update_radius",
+    # stopping
+    "Tolerances",
+    "default_tolerances",
+    "forcing_rtol",
+]

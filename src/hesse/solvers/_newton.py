@@ -1,0 +1,131 @@
+r"""Newton directions for Hessians that may be singular or indefinite.
+
+A pure Newton step :math:`-H^{-1} g` is a descent direction only when :math:`H` is positive
+definite. Each correction here replaces :math:`H` by a positive definite :math:`\tilde H`
+close to it (Nocedal & Wright 2006, sec. 3.4):
+
+* ``"eigen-flip"``: :math:`\tilde H = Q\,\max(|\Lambda|, \delta)\,Q^\top` — negative
+  curvature becomes positive curvature of the same size, so the step moves *away* from a
+  saddle along those directions (Murray 1972; Dauphin et al. 2014);
+* ``"eigen-clip"``: :math:`\tilde H = Q\,\max(\Lambda, \delta)\,Q^\top`;
+* ``"cholesky"``: :math:`\tilde H = H + \tau I` with the smallest :math:`\tau` of a doubling
+  sequence for which a Cholesky factorisation succeeds (N&W Algorithm 3.3);
+* ``"lm"``: :math:`\tilde H = H + \mu I` for a damping :math:`\mu` the caller adapts from
+  the ratio of actual to predicted reduction (Levenberg-Marquardt; Nielsen 1999).
+
+The floor :math:`\delta = \sqrt{\epsilon}\,\max(1, \max|\lambda|)` keeps a singular
+Hessian (Powell's singular function at its solution) from giving an infinite step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+CORRECTIONS = ("eigen-flip", "eigen-clip", "cholesky", "lm")
+
+
+@dataclass(frozen=True)
+class NewtonStep:
+    """A modified Newton direction and what was learnt about the Hessian on the way.
+
+    Attributes:
+        direction: :math:`-\\tilde H^{-1} g`.
+        shift: how far the spectrum was moved (``tau`` or ``mu``; for the eigenvalue
+            corrections, the largest change of an eigenvalue).
+        min_eigenvalue: the smallest eigenvalue of :math:`H`, when the correction computed
+            it (the eigenvalue corrections do).
+        min_eigenvector: its unit eigenvector.
+        positive_definite: whether :math:`H` itself was (numerically) positive definite.
+    """
+
+    direction: Tensor
+    shift: float
+    min_eigenvalue: float | None = None
+    min_eigenvector: Tensor | None = None
+    positive_definite: bool | None = None
+
+
+def eigen_floor(evals: Tensor) -> float:
+    """The smallest curvature kept, relative to the largest: sqrt(eps) * max(1, max|lambda|)."""
+    eps = torch.finfo(evals.dtype).eps
+    return eps**0.5 * max(1.0, float(evals.abs().max()))
+
+
+def eigen_newton(H: Tensor, g: Tensor, kind: str = "eigen-flip") -> NewtonStep:
+    r"""The Newton direction with the Hessian's eigenvalues modified (flip or clip).
+
+    Example:
+        >>> H = torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+        >>> eigen_newton(H, torch.tensor([2.0, 1.0], dtype=torch.float64)).direction
+        tensor([-1., -1.], dtype=torch.float64)
+    """
+    evals, Q = torch.linalg.eigh(0.5 * (H + H.T))
+    floor = eigen_floor(evals)
+    if kind == "eigen-flip":
+        mod = evals.abs().clamp_min(floor)
+    elif kind == "eigen-clip":
+        mod = evals.clamp_min(floor)
+    else:
+        raise ValueError(f"kind must be 'eigen-flip' or 'eigen-clip', got {kind!r}")
+    d = -(Q @ ((Q.T @ g) / mod))
+    return NewtonStep(
+        d,
+        float((mod - evals).abs().max()),
+        float(evals[0]),
+        Q[:, 0],
+        bool(evals[0] > floor),
+    )
+
+
+def shifted_cholesky(H: Tensor, shift: float) -> Tensor | None:
+    """The Cholesky factor of ``H + shift * I``, or ``None`` when it is not positive definite."""
+    A = H + shift * torch.eye(H.shape[0], dtype=H.dtype, device=H.device) if shift else H
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        return None
+    return L
+
+
+def cholesky_newton(H: Tensor, g: Tensor, beta: float = 1e-3) -> NewtonStep:
+    r"""The Newton direction for :math:`H + \tau I`, :math:`\tau \ge 0` the first of
+    :math:`0` (if the diagonal is positive), :math:`\beta\|H\|_F`, doubled, ... for which
+    Cholesky succeeds (N&W Algorithm 3.3, "Cholesky with added multiple of the identity").
+
+    Example:
+        >>> H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
+        >>> s = cholesky_newton(H, torch.tensor([1.0, 0.0], dtype=torch.float64))
+        >>> s.shift > 1.0, float(s.direction @ torch.tensor([1.0, 0.0], dtype=torch.float64)) < 0
+        (True, True)
+    """
+    b = beta * max(float(torch.linalg.matrix_norm(H)), 1.0)
+    min_diag = float(H.diagonal().min())
+    tau = 0.0 if min_diag > 0 else b - min_diag
+    for _ in range(200):
+        L = shifted_cholesky(H, tau)
+        if L is not None:
+            d = -torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1)
+            return NewtonStep(d, tau, positive_definite=tau == 0.0)
+        tau = max(2.0 * tau, b)
+    raise FloatingPointError("no shift made the Hessian positive definite; is it finite?")
+
+
+def damped_newton(H: Tensor, g: Tensor, mu: float) -> NewtonStep | None:
+    r"""The Levenberg-Marquardt direction :math:`-(H + \mu I)^{-1} g`, or ``None`` when
+    :math:`H + \mu I` is not positive definite (the caller raises :math:`\mu`)."""
+    L = shifted_cholesky(H, mu)
+    if L is None:
+        return None
+    return NewtonStep(-torch.cholesky_solve(g.unsqueeze(1), L).squeeze(1), mu)
+
+
+def lm_damping(mu: float, nu: float, rho: float) -> tuple[float, float]:
+    r"""Nielsen's (1999) update of the damping from the reduction ratio :math:`\rho`:
+    on success :math:`\mu \leftarrow \mu \max(1/3, 1 - (2\rho - 1)^3)`, :math:`\nu = 2`;
+    on failure :math:`\mu \leftarrow \nu\mu`, :math:`\nu \leftarrow 2\nu`. Returns
+    ``(mu, nu)``."""
+    if rho > 0:
+        return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0
+    return mu * nu, 2.0 * nu
