@@ -92,8 +92,8 @@ def trust_region_loop(run: Run, method: str, x0, options: dict):
     graph = method in ("trust-ncg", "trust-exact", "newton")
     pt = run.first(x0, graph)
     run.record(pt)
-    radius = options["initial_radius"]
-    max_radius = options["max_radius"]
+    radius = options.get("initial_radius", 1.0)
+    max_radius = options.get("max_radius", math.inf)
     mu, nu = None, 2.0
     B = None
     H, H_at = None, None

@@ -96,7 +96,7 @@ def sr1_update(B: Tensor, s: Tensor, y: Tensor, *, skip: float = 1e-8) -> Tensor
     """
     v = y - B @ s
     vs = torch.dot(v, s)
-    if float(vs.abs()) < skip * float(torch.linalg.vector_norm(s) * torch.linalg.vector_norm(v)):
+    if float(vs.abs()) <= skip * float(torch.linalg.vector_norm(s) * torch.linalg.vector_norm(v)):
         return B
     return B + torch.outer(v, v) / vs
 

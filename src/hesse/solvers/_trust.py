@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -144,31 +145,31 @@ def exact_step(B: Tensor, g: Tensor, radius: float, *, rtol: float = 1e-10) -> T
     """
     lam, Q = torch.linalg.eigh(0.5 * (B + B.T))
     a = Q.T @ g
-    lam_h, a2 = lam.tolist(), (a * a).tolist()
-    l1 = lam_h[0]
-    scale = max(1.0, max(abs(v) for v in lam_h))
-    tiny = torch.finfo(g.dtype).eps * scale
+    # The secular equation is scalar work on n numbers: done in numpy float64 on the host.
+    lam_h = lam.detach().cpu().double().numpy()
+    a2 = (a * a).detach().cpu().double().numpy()
+    l1 = float(lam_h[0])
+    scale = max(1.0, float(np.abs(lam_h).max()))
+    tiny = float(torch.finfo(g.dtype).eps) * scale
 
     def pnorm(sigma: float) -> float:
-        return math.sqrt(sum(ai / (li + sigma) ** 2 for ai, li in zip(a2, lam_h)))
+        return float(np.sqrt(np.sum(a2 / (lam_h + sigma) ** 2)))
 
-    def finish(sigma: float, p: Tensor, boundary: bool) -> TrustStep:
+    def finish(p: Tensor, boundary: bool) -> TrustStep:
         pred = -float(torch.dot(g, p) + 0.5 * torch.dot(p, B @ p))
         return TrustStep(p, pred, boundary, 0, l1, Q[:, 0])
 
     if l1 > tiny:
         p = -(Q @ (a / lam))
         if float(torch.linalg.vector_norm(p)) <= radius:
-            return finish(0.0, p, False)
+            return finish(p, False)
     # The hard case: the components along lambda_1's eigenspace (almost) vanish.
-    hard_idx = [i for i, li in enumerate(lam_h) if li - l1 <= tiny**0.5 * scale]
-    g_norm2 = sum(a2)
-    along = sum(a2[i] for i in hard_idx)
+    hard = lam_h - l1 <= tiny**0.5 * scale
+    g_norm2 = float(a2.sum())
     lo = max(0.0, -l1)
-    if along <= (tiny**0.5) ** 2 * max(g_norm2, 1e-300):
-        rest = [i for i in range(len(lam_h)) if i not in hard_idx]
-        shifted = lam[rest] + lo
-        p = -(Q[:, rest] @ (a[rest] / shifted)) if rest else torch.zeros_like(g)
+    if float(a2[hard].sum()) <= tiny * max(g_norm2, 1e-300):
+        rest = torch.as_tensor(np.flatnonzero(~hard), device=g.device)
+        p = -(Q[:, rest] @ (a[rest] / (lam[rest] + lo))) if len(rest) else torch.zeros_like(g)
         p_norm = float(torch.linalg.vector_norm(p))
         if p_norm <= radius:
             z = Q[:, 0]
@@ -176,8 +177,8 @@ def exact_step(B: Tensor, g: Tensor, radius: float, *, rtol: float = 1e-10) -> T
             # Either sign solves it; take the one that does not increase g'p.
             if float(torch.dot(g, z)) > 0:
                 tau = -tau
-            return finish(lo, p + tau * z, True)
-    # Bracket the root: p(sigma) <= |g| / (lambda_1 + sigma) <= radius at sigma = hi.
+            return finish(p + tau * z, True)
+    # Bracket the root: |p(sigma)| <= |g| / (lambda_1 + sigma) <= radius at sigma = hi.
     hi = lo + math.sqrt(g_norm2) / radius + tiny
     sigma = lo + max(tiny, 1e-12 * (hi - lo))
     for _ in range(100):
@@ -188,11 +189,11 @@ def exact_step(B: Tensor, g: Tensor, radius: float, *, rtol: float = 1e-10) -> T
             lo = sigma
         else:
             hi = sigma
-        q2 = sum(ai / (li + sigma) ** 3 for ai, li in zip(a2, lam_h))
+        q2 = float(np.sum(a2 / (lam_h + sigma) ** 3))
         newton = sigma + (norm / radius - 1.0) * norm * norm / q2 if q2 > 0 else math.nan
         sigma = newton if lo < newton < hi else 0.5 * (lo + hi)
     p = -(Q @ (a / (lam + sigma)))
-    return finish(sigma, p, True)
+    return finish(p, True)
 
 
 def update_radius(

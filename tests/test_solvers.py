@@ -1,0 +1,297 @@
+"""hesse.solvers: each piece against an independent reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hesse.linalg import cg
+from hesse.solvers import (
+    LBFGSMemory,
+    SteihaugPath,
+    armijo,
+    bfgs_update,
+    cholesky_newton,
+    curvature_pair,
+    damped_newton,
+    default_tolerances,
+    dfp_update,
+    eigen_newton,
+    exact_step,
+    sr1_update,
+    strong_wolfe,
+    update_radius,
+)
+
+f64 = torch.float64
+
+
+def spd(n, seed=0, cond=100.0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))
+    return Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=f64)) @ Q.T
+
+
+def sym(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=f64)
+    return A + A.T
+
+
+def quad_phi(A, b, x, d):
+    """phi(alpha) of f(x) = x'Ax/2 - b'x along d, with its slope."""
+
+    def phi(a):
+        y = x + a * d
+        return float(0.5 * y @ A @ y - b @ y), float((A @ y - b) @ d), y
+
+    return phi
+
+
+# -- line searches ----------------------------------------------------------------------
+@pytest.mark.parametrize("c2", [0.9, 0.1, 0.01])
+def test_strong_wolfe_conditions_hold(c2):
+    A, b = spd(6, 1), torch.ones(6, dtype=f64)
+    x = torch.zeros(6, dtype=f64)
+    d = b.clone()  # -gradient at 0
+    phi = quad_phi(A, b, x, d)
+    f0, df0, _ = phi(0.0)
+    for alpha0 in (1e-3, 1.0, 1e3):
+        r = strong_wolfe(phi, f0, df0, alpha0, c2=c2)
+        assert r.status == "wolfe"
+        f, df, _ = phi(r.alpha)
+        assert f <= f0 + 1e-4 * r.alpha * df0
+        assert abs(df) <= c2 * abs(df0) + 1e-12
+
+
+def test_weak_wolfe_accepts_a_step_past_the_minimiser():
+    phi = lambda a: ((a - 1.0) ** 2, 2 * (a - 1.0), None)  # noqa: E731
+    strong = strong_wolfe(phi, 1.0, -2.0, 1.95, c2=0.9)
+    weak = strong_wolfe(phi, 1.0, -2.0, 1.95, c2=0.9, strong=False)
+    assert weak.alpha == 1.95 and weak.nfev == 1  # slope +1.9 >= 0.9 * (-2)
+    assert strong.nfev > 1 and abs(2 * (strong.alpha - 1)) <= 1.8
+
+
+def test_line_searches_shrink_past_non_finite_values():
+    # f = -log(1 - a) + a: the domain ends at a = 1; the minimiser is a = 0.
+    def phi(a):
+        if a >= 1:
+            return math.nan, math.nan, None
+        return -math.log(1 - a) - 2 * a, 1 / (1 - a) - 2, None
+
+    for search in (strong_wolfe, armijo):
+        r = search(phi, 0.0, -1.0, 50.0)
+        assert r.accepted and 0 < r.alpha < 1 and math.isfinite(r.f) and r.f < 0
+
+
+def test_line_search_refuses_an_ascent_direction():
+    phi = lambda a: (a, 1.0, None)  # noqa: E731
+    for search in (strong_wolfe, armijo):
+        r = search(phi, 0.0, 1.0)
+        assert r.status == "failed" and r.alpha == 0.0 and "descent" in r.message
+
+
+def test_armijo_interpolates_to_the_quadratic_minimiser():
+    phi = lambda a: ((a - 0.3) ** 2, 2 * (a - 0.3), None)  # noqa: E731
+    r = armijo(phi, 0.09, -0.6)
+    assert r.nfev == 2 and r.alpha == pytest.approx(0.3)
+
+
+# -- quasi-Newton -----------------------------------------------------------------------
+@pytest.mark.parametrize("update", [bfgs_update, dfp_update])
+def test_inverse_updates_on_a_quadratic_with_exact_line_search(update):
+    """n steps with exact line searches finish a quadratic, and H is then A^{-1}
+    (N&W Theorem 6.? / the conjugate-direction property of the Broyden class)."""
+    n = 6
+    A, b = spd(n, 2, cond=50.0), torch.arange(1.0, n + 1, dtype=f64)
+    x = torch.zeros(n, dtype=f64)
+    H = torch.eye(n, dtype=f64)
+    g = A @ x - b
+    for _ in range(n):
+        d = -H @ g
+        alpha = -float(g @ d) / float(d @ A @ d)
+        s = alpha * d
+        x = x + s
+        g_new = A @ x - b
+        H = update(H, s, g_new - g)
+        g = g_new
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(H, torch.linalg.inv(A), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("update", [bfgs_update, dfp_update])
+def test_inverse_updates_satisfy_the_secant_equation_and_stay_symmetric(update):
+    g = torch.Generator().manual_seed(3)
+    H = spd(5, 4)
+    s, y = torch.randn(5, generator=g, dtype=f64), torch.randn(5, generator=g, dtype=f64)
+    y = y if float(s @ y) > 0 else -y
+    H1 = update(H, s, y)
+    torch.testing.assert_close(H1 @ y, s)
+    torch.testing.assert_close(H1, H1.T)
+    assert float(torch.linalg.eigvalsh(H1).min()) > 0
+
+
+def test_sr1_secant_skip_and_indefiniteness():
+    B = torch.eye(3, dtype=f64)
+    s = torch.tensor([1.0, 0.0, 0.0], dtype=f64)
+    y = torch.tensor([-2.0, 0.0, 0.0], dtype=f64)  # negative curvature along s
+    B1 = sr1_update(B, s, y)
+    torch.testing.assert_close(B1 @ s, y)
+    assert float(torch.linalg.eigvalsh(B1).min()) == pytest.approx(-2.0)
+    assert sr1_update(B, s, B @ s) is B  # y - Bs = 0: skipped
+
+
+def test_lbfgs_two_loop_equals_bfgs_from_the_same_pairs():
+    """With H0 = gamma I (gamma of the newest pair), the two-loop recursion applies exactly
+    the BFGS matrix built from the stored pairs (N&W Algorithm 7.4)."""
+    g = torch.Generator().manual_seed(5)
+    A = spd(7, 6)
+    mem = LBFGSMemory(size=4)
+    pairs = []
+    for _ in range(6):
+        s = torch.randn(7, generator=g, dtype=f64)
+        pairs.append((s, A @ s))
+        mem.push(s, A @ s)
+    kept = pairs[-4:]
+    s_new, y_new = kept[-1]
+    H = float(s_new @ y_new) / float(y_new @ y_new) * torch.eye(7, dtype=f64)
+    for s, y in kept:
+        H = bfgs_update(H, s, y)
+    v = torch.randn(7, generator=g, dtype=f64)
+    torch.testing.assert_close(mem.apply(v), H @ v)
+    torch.testing.assert_close(mem.direction(v), -(H @ v))
+    assert len(mem) == 4
+
+
+def test_curvature_pair_damping_and_skipping():
+    s = torch.tensor([1.0, 0.0], dtype=f64)
+    y = torch.tensor([-1.0, 0.5], dtype=f64)  # s'y < 0
+    Bs = torch.tensor([2.0, 0.0], dtype=f64)
+    s1, r = curvature_pair(s, y, Bs)
+    assert float(s1 @ r) == pytest.approx(0.2 * float(s @ Bs))  # Powell: s'r = 0.2 s'Bs
+    assert curvature_pair(s, y, Bs, damping=False) is None
+    s2, y2 = curvature_pair(s, -y, Bs)  # enough curvature: unchanged
+    assert torch.equal(s2, s) and torch.equal(y2, -y)
+
+
+# -- Newton corrections -----------------------------------------------------------------
+def test_newton_corrections_on_an_indefinite_matrix():
+    H = sym(6, 7)
+    g = torch.linspace(-1, 1, 6, dtype=f64)
+    evals, Q = torch.linalg.eigh(H)
+    assert evals.min() < 0 < evals.max()
+    flip = eigen_newton(H, g, "eigen-flip")
+    torch.testing.assert_close(flip.direction, -(Q @ ((Q.T @ g) / evals.abs())))
+    clip = eigen_newton(H, g, "eigen-clip")
+    assert flip.min_eigenvalue == pytest.approx(float(evals[0]))
+    assert not flip.positive_definite
+    chol = cholesky_newton(H, g)
+    assert chol.shift > -float(evals[0])
+    torch.testing.assert_close(
+        chol.direction, -torch.linalg.solve(H + chol.shift * torch.eye(6, dtype=f64), g)
+    )
+    for step in (flip, clip, chol):
+        assert float(step.direction @ g) < 0  # descent
+    assert damped_newton(H, g, 0.0) is None  # not positive definite
+    mu = 1.0 - float(evals[0])
+    torch.testing.assert_close(
+        damped_newton(H, g, mu).direction, -torch.linalg.solve(H + mu * torch.eye(6, dtype=f64), g)
+    )
+
+
+def test_newton_on_a_positive_definite_matrix_is_plain_newton():
+    A, g = spd(5, 8), torch.ones(5, dtype=f64)
+    exact = -torch.linalg.solve(A, g)
+    for step in (eigen_newton(A, g), eigen_newton(A, g, "eigen-clip"), cholesky_newton(A, g)):
+        torch.testing.assert_close(step.direction, exact)
+    assert cholesky_newton(A, g).shift == 0.0
+
+
+def test_singular_hessian_gets_a_finite_step():
+    H = torch.diag(torch.tensor([1.0, 0.0], dtype=f64))
+    d = eigen_newton(H, torch.tensor([1.0, 1.0], dtype=f64)).direction
+    assert torch.isfinite(d).all() and float(d[1]) < -1e6
+
+
+# -- trust regions ----------------------------------------------------------------------
+def _brute_force_tr(B, g, radius, n_angles=200001):
+    """2-D: the subproblem's minimum on a fine grid of the disc's boundary and interior."""
+    Bn, gn = B.numpy(), g.numpy()
+    t = np.linspace(0, 2 * np.pi, n_angles)
+    P = radius * np.stack([np.cos(t), np.sin(t)])
+    vals = gn @ P + 0.5 * np.einsum("in,ij,jn->n", P, Bn, P)
+    best = vals.min()
+    w, _ = np.linalg.eigh(Bn)
+    if w.min() > 0:
+        p = -np.linalg.solve(Bn, gn)
+        if np.linalg.norm(p) <= radius:
+            best = min(best, gn @ p + 0.5 * p @ Bn @ p)
+    return best
+
+
+@pytest.mark.parametrize(
+    "B,g",
+    [
+        ([[2.0, 0.0], [0.0, 1.0]], [1.0, 1.0]),  # interior solution for a large radius
+        ([[1.0, 0.0], [0.0, -2.0]], [1.0, 0.5]),  # indefinite
+        ([[1.0, 0.0], [0.0, -2.0]], [1.0, 0.0]),  # the hard case
+        ([[-1.0, 0.3], [0.3, -0.5]], [0.2, -0.1]),  # negative definite
+        ([[0.0, 0.0], [0.0, 0.0]], [1.0, 2.0]),  # zero curvature
+    ],
+)
+@pytest.mark.parametrize("radius", [0.1, 1.0, 10.0])
+def test_exact_trust_region_step_is_the_global_minimiser(B, g, radius):
+    B, g = torch.tensor(B, dtype=f64), torch.tensor(g, dtype=f64)
+    step = exact_step(B, g, radius)
+    p = step.step
+    value = float(g @ p + 0.5 * p @ B @ p)
+    assert float(p.norm()) <= radius * (1 + 1e-9)
+    assert value <= _brute_force_tr(B, g, radius) + 1e-8 * max(1.0, radius**2)
+    assert step.predicted == pytest.approx(-value, rel=1e-9, abs=1e-12)
+
+
+def test_steihaug_path_matches_cg_and_reuses_products():
+    A, b = spd(20, 9, cond=1e3), torch.ones(20, dtype=f64)
+    full = cg(A, b, rtol=1e-10, max_iter=100)
+    path = SteihaugPath(A, -b, rtol=1e-10, max_iter=100)
+    big = path.step(1e6)
+    torch.testing.assert_close(big.step, full.x)
+    assert not big.on_boundary
+    assert big.predicted == pytest.approx(-full.model)
+    used = path.products
+    for radius in (1.0, 0.1, 1e-3):  # a rejected step: the same path, cut earlier
+        s = path.step(radius)
+        assert s.on_boundary and float(s.step.norm()) == pytest.approx(radius)
+        model = float(-b @ s.step + 0.5 * s.step @ A @ s.step)
+        assert s.predicted == pytest.approx(-model, rel=1e-9)
+    assert path.products == used
+
+
+def test_steihaug_follows_negative_curvature_to_the_boundary():
+    B = torch.diag(torch.tensor([-1.0, 2.0], dtype=f64))
+    s = SteihaugPath(B, torch.tensor([1.0, 1.0], dtype=f64), rtol=1e-8, max_iter=10).step(3.0)
+    assert s.on_boundary and float(s.step.norm()) == pytest.approx(3.0)
+    assert s.min_eigenvalue is not None and s.min_eigenvalue < 0
+
+
+def test_radius_update():
+    assert update_radius(1.0, 0.1, 1.0, True, 10.0) == 0.5
+    assert update_radius(1.0, math.nan, 0.4, False, 10.0) == 0.2
+    assert update_radius(1.0, 0.9, 1.0, True, 10.0) == 2.0
+    assert update_radius(8.0, 0.9, 8.0, True, 10.0) == 10.0
+    assert update_radius(1.0, 0.9, 0.5, False, 10.0) == 1.0
+    assert update_radius(1.0, 0.5, 1.0, True, 10.0) == 1.0
+
+
+def test_cg_reports_the_model_value():
+    A, b = spd(8, 10), torch.ones(8, dtype=f64)
+    for kw in ({}, {"max_iter": 3}, {"radius": 0.05}, {"x0": torch.full((8,), 0.3, dtype=f64)}):
+        r = cg(A, b, **kw)
+        assert r.model == pytest.approx(float(0.5 * r.x @ A @ r.x - b @ r.x), rel=1e-10)
+
+
+def test_default_tolerances_follow_the_dtype():
+    t64, t32 = default_tolerances(torch.float64), default_tolerances(torch.float32)
+    assert t64.gtol < 1e-5 < t32.gtol < 1e-2
+    assert t64.ftol < t32.ftol
