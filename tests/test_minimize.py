@@ -1,5 +1,6 @@
 """hesse.minimize against known minimisers, scipy and scikit-learn."""
 
+import itertools
 import math
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_callback_history_and_budget():
     r = minimize(p.fun, p.x0(), "bfgs", callback=cb, options={"history": True})
     assert r.status == "callback" and not r.success and r.nit == 5 and len(seen) == 5
     assert [h["fun"] for h in r.history[1:]] == seen
-    assert all(a >= b for a, b in zip(seen, seen[1:]))  # a descent method
+    assert all(a >= b for a, b in itertools.pairwise(seen))  # a descent method
 
     def stop(res):
         raise StopIteration
