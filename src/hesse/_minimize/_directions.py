@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from hesse._minimize._objective import Objective, Point
-from hesse.linalg import cg
 from hesse.solvers import (
     LBFGSMemory,
     bfgs_update,
@@ -17,6 +16,7 @@ from hesse.solvers import (
     eigen_newton,
     forcing_rtol,
     initial_scale,
+    truncated_newton,
 )
 
 
@@ -112,10 +112,8 @@ class NewtonCG(Direction):
         return min(1.0, 1.01 * 2.0 * self.last_decrease / -float(torch.dot(pt.g, d)))
 
     def compute(self, pt):
-        r = cg(self.obj.operator(pt), -pt.g, rtol=forcing_rtol(pt.g_norm(2)), max_iter=self.max_cg)
-        if not bool(r.x.abs().max() > 0) or float(torch.dot(r.x, pt.g)) >= 0:
-            return -pt.g
-        return r.x
+        op = self.obj.operator(pt)
+        return truncated_newton(op, pt.g, rtol=forcing_rtol(pt.g_norm(2)), max_iter=self.max_cg)[0]
 
 
 class InverseUpdate(Direction):

@@ -95,6 +95,7 @@ def cg(
     atol: float = 0.0,
     max_iter: int | None = None,
     radius: float | None = None,
+    callback: Callable[[int, Tensor, float], None] | None = None,
 ) -> SolveResult:
     r"""Preconditioned conjugate gradients for :math:`A x = b`, :math:`A` symmetric.
 
@@ -115,6 +116,9 @@ def cg(
         rtol, atol: residual tolerances.
         max_iter: by default ``P``... capped at 10 P for safety with a preconditioner.
         radius: the trust-region radius :math:`\Delta`.
+        callback: called as ``callback(i, x_i, q_i)`` after each iteration with the iterate
+            and its model value :math:`\tfrac12 x^\top A x - b^\top x` (Hessian-free
+            optimisation keeps some iterates to backtrack over).
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -179,6 +183,8 @@ def cg(
             return done(x, it + 1, Status.BOUNDARY, t, pAp)
         q -= 0.5 * float(alpha * rz)
         x = x_next
+        if callback is not None:
+            callback(it + 1, x, q)
         r = r - alpha * Ap
         z = precond(r)
         rz_next = torch.dot(r, z)

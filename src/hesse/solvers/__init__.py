@@ -17,6 +17,7 @@ from hesse.solvers._newton import (
     eigen_newton,
     lm_damping,
     shifted_cholesky,
+    truncated_newton,
 )
 from hesse.solvers._quasi_newton import (
     LBFGSMemory,
@@ -51,6 +52,7 @@ __all__ = [
     "eigen_newton",
     "lm_damping",
     "shifted_cholesky",
+    "truncated_newton",
     # quasi-Newton
     "LBFGSMemory",
     "bfgs_update",

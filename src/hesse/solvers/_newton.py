@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hesse.linalg import SolveResult, cg
+
 CORRECTIONS = ("eigen-flip", "eigen-clip", "cholesky", "lm")
 
 
@@ -129,3 +131,33 @@ def lm_damping(mu: float, nu: float, rho: float) -> tuple[float, float]:
     if rho > 0:
         return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0
     return mu * nu, 2.0 * nu
+
+
+def truncated_newton(
+    A: object,
+    g: Tensor,
+    *,
+    rtol: float,
+    max_iter: int,
+    M: object = None,
+    x0: Tensor | None = None,
+    callback=None,
+) -> tuple[Tensor, SolveResult]:
+    r"""The truncated-Newton (Hessian-free) direction: CG on :math:`A p = -g` to the relative
+    residual ``rtol``; at negative curvature the iterate so far, or :math:`-g` if there is
+    none yet; always a descent direction (N&W Algorithm 7.1).
+
+    Returns ``(direction, cg_result)``.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+        >>> g = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        >>> d, r = truncated_newton(A, g, rtol=1e-8, max_iter=5)
+        >>> d, r.status.value  # negative curvature at once: steepest descent
+        (tensor([-0., -1.], dtype=torch.float64), 'negative_curvature')
+    """
+    r = cg(A, -g, x0, M=M, rtol=rtol, max_iter=max_iter, callback=callback)
+    d = r.x
+    if not bool(d.abs().max() > 0) or not float(torch.dot(d, g)) < 0:
+        d = -g
+    return d, r
