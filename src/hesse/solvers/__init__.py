@@ -7,6 +7,7 @@ tolerances, as pure functions and small state objects over flat tensors.
 :func:`hesse.minimize` and :mod:`hesse.optim` drive these; neither has its own copy.
 """
 
+from hesse.solvers._diagonal import hutchinson_diagonal_probe, rademacher_like
 from hesse.solvers._linesearch import LineSearchResult, armijo, cubic_minimizer, strong_wolfe
 from hesse.solvers._newton import (
     CORRECTIONS,
@@ -38,6 +39,9 @@ from hesse.solvers._trust import (
 )
 
 __all__ = [
+    # diagonal estimates
+    "hutchinson_diagonal_probe",
+    "rademacher_like",
     # line searches
     "LineSearchResult",
     "armijo",

@@ -1,0 +1,186 @@
+"""What hesse's optimizers share: flat views of the parameters of all groups, evaluating a
+closure (with the gradient's graph when curvature is needed), curvature from that graph,
+and validation of hyper-parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from hesse._core import all_finite
+from hesse.operators import CurvatureOperator
+
+Closure = Callable[[], Tensor]
+
+_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def create_graph() -> Iterator[None]:
+    """Inside this context, ``loss.backward()`` behaves as ``backward(create_graph=True)``,
+    so that a plain closure leaves gradients through which Hessian-vector products can be
+    taken. Only optimizers that need second derivatives use it, around their own call of
+    the closure; the user's loop is unchanged. (``Tensor.backward`` calls
+    ``torch.autograd.backward``, which is swapped for the duration, then restored.)"""
+    original = torch.autograd.backward
+
+    def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, **kw):
+        return original(tensors, grad_tensors, retain_graph, True, **kw)
+
+    with _lock, warnings.catch_warnings():
+        # The reference cycle torch warns about is broken by evaluate(), which detaches
+        # the .grad attributes right after the closure.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        torch.autograd.backward = backward
+        try:
+            yield
+        finally:
+            torch.autograd.backward = original
+
+
+def check_float(
+    value: object, name: str, lo: float = 0.0, hi: float = math.inf, *, open_lo=False, open_hi=False
+) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
+    if not ok:
+        left = "(" if open_lo else "["
+        right = ")" if open_hi else "]"
+        raise ValueError(f"{name} must be a number in {left}{lo}, {hi}{right}, got {value!r}")
+    return float(value)
+
+
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class FlatParams:
+    """The parameters of all groups of an optimizer as one flat vector."""
+
+    def __init__(self, optimizer: Optimizer):
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.group_of = [
+            i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]
+        ]
+        self.numels = [p.numel() for p in self.params]
+        self.size = sum(self.numels)
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+
+    def get(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    @torch.no_grad()
+    def set(self, x: Tensor) -> None:
+        for p, v in zip(self.params, torch.split(x, self.numels)):
+            p.copy_(v.view_as(p))
+
+    def grad(self) -> Tensor:
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if p.grad is None else p.grad.detach()).reshape(-1)
+                for p in self.params
+            ]
+        )
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        return [v.view_as(p) for p, v in zip(self.params, torch.split(x, self.numels))]
+
+    def per_group(self, values: list[float]) -> Tensor:
+        """A flat vector holding each parameter's group value (e.g. its group's lr)."""
+        return torch.cat(
+            [
+                torch.full((n,), values[g], dtype=self.dtype, device=self.device)
+                for n, g in zip(self.numels, self.group_of)
+            ]
+        )
+
+
+class Evaluation:
+    """A closure's loss and the gradient it left, at the current parameters."""
+
+    def __init__(self, loss: float, g: Tensor | None, graph: list[Tensor] | None, params):
+        self.loss, self.g = loss, g
+        self._graph, self._params = graph, params
+
+    @property
+    def finite(self) -> bool:
+        return self.g is not None and math.isfinite(self.loss)
+
+    def hvp(self, V: Tensor, flat: FlatParams) -> Tensor:
+        """Hessian times ``V`` (flat, ``(P,)`` or ``(P, k)``) through the kept graph."""
+        cols = [V] if V.dim() == 1 else list(V.T)
+        out = []
+        live = [(g, p) for g, p in zip(self._graph, self._params) if g.requires_grad]
+        for v in cols:
+            vs = flat.split(v)
+            chosen = [
+                vs[i] for i, (g, p) in enumerate(zip(self._graph, self._params)) if g.requires_grad
+            ]
+            if not live:
+                out.append(torch.zeros_like(v))
+                continue
+            got = torch.autograd.grad(
+                [g for g, _ in live], flat.params, chosen, retain_graph=True, allow_unused=True
+            )
+            out.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if h is None else h).reshape(-1)
+                        for h, p in zip(got, flat.params)
+                    ]
+                )
+            )
+        return out[0] if V.dim() == 1 else torch.stack(out, dim=1)
+
+    def release(self) -> None:
+        self._graph = None
+
+
+def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluation:
+    """Run the closure (which zeroes the gradients, computes the loss and calls
+    ``backward()``) and read the loss and the flat gradient. With ``graph`` the gradients
+    keep their graph (see :func:`create_graph`) for Hessian-vector products; the ``.grad``
+    attributes are then detached again, so no graph outlives the step through them."""
+    if closure is None:
+        raise RuntimeError("this optimizer re-evaluates the loss: pass step(closure)")
+    with torch.enable_grad(), create_graph() if graph else contextlib.nullcontext():
+        loss = closure()
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "the closure must return the loss as a scalar tensor (after calling backward()), "
+            f"got {type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+        )
+    value = float(loss.detach())
+    kept = None
+    if graph:
+        kept = [torch.zeros_like(p) if p.grad is None else p.grad for p in flat.params]
+        for p in flat.params:
+            if p.grad is not None:
+                p.grad = p.grad.detach()
+    g = flat.grad()
+    if not math.isfinite(value) or not all_finite(g):
+        return Evaluation(value, None, None, flat.params)
+    return Evaluation(value, g, kept, flat.params)
+
+
+class GraphHessian(CurvatureOperator):
+    """The Hessian of the closure's loss at the current parameters, from the graph an
+    :class:`Evaluation` kept: one backward pass per product."""
+
+    def __init__(self, ev: Evaluation, flat: FlatParams):
+        super().__init__(flat.size, flat.dtype, flat.device)
+        self.ev, self.flat = ev, flat
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.ev.hvp(V[:, 0] if V.shape[1] == 1 else V, self.flat).reshape(V.shape)

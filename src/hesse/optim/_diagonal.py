@@ -1,0 +1,271 @@
+"""Optimizers with a stochastic diagonal Hessian preconditioner: AdaHessian and Sophia.
+Both draw the diagonal from :func:`hesse.solvers.hutchinson_diagonal_probe`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from hesse.optim._base import Closure, FlatParams, check_float, check_int, evaluate
+from hesse.solvers import hutchinson_diagonal_probe
+
+
+class _DiagonalCurvature(Optimizer):
+    """The shared part: the closure run with the gradient's graph every ``update_each``
+    steps, the probe drawn from a generator whose state lives in ``self.state`` (so a
+    restored optimizer draws the same probes)."""
+
+    def __init__(self, params, defaults, seed: int):
+        super().__init__(params, defaults)
+        self.seed = int(seed)
+        self._flat: FlatParams | None = None
+
+    @property
+    def flat(self) -> FlatParams:
+        if self._flat is None:
+            self._flat = FlatParams(self)
+        return self._flat
+
+    def _global(self) -> dict:
+        state = self.state[self.flat.params[0]]
+        if "step" not in state:
+            state["step"] = 0
+        return state
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The probes of step t come from a generator seeded with (seed, t): a restored
+        optimizer (whose state holds t) draws the same probes as one never interrupted."""
+        step = int(self._global()["step"])
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+
+    def _probe(self, ev, samples: int) -> list[Tensor]:
+        flat = self.flat
+
+        def hvp(z: list[Tensor]) -> list[Tensor]:
+            return flat.split(ev.hvp(torch.cat([t.reshape(-1) for t in z]), flat))
+
+        return hutchinson_diagonal_probe(hvp, flat.params, self._generator(flat.device), samples)
+
+    def _evaluate(self, closure, curvature_now: bool):
+        ev = evaluate(closure, self.flat, graph=curvature_now)
+        if not ev.finite:
+            raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
+        return ev
+
+
+def _spatial_average(d: Tensor, p: Tensor) -> Tensor:
+    """AdaHessian's spatial averaging: a convolution kernel's diagonal is averaged over its
+    spatial positions (dims 2 and beyond), one value per (out, in) channel pair."""
+    if p.dim() <= 2:
+        return d
+    return d.abs().mean(dim=tuple(range(2, p.dim())), keepdim=True).expand_as(d)
+
+
+class AdaHessian(_DiagonalCurvature):
+    r"""AdaHessian (Yao et al. 2021): Adam with the squared gradient replaced by the
+    squared Hutchinson estimate of the Hessian diagonal,
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) D_t^2, \quad
+        \theta_t = \theta_{t-1} - \eta\, \frac{\hat m_t}{(\sqrt{\hat v_t})^k + \epsilon},
+
+    :math:`D_t = z \odot H z` spatially averaged for convolution kernels, :math:`k` the
+    Hessian power; decoupled weight decay. The closure is plain; the optimizer runs it with
+    ``backward(create_graph=True)`` itself on the steps that refresh :math:`D`.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> opt = AdaHessian(model.parameters(), lr=0.1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = opt.step(closure)
+        >>> for _ in range(30):
+        ...     last = opt.step(closure)
+        >>> bool(last < first)
+        True
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        update_each: int = 1,
+        n_samples: int = 1,
+        seed: int = 0,
+    ):
+        defaults = {
+            "lr": check_float(lr, "lr", open_lo=True),
+            "betas": (
+                check_float(betas[0], "betas[0]", hi=1.0, open_hi=True),
+                check_float(betas[1], "betas[1]", hi=1.0, open_hi=True),
+            ),
+            "eps": check_float(eps, "eps"),
+            "weight_decay": check_float(weight_decay, "weight_decay"),
+            "hessian_power": check_float(hessian_power, "hessian_power", hi=1.0),
+        }
+        self.update_each = check_int(update_each, "update_each")
+        self.n_samples = check_int(n_samples, "n_samples")
+        super().__init__(params, defaults, seed)
+
+    @torch.no_grad()
+    def step(self, closure: Closure) -> Tensor:
+        state = self._global()
+        refresh = state["step"] % self.update_each == 0
+        ev = self._evaluate(closure, refresh)
+        if refresh:
+            diag = self._probe(ev, self.n_samples)
+            for p, d in zip(self.flat.params, diag):
+                self.state[p]["hess_diag"] = _spatial_average(d, p)
+        ev.release()
+        state["step"] += 1
+        t = state["step"]
+        grads = self.flat.split(ev.g)
+        i = 0
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                g, s = grads[i], self.state[p]
+                i += 1
+                if "exp_avg" not in s:
+                    s["exp_avg"] = torch.zeros_like(p)
+                    s["exp_hessian_diag_sq"] = torch.zeros_like(p)
+                s["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                if refresh:
+                    s["exp_hessian_diag_sq"].mul_(b2).addcmul_(
+                        s["hess_diag"], s["hess_diag"], value=1 - b2
+                    )
+                bc1, bc2 = 1 - b1**t, 1 - b2**t
+                denom = (
+                    (s["exp_hessian_diag_sq"] / bc2)
+                    .sqrt()
+                    .pow_(group["hessian_power"])
+                    .add_(group["eps"])
+                )
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(s["exp_avg"], denom, value=-group["lr"] / bc1)
+        return torch.tensor(ev.loss)
+
+
+ESTIMATORS = ("hutchinson", "gnb")
+
+
+class Sophia(_DiagonalCurvature):
+    r"""Sophia (Liu et al. 2023): momentum divided by a clipped, exponentially averaged
+    diagonal Hessian estimate refreshed every ``update_each`` steps,
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+        h_t = \beta_2 h_{t-k} + (1-\beta_2) \hat h_t, \quad
+        \theta_t = \theta_{t-1} - \eta\, \mathrm{clip}\!\left(\frac{m_t}{\max(\gamma h_t,
+        \epsilon)}, 1\right),
+
+    with decoupled weight decay. Estimators :math:`\hat h`: ``"hutchinson"``
+    (:math:`z \odot Hz`, from the closure run with the gradient's graph) or ``"gnb"``
+    (Gauss-Newton-Bartlett, :math:`B\, \hat g \odot \hat g` with :math:`\hat g` the
+    gradient of the cross-entropy of the model's outputs against labels *sampled* from
+    them): pass ``step(closure, outputs_fn=...)`` with ``outputs_fn()`` returning the
+    logits of the batch, shape ``(B, classes)``, on the steps that refresh.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> opt = Sophia(model.parameters(), lr=0.05)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> first = opt.step(closure)
+        >>> for _ in range(40):
+        ...     last = opt.step(closure)
+        >>> bool(last < first)
+        True
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.0,
+        eps: float = 1e-15,
+        update_each: int = 10,
+        estimator: str = "hutchinson",
+        seed: int = 0,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        defaults = {
+            "lr": check_float(lr, "lr", open_lo=True),
+            "betas": (
+                check_float(betas[0], "betas[0]", hi=1.0, open_hi=True),
+                check_float(betas[1], "betas[1]", hi=1.0, open_hi=True),
+            ),
+            "rho": check_float(rho, "rho", open_lo=True),
+            "weight_decay": check_float(weight_decay, "weight_decay"),
+            "eps": check_float(eps, "eps", open_lo=True),
+        }
+        self.update_each = check_int(update_each, "update_each")
+        self.estimator = estimator
+        super().__init__(params, defaults, seed)
+
+    def _gnb(self, outputs_fn: Callable[[], Tensor]) -> list[Tensor]:
+        cpu = self._generator(torch.device("cpu"))
+        with torch.enable_grad():
+            logits = outputs_fn()
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                raise ValueError("outputs_fn must return the batch's logits, shape (B, classes)")
+            probs = torch.softmax(logits.detach().float().cpu(), dim=-1)
+            labels = torch.multinomial(probs, 1, generator=cpu).squeeze(1).to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            grads = torch.autograd.grad(loss, self.flat.params, allow_unused=True)
+        b = logits.shape[0]
+        return [
+            torch.zeros_like(p) if g is None else b * g * g for g, p in zip(grads, self.flat.params)
+        ]
+
+    @torch.no_grad()
+    def step(self, closure: Closure, outputs_fn: Callable[[], Tensor] | None = None) -> Tensor:
+        state = self._global()
+        refresh = state["step"] % self.update_each == 0
+        if self.estimator == "gnb" and refresh and outputs_fn is None:
+            raise ValueError("estimator='gnb' needs step(closure, outputs_fn=...) on refresh steps")
+        ev = self._evaluate(closure, refresh and self.estimator == "hutchinson")
+        if refresh:
+            diag = self._probe(ev, 1) if self.estimator == "hutchinson" else self._gnb(outputs_fn)
+        ev.release()
+        grads = self.flat.split(ev.g)
+        i = 0
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                g, s = grads[i], self.state[p]
+                if "exp_avg" not in s:
+                    s["exp_avg"] = torch.zeros_like(p)
+                    s["hessian"] = torch.zeros_like(p)
+                s["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                if refresh:
+                    s["hessian"].mul_(b2).add_(diag[i], alpha=1 - b2)
+                i += 1
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                ratio = (
+                    s["exp_avg"].abs() / (group["rho"] * s["hessian"]).clamp_min(group["eps"])
+                ).clamp_(max=1.0)
+                p.add_(s["exp_avg"].sign() * ratio, alpha=-group["lr"])
+        state["step"] += 1
+        return torch.tensor(ev.loss)

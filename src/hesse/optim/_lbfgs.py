@@ -1,0 +1,228 @@
+"""L-BFGS for models, on the shared two-loop recursion and strong-Wolfe line search."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from hesse.optim._base import Closure, FlatParams, check_float, check_int, evaluate
+from hesse.solvers import LBFGSMemory, armijo, curvature_pair, strong_wolfe
+
+LINE_SEARCHES = ("strong-wolfe", "armijo", None)
+
+
+class LBFGS(Optimizer):
+    r"""Limited-memory BFGS (Nocedal 1980; Liu & Nocedal 1989) as a ``torch.optim``
+    optimizer: the method of :class:`torch.optim.LBFGS`, on :mod:`hesse.solvers`' two-loop
+    recursion (:class:`~hesse.solvers.LBFGSMemory`) and strong-Wolfe line search
+    (:func:`~hesse.solvers.strong_wolfe`), the same code as
+    ``hesse.minimize(method="l-bfgs")``.
+
+    What it does that :class:`torch.optim.LBFGS` does not:
+
+    * a non-finite loss or gradient does not poison it: a trial point where the loss is
+      not finite shortens the step; a step that starts from a non-finite loss restores
+      the best parameters seen, clears the memory and returns;
+    * several parameter groups (one flat vector; a group's ``lr`` scales its block of
+      the direction);
+    * ``batch_mode=True`` for mini-batches (multi-batch L-BFGS, Berahas, Nocedal & Takáč
+      2016): one iteration per step with step ``lr`` and no line search, the curvature pair
+      measured on the *same* batch at both ends of the step (the closure is called twice),
+      so that sampling noise does not enter :math:`y`; pairs with too little curvature are
+      skipped.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: scales the direction (1 for full-batch L-BFGS, where the line search sets the
+            step; in ``batch_mode``, the step length).
+        max_iter: iterations per ``step()`` in full-batch mode (as torch's ``max_iter``).
+        history_size: curvature pairs kept.
+        tolerance_grad: a step stops when :math:`\|g\|_\infty` falls below it.
+        tolerance_change: ... or when the loss or the step changes by less.
+        line_search: ``"strong-wolfe"`` (default), ``"armijo"``, or ``None`` (fixed step).
+        batch_mode: multi-batch L-BFGS for stochastic gradients.
+
+    Example:
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> opt = LBFGS([w])
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (1 - w[0]) ** 2 + 100 * (w[1] - w[0] ** 2) ** 2
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     _ = opt.step(closure)
+        >>> w.detach().round(decimals=4)
+        tensor([1., 1.])
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        max_iter: int = 20,
+        history_size: int = 10,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        line_search: str | None = "strong-wolfe",
+        batch_mode: bool = False,
+    ):
+        if line_search not in LINE_SEARCHES:
+            raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {line_search!r}")
+        defaults = {
+            "lr": check_float(lr, "lr", open_lo=True),
+            "max_iter": check_int(max_iter, "max_iter"),
+            "history_size": check_int(history_size, "history_size"),
+            "tolerance_grad": check_float(tolerance_grad, "tolerance_grad"),
+            "tolerance_change": check_float(tolerance_change, "tolerance_change"),
+            "line_search": line_search,
+            "batch_mode": bool(batch_mode),
+        }
+        super().__init__(params, defaults)
+        self._flat: FlatParams | None = None
+
+    @property
+    def flat(self) -> FlatParams:
+        if self._flat is None:
+            self._flat = FlatParams(self)
+        return self._flat
+
+    def _state(self) -> dict:
+        state = self.state[self.flat.params[0]]
+        if "s" not in state:
+            state.update(
+                s=[], y=[], n_iter=0, func_evals=0, best_loss=math.inf, best_x=None, resets=0
+            )
+        return state
+
+    def _memory(self, state) -> LBFGSMemory:
+        mem = LBFGSMemory(size=self.param_groups[0]["history_size"])
+        for s, y in zip(state["s"], state["y"]):
+            mem.push(s, y)
+        return mem
+
+    @staticmethod
+    def _store(state, mem: LBFGSMemory) -> None:
+        state["s"], state["y"] = list(mem.s), list(mem.y)
+
+    def _remember(self, state, loss: float, x: Tensor) -> None:
+        if loss < state["best_loss"]:
+            state["best_loss"], state["best_x"] = loss, x.clone()
+
+    def _reset(self, state, mem: LBFGSMemory) -> None:
+        mem.clear()
+        state["resets"] += 1
+        state.pop("last_alpha", None)
+
+    @torch.no_grad()
+    def step(self, closure: Closure) -> Tensor:
+        """Up to ``max_iter`` L-BFGS iterations (one in ``batch_mode``).
+
+        Args:
+            closure: zeroes the gradients, computes the loss, calls ``backward()``, returns
+                the loss.
+
+        Returns:
+            The loss at the start of the step.
+        """
+        flat = self.flat
+        group = self.param_groups[0]
+        state = self._state()
+        mem = self._memory(state)
+        scale = flat.per_group([g["lr"] for g in self.param_groups])
+        x = flat.get()
+        ev = evaluate(closure, flat)
+        state["func_evals"] += 1
+        first_loss = torch.tensor(ev.loss)
+        if not ev.finite:
+            # Back off: the best point seen, an empty memory; the next step starts afresh.
+            if state["best_x"] is not None:
+                flat.set(state["best_x"])
+            self._reset(state, mem)
+            self._store(state, mem)
+            return first_loss
+        self._remember(state, ev.loss, x)
+        if group["batch_mode"]:
+            self._batch_step(closure, state, mem, x, ev, scale)
+            self._store(state, mem)
+            return first_loss
+        for _ in range(group["max_iter"]):
+            if float(ev.g.abs().max()) <= group["tolerance_grad"]:
+                break
+            d = mem.direction(ev.g) * scale
+            slope = float(ev.g @ d)
+            if not slope < 0:
+                self._reset(state, mem)
+                d, slope = -ev.g * scale, -float(ev.g @ (ev.g * scale))
+            alpha0 = 1.0 if len(mem) else min(1.0, 1.0 / float(ev.g.abs().sum()))
+
+            def phi(a: float, x=x, d=d):
+                flat.set(x + a * d)
+                e = evaluate(closure, flat)
+                state["func_evals"] += 1
+                return e.loss, float(e.g @ d) if e.finite else math.nan, e
+
+            if group["line_search"] == "strong-wolfe":
+                ls = strong_wolfe(phi, ev.loss, slope, alpha0)
+            elif group["line_search"] == "armijo":
+                ls = armijo(phi, ev.loss, slope, alpha0)
+            else:
+                f, _, e = phi(alpha0)
+                ls = None if not e.finite else (alpha0, f, e)
+            if group["line_search"] is None:
+                if ls is None:
+                    flat.set(x)
+                    self._reset(state, mem)
+                    break
+                alpha, new = ls[0], ls[2]
+            elif not ls.accepted:
+                flat.set(x)
+                if not len(mem):
+                    break  # steepest descent failed too: nothing more this step
+                self._reset(state, mem)
+                continue
+            else:
+                alpha, new = ls.alpha, ls.payload
+            s = alpha * d
+            x_new = x + s
+            flat.set(x_new)
+            pair = curvature_pair(s, new.g - ev.g, -alpha * ev.g * scale)
+            if pair is not None:
+                mem.push(*pair)
+            state["n_iter"] += 1
+            change = abs(new.loss - ev.loss)
+            x, ev = x_new, new
+            self._remember(state, ev.loss, x)
+            if (
+                change < group["tolerance_change"]
+                or float(s.abs().max()) <= group["tolerance_change"]
+            ):
+                break
+        self._store(state, mem)
+        return first_loss
+
+    def _batch_step(self, closure, state, mem, x, ev, scale) -> None:
+        """Multi-batch L-BFGS: a fixed step, and the pair from the same batch at both ends."""
+        d = mem.direction(ev.g) * scale
+        if not float(ev.g @ d) < 0:
+            self._reset(state, mem)
+            d = -ev.g * scale
+        if not len(mem):
+            d = d * min(1.0, 1.0 / float(ev.g.abs().sum()))
+        s = d  # the group's lr is in d already: the step length of multi-batch L-BFGS
+        x_new = x + s
+        flat = self.flat
+        flat.set(x_new)
+        new = evaluate(closure, flat)  # the same batch, at the new point
+        state["func_evals"] += 1
+        if not new.finite:
+            flat.set(x)
+            self._reset(state, mem)
+            return
+        pair = curvature_pair(s, new.g - ev.g, damping=False)
+        if pair is not None:
+            mem.push(*pair)
+        state["n_iter"] += 1
