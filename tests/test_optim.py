@@ -260,7 +260,7 @@ def test_lbfgs_batch_mode_is_stable_on_minibatches():
     y = X @ w_true + 0.1 * torch.randn(512, generator=g, dtype=f64)
     w = torch.zeros(10, dtype=f64, requires_grad=True)
     opt = LBFGS([w], batch_mode=True, lr=0.5)
-    for epoch in range(8):
+    for _ in range(8):
         for idx in torch.randperm(512, generator=g).split(64):
 
             def closure(idx=idx):
@@ -285,7 +285,7 @@ def test_adahessian_and_sophia_share_the_hutchinson_estimate():
         w = torch.ones(3, dtype=f64, requires_grad=True)
         opt = make([w])
 
-        def closure():
+        def closure(opt=opt, w=w):
             opt.zero_grad()
             loss = 0.5 * (a * w**2).sum()
             loss.backward()
