@@ -134,14 +134,14 @@ def trust_region_loop(run: Run, method: str, x0, options: dict):
         p = sub.step if sub is not None else p
         pred = sub.predicted if sub is not None else pred
         step_norm = float(torch.linalg.vector_norm(p))
-        if not pred > 0 or step_norm == 0.0:
-            raise Stop(
-                "no_progress",
-                "the model predicts no decrease: the step is zero or rounding dominates",
-            )
-        trial = run.evaluate(pt.x + p, graph or method == "sr1")
-        rho = (pt.f - trial.f) / pred if trial.finite else -math.inf
-        if method == "sr1" and trial.finite:
+        if step_norm == 0.0:
+            raise Stop("no_progress", "the model's step is zero: no decrease is possible")
+        if pred > 0:
+            trial = run.evaluate(pt.x + p, graph or method == "sr1")
+            rho = (pt.f - trial.f) / pred if trial.finite else -math.inf
+        else:  # rounding swamped the model's decrease (badly scaled): try a smaller region
+            trial, rho = None, -math.inf
+        if method == "sr1" and trial is not None and trial.finite:
             s, y = p, trial.g - pt.g
             if run.nit == 0 and float(torch.dot(s, y)) > 0:  # scale B0 (N&W eq. 6.20)
                 B = B * (float(torch.dot(y, y)) / float(torch.dot(s, y)))

@@ -48,8 +48,10 @@ class _TruncatedNewton(Optimizer):
         warm_start: float,
         preconditioner: str | None,
         seed: int,
+        l2: float = 0.0,
     ):
         lr = check_float(lr, "lr", open_lo=True)
+        self.l2 = check_float(l2, "l2")
         damping = check_float(damping, "damping")
         if (model is None) != (loss_fn is None):
             raise ValueError("give both model and loss_fn (for curvature on a batch), or neither")
@@ -116,7 +118,10 @@ class _TruncatedNewton(Optimizer):
             return GraphHessian(ev, flat)
         data = self._subsample(batch)
         cls = GGNOperator if self.curvature == "ggn" else HessianOperator
-        return cls(self.model, self.loss_fn, data, params=flat.params).linearize()
+        op = cls(self.model, self.loss_fn, data, params=flat.params).linearize()
+        if self.l2 > 0:  # the penalty in the closure's loss, which loss_fn does not see
+            op = op + IdentityOperator(flat.size, flat.dtype, flat.device) * self.l2
+        return op
 
     def _subsample(self, batch):
         if self.subsample is None:
@@ -301,6 +306,9 @@ class HessianFree(_TruncatedNewton):
         warm_start: decay of the previous solution used as CG's start.
         preconditioner: ``"hutchinson"`` (a running Hutchinson estimate of
             :math:`|\mathrm{diag}\,C|`, plus :math:`\lambda`, to the power 3/4) or ``None``.
+        l2: with ``model``/``loss_fn``: the coefficient of an L2 penalty
+            :math:`\tfrac{l_2}{2}\|\theta\|^2` that the closure adds to the loss; its
+            curvature :math:`l_2 I` is added to the batch curvature, which does not see it.
         seed: for subsamples and probes.
 
     Example:
@@ -335,6 +343,7 @@ class HessianFree(_TruncatedNewton):
         cg_rtol: float | None = None,
         warm_start: float = 0.95,
         preconditioner: str | None = "hutchinson",
+        l2: float = 0.0,
         seed: int = 0,
     ):
         super().__init__(
@@ -351,6 +360,7 @@ class HessianFree(_TruncatedNewton):
             warm_start=warm_start,
             preconditioner=preconditioner,
             seed=seed,
+            l2=l2,
         )
 
 
@@ -393,6 +403,7 @@ class SubsampledNewton(_TruncatedNewton):
         subsample: int | float | None = 0.1,
         cg_max_iter: int = 50,
         cg_rtol: float | None = None,
+        l2: float = 0.0,
         seed: int = 0,
     ):
         super().__init__(
@@ -409,6 +420,7 @@ class SubsampledNewton(_TruncatedNewton):
             warm_start=0.0,
             preconditioner=None,
             seed=seed,
+            l2=l2,
         )
 
 

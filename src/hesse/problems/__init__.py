@@ -1,7 +1,11 @@
-"""Applications: classic unconstrained test problems with known minima.
+"""Applications: built-in problems.
 
-The functions of Moré, Garbow & Hillstrom (1981) and a few others, in torch, each with its
-standard starting point and minimum value; see :data:`FUNCTIONS` for the list.
+* Machine-learning problems on data that ships with scikit-learn (:data:`PROBLEMS`,
+  :func:`problem`): least squares and logistic regression, an MLP and a small CNN on the
+  digits, each a :class:`Problem` (data, model factory, loss, penalty).
+* The classic unconstrained test functions of Moré, Garbow & Hillstrom (1981) and a few
+  others, in torch, each with its standard starting point and minimum value
+  (:data:`FUNCTIONS`, :func:`classic_function`).
 
 Example:
     >>> from hesse.problems import classic_function
@@ -11,6 +15,17 @@ Example:
     14.203125
 """
 
+from hesse.problems._datasets import PROBLEMS, Problem, load_into, problem
 from hesse.problems._functions import FUNCTIONS, ClassicFunction, classic_function
 
-__all__ = ["FUNCTIONS", "ClassicFunction", "classic_function"]
+__all__ = [
+    # data problems
+    "PROBLEMS",
+    "Problem",
+    "load_into",
+    "problem",
+    # test functions
+    "FUNCTIONS",
+    "ClassicFunction",
+    "classic_function",
+]

@@ -1,0 +1,124 @@
+"""The command's figures (matplotlib, the ``cli`` extra). Each function draws one PNG and
+returns the data it plotted, for the figure's JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hesse.cli._common import need
+
+
+def _plt() -> Any:
+    matplotlib = need("matplotlib")
+    matplotlib.use("Agg", force=False)
+    return need("matplotlib.pyplot")
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
+def convergence(results: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
+    """f − f* against iterations and against time, one line per method (log scales)."""
+    plt = _plt()
+    f_star = results["f_star"]
+    floor = np.finfo(np.float64).eps * max(abs(f_star), 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    data: dict[str, Any] = {"f_star": f_star, "floor": floor, "methods": {}}
+    for m, d in results["methods"].items():
+        h = d["history"]
+        gap = np.maximum(np.asarray(h["fun"], dtype=float) - f_star, floor)
+        t = np.maximum(np.asarray(h["time"], dtype=float), 1e-4)
+        axes[0].plot(h["nit"], gap, label=m, lw=1.5)
+        axes[1].plot(t, gap, label=m, lw=1.5)
+        data["methods"][m] = {"iteration": h["nit"], "time_s": h["time"], "gap": gap}
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.axhline(floor, color="grey", ls=":", lw=1)
+        ax.set_ylabel("f(x) − f*  (log scale)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_xscale("symlog", linthresh=10)
+    axes[0].set_xlabel("iteration (linear to 10, log beyond)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("wall-clock time (s, log scale)")
+    axes[0].text(0.01, floor * 2, "rounding level of f*", color="grey", fontsize=8,
+                 transform=axes[0].get_yaxis_transform())  # fmt: skip
+    axes[1].legend(loc="upper right", fontsize=8, framealpha=0.9)
+    which = "the known minimum" if results.get("f_star_source") == "known" else "best value found"
+    fig.suptitle(f"{title}  (f* = {f_star:.10g}, {which})")
+    _save(fig, path)
+    return data
+
+
+def training(results: dict[str, Any], path: Path, title: str, metric: str) -> dict[str, Any]:
+    """Training loss (log scale) and test metric against training time, per optimizer."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    data: dict[str, Any] = {"metric": metric, "methods": {}}
+    for m, d in results["methods"].items():
+        c = d["curve"]
+        ax1.plot(c["time"], c["loss"], label=m, lw=1.5)
+        if c["test"]:
+            ax2.plot(c["time"], c["test"], label=m, lw=1.5)
+        data["methods"][m] = c
+    ax1.set_yscale("log")
+    ax1.set_ylabel("training loss (log scale)")
+    ax2.set_ylabel(f"test {metric}")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("training time (s)")
+        ax.grid(True, which="major", alpha=0.3)
+    ax1.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax2.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    fig.suptitle(title)
+    _save(fig, path)
+    return data
+
+
+def densities(curves: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
+    """One panel per spectral density (log density against the eigenvalue)."""
+    import hesse.plot
+
+    plt = _plt()
+    n = len(curves)
+    fig, axes = plt.subplots(
+        1, n, figsize=(4.2 * n, 3.8), constrained_layout=True, sharey=True, squeeze=False
+    )
+    data = {}
+    for ax, (label, density) in zip(axes[0], curves.items()):
+        hesse.plot.spectral_density(density, ax=ax, title=label)
+        ax.axvline(0.0, color="black", lw=0.8, ls=":")
+        data[label] = {"eigenvalue": density.grid, "density": density.density}
+    for ax in axes[0][1:]:
+        ax.set_ylabel("")
+    fig.suptitle(title)
+    _save(fig, path)
+    return data
+
+
+def eigenvalues(curves: dict[str, Any], path: Path, title: str, ylabel: str) -> dict[str, Any]:
+    """Eigenvalues by rank, one line per set (log scale when all positive)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
+    data = {}
+    positive = True
+    for label, values in curves.items():
+        v = np.asarray(values, dtype=float)
+        ranks = np.arange(1, v.size + 1)
+        ax.plot(ranks, v, "o-", ms=3, lw=1.2, label=label)
+        positive = positive and bool((v > 0).all())
+        data[label] = {"rank": ranks, "eigenvalue": v}
+    if positive:
+        ax.set_yscale("log")
+        ylabel += " (log scale)"
+    ax.set_xlabel("rank i (1 = largest)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.set_title(title)
+    _save(fig, path)
+    return data

@@ -1,0 +1,299 @@
+"""Machine-learning problems on data that ships with scikit-learn (no download).
+
+Each :class:`Problem` is data, a model and a loss, nothing more: the training and test
+sets as tensors, a factory for a fresh model, the loss, an optional L2 penalty and, for the
+convex ones, the training objective as a function of the flat parameter vector (for
+:func:`hesse.minimize`). The features are standardised with the training set's statistics;
+the split is 75/25 with a fixed seed.
+
+scikit-learn is needed (the ``cli`` extra: ``pip install 'hesse[cli]'``).
+
+Example:
+    >>> from hesse.problems import problem
+    >>> p = problem("logistic-breast-cancer")
+    >>> p.train[0].shape, p.num_parameters
+    (torch.Size([426, 30]), 31)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Data = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A model, a loss and the data to fit, with the objective that training minimises.
+
+    The objective is ``loss_fn(model(X), y) + l2 / 2 * sum of |p|^2`` over the parameters
+    named in ``penalized``, on the training set.
+
+    Attributes:
+        name: Registry name, e.g. ``"mlp-digits"``.
+        description: One line for listings.
+        task: ``"regression"`` or ``"classification"``.
+        make_model: Builds a fresh model with the problem's dtype and device (random layers
+            draw from torch's global generator: seed it first).
+        loss_fn: ``loss_fn(outputs, targets)``, a mean over the batch.
+        train, test: ``(inputs, targets)``.
+        l2: The penalty's coefficient (0 for none).
+        penalized: Names of the penalised parameters (``model.named_parameters()``).
+        convex: Whether the objective is convex in the parameters.
+    """
+
+    name: str
+    description: str
+    task: str
+    make_model: Callable[[], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    train: Data
+    test: Data
+    l2: float = 0.0
+    penalized: tuple[str, ...] = ()
+    convex: bool = False
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of trainable parameters of the model."""
+        with torch.random.fork_rng(devices=[]):  # building a model draws random numbers
+            model = self.make_model()
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    @property
+    def metric_name(self) -> str:
+        """What :meth:`metric` measures on the test set."""
+        return "accuracy" if self.task == "classification" else "R²"
+
+    def metric(self, outputs: Tensor, targets: Tensor) -> float:
+        """Accuracy (classification) or the coefficient of determination R² (regression)."""
+        outputs, targets = outputs.detach(), targets.detach()
+        if self.task == "classification":
+            if outputs.shape[-1] == 1:
+                hits = (outputs.squeeze(-1) > 0) == (targets.squeeze(-1) > 0.5)
+            else:
+                hits = outputs.argmax(-1) == targets
+            return float(hits.double().mean())
+        residual = ((outputs - targets) ** 2).sum()
+        total = ((targets - targets.mean()) ** 2).sum()
+        return float(1 - residual / total)
+
+    def regularizer(self, model: nn.Module) -> Tensor | None:
+        """The penalty ``l2 / 2 * sum |p|^2`` at the model's parameters (``None`` if none)."""
+        if not self.l2:
+            return None
+        params = dict(model.named_parameters())
+        return 0.5 * self.l2 * sum((params[n] ** 2).sum() for n in self.penalized)
+
+    def objective(self, model: nn.Module) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        """The training objective as a function of one flat parameter vector.
+
+        Args:
+            model: Gives the architecture and the layout of the vector (the concatenation
+                of its parameters in order); it is not changed.
+
+        Returns:
+            ``(fun, w)``: ``fun(w)`` is the objective on the training set at the flat
+            parameters ``w``; ``w`` is the model's current parameters, flattened.
+        """
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
+        shapes = [p.shape for p in params]
+        sizes = [p.numel() for p in params]
+        X, y = self.train
+        penalized = set(self.penalized)
+
+        def fun(w: Tensor) -> Tensor:
+            tensors = dict(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
+            value = self.loss_fn(torch.func.functional_call(model, tensors, (X,)), y)
+            if self.l2:
+                value = value + 0.5 * self.l2 * sum(
+                    (t**2).sum() for n, t in tensors.items() if n in penalized
+                )
+            return value
+
+        return fun, torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def load_into(model: nn.Module, w: Tensor) -> None:
+    """Copy the flat vector ``w`` into the model's trainable parameters, in order."""
+    with torch.no_grad():
+        i = 0
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(w[i : i + p.numel()].view_as(p))
+                i += p.numel()
+
+
+def _sklearn() -> Any:
+    try:
+        import sklearn.datasets
+        import sklearn.model_selection
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "hesse's data problems need scikit-learn: pip install 'hesse[cli]'"
+        ) from err
+    return sklearn
+
+
+def _split(X: np.ndarray, y: np.ndarray, stratify: bool) -> tuple[np.ndarray, ...]:
+    sk = _sklearn()
+    return sk.model_selection.train_test_split(
+        X, y, test_size=0.25, random_state=0, stratify=y if stratify else None
+    )
+
+
+def _standardise(Xtr: np.ndarray, Xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = Xtr.mean(0), Xtr.std(0)
+    std[std == 0] = 1.0
+    return (Xtr - mean) / std, (Xte - mean) / std
+
+
+def _zeros(model: nn.Module) -> nn.Module:
+    """A linear model starts at zero: the objective is convex, the start the usual one."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def _as(t: np.ndarray, dtype: torch.dtype, device: Any) -> Tensor:
+    return torch.as_tensor(t, device=device).to(dtype)
+
+
+def _linear_diabetes(dtype, device) -> Problem:
+    X, y = _sklearn().datasets.load_diabetes(return_X_y=True)
+    Xtr, Xte, ytr, yte = _split(X, y, stratify=False)
+    Xtr, Xte = _standardise(Xtr, Xte)
+    mu, sd = ytr.mean(), ytr.std()
+    ytr, yte = (ytr - mu) / sd, (yte - mu) / sd
+    d = X.shape[1]
+    return Problem(
+        "linear-diabetes",
+        "least squares, diabetes (10 features, standardised target)",
+        "regression",
+        lambda: _zeros(nn.Linear(d, 1).to(dtype=dtype, device=device)),
+        nn.MSELoss(),
+        (_as(Xtr, dtype, device), _as(ytr[:, None], dtype, device)),
+        (_as(Xte, dtype, device), _as(yte[:, None], dtype, device)),
+        convex=True,
+    )
+
+
+def _logistic_breast_cancer(dtype, device) -> Problem:
+    X, y = _sklearn().datasets.load_breast_cancer(return_X_y=True)
+    Xtr, Xte, ytr, yte = _split(X, y, stratify=True)
+    Xtr, Xte = _standardise(Xtr, Xte)
+    d = X.shape[1]
+    return Problem(
+        "logistic-breast-cancer",
+        "binary logistic regression, breast cancer (30 features), L2 1e-3",
+        "classification",
+        lambda: _zeros(nn.Linear(d, 1).to(dtype=dtype, device=device)),
+        nn.BCEWithLogitsLoss(),
+        (_as(Xtr, dtype, device), _as(ytr[:, None], dtype, device)),
+        (_as(Xte, dtype, device), _as(yte[:, None], dtype, device)),
+        l2=1e-3,
+        penalized=("weight",),
+        convex=True,
+    )
+
+
+def _digits(dtype, device, images: bool) -> tuple[Data, Data]:
+    X, y = _sklearn().datasets.load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = _split(X / 16.0, y, stratify=True)
+    if images:
+        Xtr, Xte = Xtr.reshape(-1, 1, 8, 8), Xte.reshape(-1, 1, 8, 8)
+    train = (_as(Xtr, dtype, device), torch.as_tensor(ytr, device=device))
+    test = (_as(Xte, dtype, device), torch.as_tensor(yte, device=device))
+    return train, test
+
+
+def _logistic_digits(dtype, device) -> Problem:
+    train, test = _digits(dtype, device, images=False)
+    return Problem(
+        "logistic-digits",
+        "multinomial logistic regression, digits (8x8, 10 classes), L2 1e-3",
+        "classification",
+        lambda: _zeros(nn.Linear(64, 10).to(dtype=dtype, device=device)),
+        nn.CrossEntropyLoss(),
+        train,
+        test,
+        l2=1e-3,
+        penalized=("weight",),
+        convex=True,
+    )
+
+
+def _mlp_digits(dtype, device) -> Problem:
+    train, test = _digits(dtype, device, images=False)
+    return Problem(
+        "mlp-digits",
+        "MLP 64-64-10 (tanh), digits, cross-entropy",
+        "classification",
+        lambda: nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(
+            dtype=dtype, device=device
+        ),
+        nn.CrossEntropyLoss(),
+        train,
+        test,
+    )
+
+
+def _cnn_digits(dtype, device) -> Problem:
+    train, test = _digits(dtype, device, images=True)
+    return Problem(
+        "cnn-digits",
+        "CNN conv3x3(8)-conv3x3(16, stride 2)-linear (tanh), digits, cross-entropy",
+        "classification",
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(16 * 4 * 4, 10),
+        ).to(dtype=dtype, device=device),
+        nn.CrossEntropyLoss(),
+        train,
+        test,
+    )
+
+
+#: name -> (builder(dtype, device), default dtype)
+_BUILDERS: dict[str, tuple[Callable[[Any, Any], Problem], torch.dtype]] = {
+    "linear-diabetes": (_linear_diabetes, torch.float64),
+    "logistic-breast-cancer": (_logistic_breast_cancer, torch.float64),
+    "logistic-digits": (_logistic_digits, torch.float64),
+    "mlp-digits": (_mlp_digits, torch.float32),
+    "cnn-digits": (_cnn_digits, torch.float32),
+}
+
+#: The names of the data problems.
+PROBLEMS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def problem(
+    name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> Problem:
+    """The data problem called ``name``, its tensors in ``dtype`` on ``device``.
+
+    Args:
+        name: One of :data:`PROBLEMS`.
+        dtype: Floating dtype of the data and model (default: float64 for the linear
+            problems, float32 for the networks).
+        device: Where the data and model live (default: CPU).
+
+    Returns:
+        A :class:`Problem`.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}")
+    build, default = _BUILDERS[name]
+    return build(dtype or default, torch.device(device) if device is not None else None)
