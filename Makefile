@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/logistic_spectrum.py
+	$(VENV)/bin/hesse demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples

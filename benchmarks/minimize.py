@@ -26,7 +26,7 @@ the ``hessp``/``hess`` wrappers; pytorch-minimize's are not counted). The budget
 evaluations: it is passed to every solver (``max_fev``/``max_iter``, ``maxiter``/``maxfun``,
 ``max_iter``/``max_eval``) and the counter ends the run at the 5001st call, so no solver
 spends more. Stopping tolerances are set so that no solver stops before the test below can
-be met: a gradient tolerance of 1e-8 times the start's gradient in each solver's own norm
+be met: a gradient tolerance of 1e-12 times the start's gradient in each solver's own norm
 (inf-norm: hesse, scipy BFGS and L-BFGS-B, pytorch-minimize's quasi-Newton; 2-norm: the trust
 regions), ``ftol`` 10 eps for L-BFGS-B (hesse's ``ftol``), ``xtol`` 1e-12 for the Newton-CG
 methods, ``xtol`` and ``gtd_tol`` 0 for pytorch-minimize's quasi-Newton (absolute tests on
@@ -123,7 +123,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET = 5000  # evaluations per run
 QUICK_BUDGET = 1000
 MW_TAU = 1e-7  # the Moré-Wild test's tolerance
-GRAD_RTOL = 1e-8  # stopping tolerance on the gradient, relative to the start's
+GRAD_RTOL = 1e-12  # stopping tolerance on the gradient, relative to the start's
 SCALES = (1.0, 10.0, 100.0)
 QUICK_PROBLEMS = ("rosenbrock", "beale", "rosenbrock-100")
 EPS = float(np.finfo(float).eps)

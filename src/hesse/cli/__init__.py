@@ -111,9 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help and --version
+            return done.code if isinstance(done.code, int) else 0
         if args.command is None:
-            parser.print_help()
+            parser.print_help(sys.stderr)
             return 2
         ui = Output(args)
         results = args.run(args, ui)

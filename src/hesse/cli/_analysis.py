@@ -121,9 +121,10 @@ def compute_density(op: Any, args: argparse.Namespace, ui: Output) -> DensityRes
         return hesse.spectral_density(op, num_probes=args.probes, steps=args.steps, seed=args.seed)
 
 
-def layers(target: Target, args: argparse.Namespace, ui: Output) -> list[dict[str, Any]]:
+def layers(
+    target: Target, blocks: dict[str, list[str]], args: argparse.Namespace, ui: Output
+) -> list[dict[str, Any]]:
     """The per-layer report as rows of dicts (and a table on the terminal)."""
-    blocks = target.blocks()
     with ui.progress(f"per-layer analysis ({len(blocks)} blocks)"):
         report = hesse.layer_report(
             target.model,
@@ -136,18 +137,19 @@ def layers(target: Target, args: argparse.Namespace, ui: Output) -> list[dict[st
             seed=args.seed,
         )
     rows = report.as_dicts()
+    modules = dict(target.model.named_modules())
     ui.table(
-        "Per layer (each layer's diagonal block of the Hessian)",
-        ["block", "size", "top eigenvalue", "smallest eigenvalue", "trace", "verdict", "certified"],
+        "Per layer: each layer's diagonal block of the Hessian",
+        ["block", "size", "λ_max", "λ_min", "trace", "verdict"],
         [
             [
-                r["name"],
+                f"{r['name']} ({type(modules.get(r['name'], target.model)).__name__})",
                 r["size"],
                 r["top_eigenvalue"],
                 r["min_eigenvalue"],
                 r["trace"],
-                r["verdict"].replace("_", " "),
-                r["converged"],
+                r["verdict"].replace("_", " ")
+                + ("" if r["converged"] else " (not certified: raise --max-iter)"),
             ]
             for r in rows
         ],
@@ -160,7 +162,8 @@ def run_spectrum(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
     _check(args)
     timer = Timer()
     target = resolve(args.target, args, ui)
-    op = target.operator()
+    blocks = target.blocks() if args.per_layer else None
+    op = target.operator().linearize()  # its graph built once for all the products below
     ui.print(f"[bold]Hessian of {target.describe()}[/bold]")
     with ui.progress(f"Lanczos: {args.which} {args.k} eigenvalue(s)"):
         eig = hesse.eigenvalues(
@@ -168,12 +171,19 @@ def run_spectrum(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
         )
     with ui.progress(f"trace ({args.estimator}, {args.matvecs} products)"):
         tr = hesse.trace(op, method=args.estimator, num_matvecs=args.matvecs, seed=args.seed)
+    k = eig.eigenvalues.numel()
+    ends = (
+        [args.which] * k
+        if args.which != "both"
+        else ["smallest"] * (k // 2) + ["largest"] * (k // 2)
+    )
+    ranks = list(range(1, k + 1)) if args.which != "both" else [*range(1, k // 2 + 1)] * 2
     ui.table(
         f"Eigenvalues ({eig.matvecs} Hessian-vector products, {eig.status})",
-        ["", "eigenvalue", "residual (certificate)", "converged"],
+        ["end", "rank", "eigenvalue", "residual (certificate)", "converged"],
         [
-            [i + 1, float(v), float(r), bool(c)]
-            for i, (v, r, c) in enumerate(zip(eig.eigenvalues, eig.residuals, eig.converged))
+            [e, i, float(v), float(r), bool(c)]
+            for e, i, v, r, c in zip(ends, ranks, eig.eigenvalues, eig.residuals, eig.converged)
         ],
     )
     ui.print(f"trace ≈ {tr.estimate:.6g} ± {tr.stderr:.2g} ({tr.method}, {tr.matvecs} products)")
@@ -202,7 +212,7 @@ def run_spectrum(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
         _print_density(results["density"], ui)
         _density_files(density, target, ui)
     if args.per_layer:
-        results["layers"] = layers(target, args, ui)
+        results["layers"] = layers(target, blocks, args, ui)
     results["time_s"] = timer.seconds
     ui.write_json("spectrum.json", results)
     return results
@@ -213,6 +223,8 @@ def run_convexity(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
     _check(args)
     timer = Timer()
     target = resolve(args.target, args, ui)
+    blocks = target.blocks() if args.per_layer else None
+    op = target.operator().linearize()  # its graph built once for all the products below
     ui.print(f"[bold]Hessian of {target.describe()}[/bold]")
     with ui.progress("extreme eigenvalues"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # 'certified' says it
@@ -221,9 +233,7 @@ def run_convexity(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
                 target.fun, target.x, lanczos_tol=args.tol, max_iter=args.max_iter, seed=args.seed
             )
         else:
-            rep = hesse.convexity(
-                target.operator(), lanczos_tol=args.tol, max_iter=args.max_iter, seed=args.seed
-            )
+            rep = hesse.convexity(op, lanczos_tol=args.tol, max_iter=args.max_iter, seed=args.seed)
     results: dict[str, Any] = {
         "command": "convexity",
         **_header(target, args),
@@ -248,7 +258,7 @@ def run_convexity(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
     if rep.gradient_norm is not None:
         rows += [["gradient norm", rep.gradient_norm], ["saddle point", rep.is_saddle]]
     if not args.no_density:
-        density = compute_density(target.operator(), args, ui)
+        density = compute_density(op, args, ui)
         results["density"] = density_summary(density)
         share = results["density"]["negative_share"]
         results["negative_share"] = share
@@ -256,7 +266,7 @@ def run_convexity(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
         _density_files(density, target, ui)
     ui.table("Convexity", ["", "value"], rows)
     if args.per_layer:
-        results["layers"] = layers(target, args, ui)
+        results["layers"] = layers(target, blocks, args, ui)
     results["time_s"] = timer.seconds
     ui.write_json("convexity.json", results)
     return results

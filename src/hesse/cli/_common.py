@@ -85,8 +85,8 @@ def to_jsonable(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if hasattr(value, "item"):  # numpy scalars
-        return to_jsonable(value.item())
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return to_jsonable(value.tolist())
     return str(value)
 
 
@@ -101,6 +101,8 @@ class Output:
         self.console = rich_console.Console(highlight=False)
         self.err = rich_console.Console(stderr=True, highlight=False)
         self.written: list[Path] = []
+        # progress bars only where a person watches: not in --json mode, not into a pipe
+        self.quiet = self.json or not self.err.is_terminal
 
     # ------------------------------------------------------------------ terminal output
 
@@ -137,7 +139,7 @@ class Output:
             columns += [rich_progress.BarColumn(), rich_progress.MofNCompleteColumn()]
         columns.append(rich_progress.TimeElapsedColumn())
         with rich_progress.Progress(
-            *columns, console=self.err, transient=True, disable=self.json
+            *columns, console=self.err, transient=True, disable=self.quiet
         ) as bar:
             task = bar.add_task(description, total=total)
 
@@ -147,11 +149,6 @@ class Output:
                 bar.advance(task, n)
 
             yield advance
-
-    def note(self, text: str) -> None:
-        """A line on stderr (nothing in ``--json`` mode)."""
-        if not self.json:
-            self.err.print(text)
 
     # ------------------------------------------------------------------------- files
 

@@ -17,6 +17,16 @@ def _plt() -> Any:
     return need("matplotlib.pyplot")
 
 
+def _log_if_decades(ax: Any, values: Any, label: str) -> str:
+    """A log y-axis where positive values span more than a decade; the label says so."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and (v > 0).all() and v.max() / v.min() > 10:
+        ax.set_yscale("log")
+        return f"{label} (log scale)"
+    return label
+
+
 def _save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=120)
     _plt().close(fig)
@@ -42,12 +52,13 @@ def convergence(results: dict[str, Any], path: Path, title: str) -> dict[str, An
         ax.set_ylabel("f(x) − f*  (log scale)")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_xscale("symlog", linthresh=10)
+    axes[0].set_xlim(left=0)
     axes[0].set_xlabel("iteration (linear to 10, log beyond)")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("wall-clock time (s, log scale)")
     axes[0].text(0.01, floor * 2, "rounding level of f*", color="grey", fontsize=8,
                  transform=axes[0].get_yaxis_transform())  # fmt: skip
-    axes[1].legend(loc="upper right", fontsize=8, framealpha=0.9)
+    axes[0].legend(loc="upper right", fontsize=8, framealpha=0.9)
     which = "the known minimum" if results.get("f_star_source") == "known" else "best value found"
     fig.suptitle(f"{title}  (f* = {f_star:.10g}, {which})")
     _save(fig, path)
@@ -59,14 +70,15 @@ def training(results: dict[str, Any], path: Path, title: str, metric: str) -> di
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     data: dict[str, Any] = {"metric": metric, "methods": {}}
+    losses = []
     for m, d in results["methods"].items():
         c = d["curve"]
         ax1.plot(c["time"], c["loss"], label=m, lw=1.5)
         if c["test"]:
             ax2.plot(c["time"], c["test"], label=m, lw=1.5)
         data["methods"][m] = c
-    ax1.set_yscale("log")
-    ax1.set_ylabel("training loss (log scale)")
+        losses += c["loss"]
+    ax1.set_ylabel(_log_if_decades(ax1, losses, "training loss"))
     ax2.set_ylabel(f"test {metric}")
     for ax in (ax1, ax2):
         ax.set_xlabel("training time (s)")
@@ -89,7 +101,10 @@ def densities(curves: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
     )
     data = {}
     for ax, (label, density) in zip(axes[0], curves.items()):
-        hesse.plot.spectral_density(density, ax=ax, title=label)
+        # floored at 1e-5 of the peak: an isolated eigenvalue's bump (about 1/P of the
+        # mass) stays in view, the kernel's far tails do not stretch the axis
+        hesse.plot.spectral_density(density, ax=ax, title=label, floor=1e-5)
+        ax.set_xlabel("eigenvalue λ of the Hessian")
         ax.axvline(0.0, color="black", lw=0.8, ls=":")
         data[label] = {"eigenvalue": density.grid, "density": density.density}
     for ax in axes[0][1:]:
@@ -99,25 +114,32 @@ def densities(curves: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
     return data
 
 
-def eigenvalues(curves: dict[str, Any], path: Path, title: str, ylabel: str) -> dict[str, Any]:
-    """Eigenvalues by rank, one line per set (log scale when all positive)."""
+def eigenvalues(
+    curves: dict[str, Any],
+    path: Path,
+    title: str,
+    ylabel: str,
+    line: tuple[float, str] | None = None,
+) -> dict[str, Any]:
+    """Eigenvalues by rank, one line per set (log scale when all positive), with an
+    optional horizontal reference ``line=(value, label)``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
     data = {}
-    positive = True
+    every = []
     for label, values in curves.items():
         v = np.asarray(values, dtype=float)
         ranks = np.arange(1, v.size + 1)
         ax.plot(ranks, v, "o-", ms=3, lw=1.2, label=label)
-        positive = positive and bool((v > 0).all())
         data[label] = {"rank": ranks, "eigenvalue": v}
-    if positive:
-        ax.set_yscale("log")
-        ylabel += " (log scale)"
+        every += list(v)
+    if line is not None:
+        ax.axhline(line[0], color="grey", ls="--", lw=1, label=line[1])
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("rank i (1 = largest)")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(_log_if_decades(ax, every, ylabel))
     ax.grid(True, which="major", alpha=0.3)
-    if len(curves) > 1:
+    if len(curves) > 1 or line is not None:
         ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     ax.set_title(title)
     _save(fig, path)

@@ -97,7 +97,7 @@ def is_file(name: str) -> bool:
     return name.endswith(".py") or "/" in name or Path(name).is_file()
 
 
-def resolve(name: str, args: argparse.Namespace, ui: Any = None) -> Target:
+def resolve(name: str, args: argparse.Namespace, ui: Any) -> Target:
     """The target of ``hesse spectrum``/``convexity`` called ``name``, at ``args.at``."""
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype)
@@ -120,6 +120,8 @@ def resolve(name: str, args: argparse.Namespace, ui: Any = None) -> Target:
                 "or your own file with a trained model"
             )
         target = Target(name, "problem", at, model, p.loss_fn, p.train, problem=p)
+        if getattr(args, "per_layer", False):
+            target.blocks()  # refuses a model of one layer before any work
         if p.convex:  # the penalty is part of the objective, not of loss_fn
             target.fun, target.x = p.objective(model)
         if at == "optimum":
@@ -129,6 +131,8 @@ def resolve(name: str, args: argparse.Namespace, ui: Any = None) -> Target:
     if name.replace("_", "-").lower() in FUNCTIONS:
         f = classic_function(name)
         target = Target(f.name, "function", args.at or "init", fun=f.fun)
+        if getattr(args, "per_layer", False):
+            target.blocks()  # refuses
         target.x = f.x0(dtype=dtype or torch.float64, device=device)
         if target.point == "optimum":
             target.x = _minimum(target, ui)
@@ -141,9 +145,8 @@ def resolve(name: str, args: argparse.Namespace, ui: Any = None) -> Target:
 
 def _minimum(target: Target, ui: Any) -> Tensor:
     method = OPTIMUM_METHOD[target.kind]
-    if ui is not None:
-        ui.note(f"finding the optimum of {target.name} with hesse.minimize({method!r})")
-    r = hesse.minimize(target.fun, target.x, method)
+    with ui.progress(f"the optimum of {target.name}: hesse.minimize({method!r})"):
+        r = hesse.minimize(target.fun, target.x, method)
     if not r.success:
         raise RuntimeError(f"finding the optimum of {target.name} failed: {r.message}")
     return r.x
@@ -170,7 +173,9 @@ def load_user_file(
         raise RuntimeError(f"running {path} failed: {type(err).__name__}: {err}") from err
     missing = [k for k in ("model", "loss_fn", "data") if k not in namespace]
     if missing:
-        names = " and ".join(missing)
+        names = " and ".join(
+            [", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing
+        )
         raise UserError(
             f"{path} does not define {names}; it must define {USER_FILE_HELP} "
             "(see 'The hesse command' in the README)"

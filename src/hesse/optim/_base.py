@@ -107,40 +107,45 @@ class FlatParams:
 
 
 class Evaluation:
-    """A closure's loss and the gradient it left, at the current parameters."""
+    """A closure's loss and the gradients it left, at the current parameters: ``grads``
+    (one tensor per parameter) and, on first use, ``g`` (flat)."""
 
-    def __init__(self, loss: float, g: Tensor | None, graph: list[Tensor] | None, params):
-        self.loss, self.g = loss, g
-        self._graph, self._params = graph, params
+    def __init__(self, loss: float, grads: list[Tensor] | None, graph: list[Tensor] | None):
+        self.loss, self.grads = loss, grads
+        self._graph = graph
+        self._g: Tensor | None = None
 
     @property
     def finite(self) -> bool:
-        return self.g is not None and math.isfinite(self.loss)
+        return self.grads is not None and math.isfinite(self.loss)
+
+    @property
+    def g(self) -> Tensor | None:
+        if self._g is None and self.grads is not None:
+            self._g = torch.cat([t.reshape(-1) for t in self.grads])
+        return self._g
+
+    def hvp_list(self, vs: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        """Hessian times one direction given per parameter, through the kept graph."""
+        live = [i for i, g in enumerate(self._graph) if g.requires_grad]
+        if not live:
+            return [torch.zeros_like(v) for v in vs]
+        got = torch.autograd.grad(
+            [self._graph[i] for i in live],
+            params,
+            [vs[i] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return [torch.zeros_like(p) if h is None else h for h, p in zip(got, params)]
 
     def hvp(self, V: Tensor, flat: FlatParams) -> Tensor:
         """Hessian times ``V`` (flat, ``(P,)`` or ``(P, k)``) through the kept graph."""
         cols = [V] if V.dim() == 1 else list(V.T)
-        out = []
-        live = [(g, p) for g, p in zip(self._graph, self._params) if g.requires_grad]
-        for v in cols:
-            vs = flat.split(v)
-            chosen = [
-                vs[i] for i, (g, p) in enumerate(zip(self._graph, self._params)) if g.requires_grad
-            ]
-            if not live:
-                out.append(torch.zeros_like(v))
-                continue
-            got = torch.autograd.grad(
-                [g for g, _ in live], flat.params, chosen, retain_graph=True, allow_unused=True
-            )
-            out.append(
-                torch.cat(
-                    [
-                        (torch.zeros_like(p) if h is None else h).reshape(-1)
-                        for h, p in zip(got, flat.params)
-                    ]
-                )
-            )
+        out = [
+            torch.cat([h.reshape(-1) for h in self.hvp_list(flat.split(v), flat.params)])
+            for v in cols
+        ]
         return out[0] if V.dim() == 1 else torch.stack(out, dim=1)
 
     def release(self) -> None:
@@ -149,7 +154,7 @@ class Evaluation:
 
 def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluation:
     """Run the closure (which zeroes the gradients, computes the loss and calls
-    ``backward()``) and read the loss and the flat gradient. With ``graph`` the gradients
+    ``backward()``) and read the loss and the gradients. With ``graph`` the gradients
     keep their graph (see :func:`create_graph`) for Hessian-vector products; the ``.grad``
     attributes are then detached again, so no graph outlives the step through them."""
     if closure is None:
@@ -161,17 +166,17 @@ def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluat
             "the closure must return the loss as a scalar tensor (after calling backward()), "
             f"got {type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
         )
-    value = float(loss.detach())
     kept = None
     if graph:
         kept = [torch.zeros_like(p) if p.grad is None else p.grad for p in flat.params]
         for p in flat.params:
             if p.grad is not None:
                 p.grad = p.grad.detach()
-    g = flat.grad()
-    if not math.isfinite(value) or not all_finite(g):
-        return Evaluation(value, None, None, flat.params)
-    return Evaluation(value, g, kept, flat.params)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in flat.params]
+    value = float(loss.detach())
+    if not math.isfinite(value) or not all_finite(*grads):
+        return Evaluation(value, None, None)
+    return Evaluation(value, grads, kept)
 
 
 class GraphHessian(CurvatureOperator):

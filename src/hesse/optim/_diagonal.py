@@ -45,7 +45,7 @@ class _DiagonalCurvature(Optimizer):
         flat = self.flat
 
         def hvp(z: list[Tensor]) -> list[Tensor]:
-            return flat.split(ev.hvp(torch.cat([t.reshape(-1) for t in z]), flat))
+            return ev.hvp_list(z, flat.params)
 
         return hutchinson_diagonal_probe(hvp, flat.params, self._generator(flat.device), samples)
 
@@ -131,31 +131,33 @@ class AdaHessian(_DiagonalCurvature):
         ev.release()
         state["step"] += 1
         t = state["step"]
-        grads = self.flat.split(ev.g)
         i = 0
-        for group in self.param_groups:
+        for group in self.param_groups:  # foreach: one kernel per operation per group
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                g, s = grads[i], self.state[p]
-                i += 1
-                if "exp_avg" not in s:
-                    s["exp_avg"] = torch.zeros_like(p)
-                    s["exp_hessian_diag_sq"] = torch.zeros_like(p)
-                s["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-                if refresh:
-                    s["exp_hessian_diag_sq"].mul_(b2).addcmul_(
-                        s["hess_diag"], s["hess_diag"], value=1 - b2
-                    )
-                bc1, bc2 = 1 - b1**t, 1 - b2**t
-                denom = (
-                    (s["exp_hessian_diag_sq"] / bc2)
-                    .sqrt()
-                    .pow_(group["hessian_power"])
-                    .add_(group["eps"])
-                )
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(s["exp_avg"], denom, value=-group["lr"] / bc1)
+            ps = group["params"]
+            gs = ev.grads[i : i + len(ps)]
+            i += len(ps)
+            states = [self.state[p] for p in ps]
+            for p, st in zip(ps, states):
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_hessian_diag_sq"] = torch.zeros_like(p)
+            m = [st["exp_avg"] for st in states]
+            v = [st["exp_hessian_diag_sq"] for st in states]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, gs, alpha=1 - b1)
+            if refresh:
+                d = [st["hess_diag"] for st in states]
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, d, d, value=1 - b2)
+            denom = torch._foreach_div(v, 1 - b2**t)
+            torch._foreach_sqrt_(denom)
+            if group["hessian_power"] != 1.0:
+                torch._foreach_pow_(denom, group["hessian_power"])
+            torch._foreach_add_(denom, group["eps"])
+            if group["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_addcdiv_(ps, m, denom, value=-group["lr"] / (1 - b1**t))
         return torch.tensor(ev.loss)
 
 
@@ -248,24 +250,32 @@ class Sophia(_DiagonalCurvature):
         if refresh:
             diag = self._probe(ev, 1) if self.estimator == "hutchinson" else self._gnb(outputs_fn)
         ev.release()
-        grads = self.flat.split(ev.g)
         i = 0
-        for group in self.param_groups:
+        for group in self.param_groups:  # foreach: one kernel per operation per group
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                g, s = grads[i], self.state[p]
-                if "exp_avg" not in s:
-                    s["exp_avg"] = torch.zeros_like(p)
-                    s["hessian"] = torch.zeros_like(p)
-                s["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-                if refresh:
-                    s["hessian"].mul_(b2).add_(diag[i], alpha=1 - b2)
-                i += 1
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                ratio = (
-                    s["exp_avg"].abs() / (group["rho"] * s["hessian"]).clamp_min(group["eps"])
-                ).clamp_(max=1.0)
-                p.add_(s["exp_avg"].sign() * ratio, alpha=-group["lr"])
+            ps = group["params"]
+            gs = ev.grads[i : i + len(ps)]
+            states = [self.state[p] for p in ps]
+            for p, st in zip(ps, states):
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["hessian"] = torch.zeros_like(p)
+            m = [st["exp_avg"] for st in states]
+            h = [st["hessian"] for st in states]
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, gs, alpha=1 - b1)
+            if refresh:
+                torch._foreach_mul_(h, b2)
+                torch._foreach_add_(h, diag[i : i + len(ps)], alpha=1 - b2)
+            i += len(ps)
+            if group["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
+            # clip(m / max(rho h, eps), 1) = sign(m) min(|m| / max(rho h, eps), 1)
+            denom = torch._foreach_mul(h, group["rho"])
+            torch._foreach_clamp_min_(denom, group["eps"])
+            ratio = torch._foreach_div(torch._foreach_abs(m), denom)
+            torch._foreach_clamp_max_(ratio, 1.0)
+            torch._foreach_mul_(ratio, [x.sign() for x in m])
+            torch._foreach_add_(ps, ratio, alpha=-group["lr"])
         state["step"] += 1
         return torch.tensor(ev.loss)

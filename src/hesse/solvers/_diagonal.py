@@ -40,6 +40,9 @@ def hutchinson_diagonal_probe(
         >>> d[0].round(decimals=1)
         tensor([2., 3.])
     """
+    if samples == 1:  # the common case: no accumulators
+        z = rademacher_like(like, generator)
+        return [zi * hz for zi, hz in zip(z, hvp(z))]
     total = [torch.zeros_like(t) for t in like]
     for _ in range(samples):
         z = rademacher_like(like, generator)
