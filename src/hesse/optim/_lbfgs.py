@@ -31,15 +31,16 @@ class LBFGS(Optimizer):
     * ``batch_mode=True`` for mini-batches (multi-batch L-BFGS, Berahas, Nocedal & Takáč
       2016): one iteration per step with step ``lr`` and no line search, the curvature pair
       measured on the *same* batch at both ends of the step (the closure is called twice),
-      so that sampling noise does not enter :math:`y`; pairs with too little curvature are
-      skipped.
+      so that sampling noise does not enter :math:`y`; pairs are Powell-damped, and a step
+      that increases the batch's loss is undone (and the memory cleared).
 
     Args:
         params: parameters or parameter groups.
         lr: scales the direction (1 for full-batch L-BFGS, where the line search sets the
             step; in ``batch_mode``, the step length).
         max_iter: iterations per ``step()`` in full-batch mode (as torch's ``max_iter``).
-        history_size: curvature pairs kept.
+        history_size: curvature pairs kept (100, as torch.optim.LBFGS: on the digits
+            logistic regression 10 pairs took 74 evaluations to the optimum, 100 took 63).
         tolerance_grad: a step stops when :math:`\|g\|_\infty` falls below it.
         tolerance_change: ... or when the loss or the step changes by less.
         line_search: ``"strong-wolfe"`` (default), ``"armijo"``, or ``None`` (fixed step).
@@ -64,7 +65,7 @@ class LBFGS(Optimizer):
         params,
         lr: float = 1.0,
         max_iter: int = 20,
-        history_size: int = 10,
+        history_size: int = 100,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
         line_search: str | None = "strong-wolfe",
@@ -206,6 +207,8 @@ class LBFGS(Optimizer):
 
     def _batch_step(self, closure, state, mem, x, ev, scale) -> None:
         """Multi-batch L-BFGS: a fixed step, and the pair from the same batch at both ends."""
+        if float(ev.g.abs().max()) <= self.param_groups[0]["tolerance_grad"]:
+            return  # nothing to do on this batch (e.g. a float32 loss that underflowed to 0)
         d = mem.direction(ev.g) * scale
         if not float(ev.g @ d) < 0:
             self._reset(state, mem)
@@ -218,11 +221,16 @@ class LBFGS(Optimizer):
         flat.set(x_new)
         new = evaluate(closure, flat)  # the same batch, at the new point
         state["func_evals"] += 1
-        if not new.finite:
+        if not new.finite or new.loss > ev.loss:
+            # The step made this batch's loss worse (or not finite): undo it and forget
+            # the memory, whose curvature no longer fits. Without this check the loss of
+            # the digits MLP went from 1e-3 to 1e3 within an epoch once it was near 0.
             flat.set(x)
             self._reset(state, mem)
             return
-        pair = curvature_pair(s, new.g - ev.g, damping=False)
+        # Powell damping (B s = -lr g for the implicit B when the direction is -lr H g):
+        # under sampling noise y can be far smaller than the curvature the memory holds.
+        pair = curvature_pair(s, new.g - ev.g, -ev.g * scale)
         if pair is not None:
             mem.push(*pair)
         state["n_iter"] += 1
