@@ -11,8 +11,9 @@ from torch import Tensor
 STATUSES = {
     "converged": True,  # the gradient test passed (and, for second-order methods, no
     # direction of negative curvature was found there)
-    "ftol": True,  # an iteration changed f by less than ftol: nothing more to gain
-    "xtol": True,  # a step shorter than xtol
+    "ftol": True,  # an iteration changed f by less than ftol: nothing more to gain (a
+    # success only if the gradient is small-ish too, see Run.result)
+    "xtol": True,  # a step shorter than xtol (likewise)
     "max_iterations": False,
     "max_evaluations": False,
     "no_progress": False,  # no acceptable step: a line search failed, a trust region collapsed
@@ -35,7 +36,9 @@ class OptimizeResult:
         nfev, njev: evaluations of ``f`` and of its gradient.
         nhev: dense Hessians formed (``newton``, ``trust-exact``).
         nhvp: Hessian-vector products.
-        success: whether a convergence test passed; never with a non-finite ``fun``.
+        success: whether a convergence test passed; never with a non-finite ``fun``. A
+            stop on ``ftol`` or ``xtol`` (nothing changes any more) counts only where the
+            gradient norm is within ``sqrt(gtol)`` or 1e-3 of the start's.
         status: ``"converged"``, ``"ftol"``, ``"xtol"`` (successes), or
             ``"max_iterations"``, ``"max_evaluations"``, ``"no_progress"``,
             ``"non_finite"``, ``"callback"``.

@@ -174,6 +174,18 @@ class Run:
     # -- the result --------------------------------------------------------------------
     def result(self, pt: Point, status: str, message: str) -> OptimizeResult:
         good = STATUSES.get(status, False) and pt.finite
+        if good and status in ("ftol", "xtol"):
+            # f or x stopped changing. That is a solution at this precision only if the
+            # gradient is small too (within sqrt(gtol), or 1e-3 of the start's): a step cut
+            # short by a trust region at a badly scaled point also changes f very little.
+            g_norm = pt.g_norm(self.tol.norm)
+            loose = max(self.tol.gtol**0.5, 1e-3 * self.g0_norm)
+            if not g_norm <= loose:
+                good = False
+                message += (
+                    f", but the gradient norm is still {g_norm:.3e}: progress stalled (a "
+                    "badly scaled problem, or rounding); try another method or rescale x"
+                )
         if not good and self.best is not None and (not pt.finite or self.best.f < pt.f):
             pt = self.best
         shape = self.obj.shape
