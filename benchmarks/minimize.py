@@ -1045,7 +1045,7 @@ def report_profile(
     ]
     out["runs"] = list(runs.values())
     path = stem.with_name(stem.name + ".json")
-    path.write_text(json.dumps(finite_json(out), indent=1, default=float))
+    path.write_text(json.dumps(finite_json(out), separators=(",", ":"), default=float))
     print(f"wrote {path} ({total:.0f} s of runs)")
     return 0
 
@@ -1376,7 +1376,7 @@ def run_logistic(args: argparse.Namespace) -> int:
     suffix = "_quick" if args.quick else ""
     path = RESULTS / f"minimize_logistic{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite_json(out), indent=1, default=float))
+    path.write_text(json.dumps(finite_json(out), separators=(",", ":"), default=float))
     print(f"wrote {path} ({total:.0f} s)")
     return 0
 
