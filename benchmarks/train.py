@@ -330,6 +330,17 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _thin(obj, keep: int = 300):
+    """The result with each curve (a list of numbers) cut to at most ``keep`` points, the
+    last one kept, for a JSON file of reasonable size (the figure uses every point)."""
+    if isinstance(obj, dict):
+        return {k: _thin(v, keep) for k, v in obj.items()}
+    if isinstance(obj, list) and len(obj) > keep and all(isinstance(v, (int, float)) for v in obj):
+        step = -(-len(obj) // keep)
+        return obj[::step] + ([obj[-1]] if (len(obj) - 1) % step else [])
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -354,8 +365,8 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"train_cpu{suffix}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"train_cpu{suffix}.png")
+    (RESULTS / f"train_cpu{suffix}.json").write_text(json.dumps(_thin(result), indent=1))
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 

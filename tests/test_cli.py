@@ -112,7 +112,8 @@ def test_spectrum_of_a_convex_problem_matches_the_library(capsys, tmp_path):
     tr = hesse.trace(H, method="xtrace", num_matvecs=100, seed=0)
     assert res["trace"]["estimate"] == pytest.approx(tr.estimate, rel=1e-10)
     assert res["trace"]["estimate"] == pytest.approx(float(dense.sum()), rel=1e-8)
-    assert res["density"]["negative_share"] == 0.0  # positive definite
+    assert res["density"]["negative_eigenvalue_share"] == 0.0  # positive definite
+    assert res["density"]["negative_curvature_share"] == 0.0
     assert {p.name for p in tmp_path.iterdir()} == {"spectrum.json", "density.png", "density.json"}
     assert json.loads((tmp_path / "spectrum.json").read_text())["eigenvalues"] == res["eigenvalues"]
 
@@ -138,7 +139,7 @@ def test_convexity_of_a_convex_problem(capsys):
     assert res["certified"] and res["exact"]
     assert res["min_eigenvalue"] == pytest.approx(ref.min_eigenvalue, rel=1e-10)
     assert res["gradient_norm"] == pytest.approx(ref.gradient_norm, rel=1e-6, abs=1e-12)
-    assert res["negative_share"] == 0.0
+    assert res["negative_eigenvalue_share"] == res["negative_curvature_share"] == 0.0
 
 
 def test_convexity_of_a_network_per_layer(capsys):
@@ -147,7 +148,7 @@ def test_convexity_of_a_network_per_layer(capsys):
     _, model = fixed_model("mlp-digits")
     assert res["verdict"] == "indefinite" and res["certified"]
     assert res["min_eigenvalue"] < 0 < res["max_eigenvalue"]
-    assert 0 < res["negative_share"] < 1
+    assert 0 < res["negative_eigenvalue_share"] < 1 and 0 < res["negative_curvature_share"] < 1
     assert [r["name"] for r in res["layers"]] == list(parameter_blocks(model))
     assert sum(r["size"] for r in res["layers"]) == res["parameters"] == 4810
 
@@ -275,6 +276,13 @@ def test_a_failing_file_is_status_1_and_debug_shows_the_traceback(capsys, tmp_pa
     assert code == 1 and "Traceback" in err
 
 
+def test_a_missing_extra_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # as if rich were not installed
+    code, out, err = run(capsys, "problems")
+    assert code == 1 and out == ""
+    assert err.strip() == "hesse: error: the hesse command needs rich: pip install 'hesse[cli]'"
+
+
 # ------------------------------------------------------------------- the demo, README
 
 FIGURES = {
@@ -340,9 +348,10 @@ def test_demo_numbers_match_the_library(demo):
     ref = hesse.eigenvalues(hesse.HessianOperator(model, p.loss_fn, p.train), k=3, seed=0)
     torch.testing.assert_close(torch.tensor(mlp["hessian"]["init"]["top_eigenvalues"]),
                                ref.eigenvalues, rtol=1e-4, atol=1e-6)  # fmt: skip
-    assert 0 < mlp["hessian"]["init"]["negative_share"] < 1
+    init = mlp["hessian"]["init"]
+    assert init["verdict"] == "indefinite" and 0 < init["negative_curvature_share"] < 1
     for a in mlp["hessian"].values():
-        assert a["verdict"] == "indefinite" and 0 <= a["negative_share"] < 1
+        assert 0 <= a["negative_eigenvalue_share"] < 1 and 0 <= a["negative_curvature_share"] < 1
     for d in mlp["training"]["methods"].values():
         assert d["steps"] >= 1 and d["curve"]["loss"][-1] < d["curve"]["loss"][0]
 

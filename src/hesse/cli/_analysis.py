@@ -24,11 +24,23 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
         "optimum found by hesse.minimize (default: optimum for convex problems, else init)",
     )
     p.add_argument("--tol", type=float, default=1e-3, help="Lanczos' relative residual (1e-3)")
-    p.add_argument("--max-iter", type=int, help="most Lanczos steps (default min(P, 200))")
     p.add_argument(
-        "--probes", type=int, default=10, help="random probes of the spectral density (10)"
+        "--max-iter",
+        type=int,
+        metavar="N",
+        help="most Lanczos steps (default max(60, 4k + 40) for the spectrum, "
+        "200 for convexity, 60 per layer; at most P)",
     )
-    p.add_argument("--steps", type=int, default=80, help="Lanczos steps per probe (80)")
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=10,
+        metavar="N",
+        help="random probes of the spectral density (10)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=80, metavar="N", help="Lanczos steps per probe (80)"
+    )
     p.add_argument("--no-density", action="store_true", help="skip the spectral density")
     p.add_argument(
         "--per-layer", action="store_true", help="also analyse each layer's block of the Hessian"
@@ -45,7 +57,7 @@ def add_spectrum(sub: Any, parent: argparse.ArgumentParser) -> None:
         "Lanczos quadrature) of the Hessian of TARGET.",
     )
     add_target_options(p)
-    p.add_argument("-k", type=int, default=5, help="number of eigenvalues (5)")
+    p.add_argument("-k", type=int, default=5, metavar="K", help="number of eigenvalues (5)")
     p.add_argument(
         "--which",
         choices=("largest", "smallest", "both"),
@@ -59,7 +71,11 @@ def add_spectrum(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="the trace estimator (xtrace)",
     )
     p.add_argument(
-        "--matvecs", type=int, default=100, help="Hessian-vector products for the trace (100)"
+        "--matvecs",
+        type=int,
+        default=100,
+        metavar="N",
+        help="Hessian-vector products for the trace (100)",
     )
     p.set_defaults(run=run_spectrum)
 
@@ -86,19 +102,30 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--tol must be positive, got {args.tol}")
 
 
-def negative_share(density: DensityResult, below: float) -> float:
-    """The share of eigenvalues below ``-below``, read off the quadrature behind a density.
+def negative_shares(density: DensityResult) -> tuple[float, float]:
+    r"""How much of a spectrum is negative, read off the quadrature behind a density.
 
-    Stochastic Lanczos quadrature gives each probe's nodes (Ritz values) and weights; the
-    weights below ``-below`` sum to that probe's estimate of the share, and the density's
-    estimate is their mean. ``below`` is the density's kernel width: closer to zero than its
-    resolution, a sign is not resolved.
+    Stochastic Lanczos quadrature gives each probe nodes :math:`\theta` (Ritz values) and
+    weights :math:`w`, a quadrature rule for the spectral measure; averaged over the
+    probes:
+
+    * the share of eigenvalues below :math:`-\sigma`, the density's resolution (the
+      kernel width): a sign closer to zero than that is not resolved, and counting it
+      would count the noise of the large cluster near zero;
+    * the share of negative curvature, :math:`\sum_{\lambda_i<0} |\lambda_i| / \sum_i
+      |\lambda_i|`: eigenvalues weighted by their size, so the cluster near zero hardly
+      counts and the estimate is stable across probes and steps.
     """
-    return float((density.weights * (density.nodes < -below)).sum(1).mean())
+    w, theta = density.weights, density.nodes
+    count = float((w * (theta < -density.sigma)).sum(1).mean())
+    absolute = (w * theta.abs()).sum(1).mean()
+    negative = (w * theta.clamp(max=0).abs()).sum(1).mean()
+    return count, float(negative / absolute) if float(absolute) > 0 else 0.0
 
 
 def density_summary(density: DensityResult) -> dict[str, Any]:
     """What a spectral density says in numbers."""
+    shares = negative_shares(density)
     return {
         "num_probes": density.nodes.shape[0],
         "steps": density.nodes.shape[1],
@@ -106,7 +133,8 @@ def density_summary(density: DensityResult) -> dict[str, Any]:
         "sigma": density.sigma,
         "min_node": float(density.nodes.min()),
         "max_node": float(density.nodes.max()),
-        "negative_share": negative_share(density, density.sigma),
+        "negative_eigenvalue_share": shares[0],
+        "negative_curvature_share": shares[1],
         "status": density.status,
     }
 
@@ -186,6 +214,11 @@ def run_spectrum(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
             for e, i, v, r, c in zip(ends, ranks, eig.eigenvalues, eig.residuals, eig.converged)
         ],
     )
+    if not eig.success:
+        ui.print(
+            f"Lanczos stopped after {eig.matvecs} products with {int(eig.converged.sum())} of "
+            f"{k} eigenvalues converged to --tol {args.tol:g}: raise --max-iter or --tol"
+        )
     ui.print(f"trace ≈ {tr.estimate:.6g} ± {tr.stderr:.2g} ({tr.method}, {tr.matvecs} products)")
     results: dict[str, Any] = {
         "command": "spectrum",
@@ -260,9 +293,13 @@ def run_convexity(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
     if not args.no_density:
         density = compute_density(op, args, ui)
         results["density"] = density_summary(density)
-        share = results["density"]["negative_share"]
-        results["negative_share"] = share
-        rows.append(["share of eigenvalues < 0 (density)", share])
+        d = results["density"]
+        results["negative_eigenvalue_share"] = d["negative_eigenvalue_share"]
+        results["negative_curvature_share"] = d["negative_curvature_share"]
+        rows += [
+            ["share of eigenvalues < −σ (density)", d["negative_eigenvalue_share"]],
+            ["share of curvature Σ|λ| that is negative", d["negative_curvature_share"]],
+        ]
         _density_files(density, target, ui)
     ui.table("Convexity", ["", "value"], rows)
     if args.per_layer:
@@ -288,8 +325,9 @@ def _header(target: Target, args: argparse.Namespace) -> dict[str, Any]:
 def _print_density(summary: dict[str, Any], ui: Output) -> None:
     ui.print(
         f"spectral density: Ritz values in [{summary['min_node']:.4g}, {summary['max_node']:.4g}]"
-        f"; share below −{summary['sigma']:.2g} (its resolution): "
-        f"{summary['negative_share']:.3g} ({summary['matvecs']} products)"
+        f" ({summary['matvecs']} products); below −σ = {-summary['sigma']:.2g} (its "
+        f"resolution): {summary['negative_eigenvalue_share']:.3g} of the eigenvalues, "
+        f"{summary['negative_curvature_share']:.3g} of the curvature Σ|λ|"
     )
 
 

@@ -25,6 +25,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class MissingDependency(UserError):
+    """An optional dependency of the command is not installed (exit status 1)."""
+
+    exit_code = 1
+
+
 def need(module: str) -> Any:
     """Import an optional dependency of the command, or say how to install it."""
     import importlib
@@ -33,7 +39,7 @@ def need(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         top = module.split(".")[0]
-        raise UserError(f"the hesse command needs {top}: {INSTALL}") from err
+        raise MissingDependency(f"the hesse command needs {top}: {INSTALL}") from err
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -42,7 +48,9 @@ def common_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("common options")
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     g.add_argument("--out", metavar="DIR", type=Path, help="write figures and JSON to DIR")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    g.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)"
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     g.add_argument(
         "--dtype",
@@ -99,6 +107,8 @@ class Output:
         self.json = bool(args.json)
         self.out: Path | None = args.out
         self.console = rich_console.Console(highlight=False)
+        if not self.console.is_terminal:  # a file or a pipe: no screen to fit, room for tables
+            self.console = rich_console.Console(highlight=False, width=120)
         self.err = rich_console.Console(stderr=True, highlight=False)
         self.written: list[Path] = []
         # progress bars only where a person watches: not in --json mode, not into a pipe
@@ -121,7 +131,7 @@ class Output:
             all(_is_number(r[i]) for r in rows) if rows else False for i in range(len(columns))
         ]
         for i, (name, num) in enumerate(zip(columns, numeric)):
-            t.add_column(name, justify="right" if num else "left", no_wrap=i == 0)
+            t.add_column(name, justify="right" if num else "left", no_wrap=i == 0, overflow="fold")
         for r in rows:
             t.add_row(*(fmt(v) for v in r))
         self.console.print(t)

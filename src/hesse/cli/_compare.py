@@ -101,9 +101,14 @@ def add_compare(sub: Any, parent: argparse.ArgumentParser) -> None:
         f"({', '.join(METHODS)}); otherwise the model is trained with optimizers "
         f"({', '.join(TRAINERS)}) through hesse.optim.compare.",
     )
-    p.add_argument("problem", metavar="PROBLEM", help="a built-in problem (see `hesse problems`)")
+    p.add_argument(
+        "problem",
+        metavar="PROBLEM",
+        help="a built-in problem or classic function (`hesse problems` lists them)",
+    )
     p.add_argument(
         "--methods",
+        metavar="LIST",
         help="comma-separated methods (default: "
         f"{','.join(DEMO_MINIMIZE)} to minimise, {','.join(DEFAULT_TRAIN)} to train)",
     )
@@ -114,12 +119,21 @@ def add_compare(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
     m = p.add_argument_group("minimising (hesse.minimize)")
     m.add_argument("--tol", type=float, help="gradient tolerance (default 1e-8 in float64)")
-    m.add_argument("--max-iter", type=int, help="most iterations per method (default 2000)")
+    m.add_argument(
+        "--max-iter", type=int, metavar="N", help="most iterations per method (default 2000)"
+    )
     t = p.add_argument_group("training (hesse.optim.compare)")
-    t.add_argument("--epochs", type=float, help="passes over the data (default 30)")
-    t.add_argument("--time-budget", type=float, help="seconds of training per method")
-    t.add_argument("--batch-size", type=int, help="mini-batch size (default: the whole data)")
-    t.add_argument("--lr", type=float, help="learning rate of every method (default per method)")
+    t.add_argument("--epochs", type=float, metavar="N", help="passes over the data (default 30)")
+    t.add_argument(
+        "--time-budget", type=float, metavar="SECONDS", help="seconds of training per method"
+    )
+    t.add_argument(
+        "--batch-size", type=int, metavar="N", help="mini-batch size (default: the whole data)"
+    )
+    rates = ", ".join(f"{k} {v[1]:g}" for k, v in TRAINERS.items())
+    t.add_argument(
+        "--lr", type=float, help=f"learning rate (step scale) of every method; default {rates}"
+    )
     p.set_defaults(run=run_compare)
 
 
@@ -305,16 +319,20 @@ def print_minimize(results: dict[str, Any], ui: Output, title: str) -> None:
 
 
 def train_all(
-    p: Problem, methods: list[str], ui: Output, epochs: float | None, time_budget: float | None,
+    p: Problem, methods: list[str], ui: Output, epochs: float | dict[str, float] | None,
+    time_budget: float | None,
     batch_size: int | None, lr: float | None, seed: int,
     models: dict[str, nn.Module] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train ``p``'s model with each method through :func:`hesse.optim.compare`.
 
     Args:
+        epochs: Passes over the data, for all methods or per method.
         models: If given, receives each method's model (trained in place).
     """
-    for what, v in (("epochs", epochs), ("time-budget", time_budget), ("lr", lr)):
+    per_method = epochs if isinstance(epochs, dict) else dict.fromkeys(methods, epochs)
+    for what, v in (*(("epochs", e) for e in per_method.values()), ("time-budget", time_budget),
+                    ("lr", lr)):  # fmt: skip
         if v is not None and not v > 0:
             raise UserError(f"--{what} must be positive, got {v}")
     if batch_size is not None and batch_size < 1:
@@ -332,7 +350,7 @@ def train_all(
 
             advance(0, f"training with {m}")
             curves[m] = hesse.optim.compare(
-                p.make_model, p.loss_fn, p.train, {m: factory}, epochs=epochs,
+                p.make_model, p.loss_fn, p.train, {m: factory}, epochs=per_method[m],
                 time_budget=time_budget, batch_size=batch_size,
                 regularizer=p.regularizer if p.l2 else None, test_data=p.test,
                 metric=p.metric, evals_per_epoch=1, seed=seed,
@@ -356,6 +374,7 @@ def train_all(
         "batch_size": batch_size,
         "epochs": epochs,
         "time_budget_s": time_budget,
+        "loss_floor": p.loss_floor,
         "methods": out,
     }
 

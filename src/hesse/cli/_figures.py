@@ -17,11 +17,12 @@ def _plt() -> Any:
     return need("matplotlib.pyplot")
 
 
-def _log_if_decades(ax: Any, values: Any, label: str) -> str:
-    """A log y-axis where positive values span more than a decade; the label says so."""
+def _log_if_decades(ax: Any, values: Any, label: str, span: float = 10.0) -> str:
+    """A log y-axis where positive values span more than ``span`` (a decade by default);
+    the label says so."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    if v.size and (v > 0).all() and v.max() / v.min() > 10:
+    if v.size and (v > 0).all() and v.max() / v.min() > span:
         ax.set_yscale("log")
         return f"{label} (log scale)"
     return label
@@ -70,24 +71,33 @@ def training(results: dict[str, Any], path: Path, title: str, metric: str) -> di
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     data: dict[str, Any] = {"metric": metric, "methods": {}}
-    losses = []
+    floor = results.get("loss_floor", 0.0)
+    data["loss_floor"] = floor
+    losses: list[float] = []
+    errors: list[float] = []
     for m, d in results["methods"].items():
         c = d["curve"]
-        ax1.plot(c["time"], c["loss"], label=m, lw=1.5)
+        ax1.plot(c["time"], np.asarray(c["loss"]) - floor, label=m, lw=1.5)
         if c["test"]:
-            ax2.plot(c["time"], c["test"], label=m, lw=1.5)
+            ax2.plot(c["time"], 1 - np.asarray(c["test"]), label=m, lw=1.5)
+            errors += [1 - v for v in c["test"]]
         data["methods"][m] = c
-        losses += c["loss"]
-    ax1.set_ylabel(_log_if_decades(ax1, losses, "training loss"))
-    ax2.set_ylabel(f"test {metric}")
+        losses += [v - floor for v in c["loss"]]
+    what = "training loss" if not floor else f"training loss − its infimum {floor:.4g}"
+    ax1.set_ylabel(_log_if_decades(ax1, losses, what))
+    error = "test error (1 − accuracy)" if metric == "accuracy" else f"1 − test {metric}"
+    ax2.set_ylabel(_log_if_decades(ax2, [e for e in errors if e > 0], error))
     for ax in (ax1, ax2):
         ax.set_xlabel("training time (s)")
         ax.grid(True, which="major", alpha=0.3)
     ax1.legend(loc="upper right", fontsize=8, framealpha=0.9)
-    ax2.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax2.legend(loc="upper right", fontsize=8, framealpha=0.9)
     fig.suptitle(title)
     _save(fig, path)
     return data
+
+
+FLOOR = 1e-5
 
 
 def densities(curves: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
@@ -100,13 +110,16 @@ def densities(curves: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
         1, n, figsize=(4.2 * n, 3.8), constrained_layout=True, sharey=True, squeeze=False
     )
     data = {}
+    bottom = 0.0
     for ax, (label, density) in zip(axes[0], curves.items()):
         # floored at 1e-5 of the peak: an isolated eigenvalue's bump (about 1/P of the
         # mass) stays in view, the kernel's far tails do not stretch the axis
-        hesse.plot.spectral_density(density, ax=ax, title=label, floor=1e-5)
+        hesse.plot.spectral_density(density, ax=ax, title=label, floor=FLOOR)
         ax.set_xlabel("eigenvalue λ of the Hessian")
         ax.axvline(0.0, color="black", lw=0.8, ls=":")
         data[label] = {"eigenvalue": density.grid, "density": density.density}
+        bottom = max(bottom, 2 * FLOOR * float(density.density.max()))
+    axes[0][0].set_ylim(bottom=bottom)  # below it lies only the floor, not density
     for ax in axes[0][1:]:
         ax.set_ylabel("")
     fig.suptitle(title)
@@ -120,9 +133,11 @@ def eigenvalues(
     title: str,
     ylabel: str,
     line: tuple[float, str] | None = None,
+    gap: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
-    """Eigenvalues by rank, one line per set (log scale when all positive), with an
-    optional horizontal reference ``line=(value, label)``."""
+    """Eigenvalues by rank, one line per set (log scale when positive and spanning two
+    decades), with an optional horizontal reference ``line=(value, label)`` and a
+    vertical one between ranks, ``gap=(rank, label)``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), constrained_layout=True)
     data = {}
@@ -135,11 +150,13 @@ def eigenvalues(
         every += list(v)
     if line is not None:
         ax.axhline(line[0], color="grey", ls="--", lw=1, label=line[1])
+    if gap is not None:
+        ax.axvline(gap[0], color="grey", ls=":", lw=1, label=gap[1])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("rank i (1 = largest)")
-    ax.set_ylabel(_log_if_decades(ax, every, ylabel))
+    ax.set_ylabel(_log_if_decades(ax, every, ylabel, span=100.0))
     ax.grid(True, which="major", alpha=0.3)
-    if len(curves) > 1 or line is not None:
+    if len(curves) > 1 or line is not None or gap is not None:
         ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     ax.set_title(title)
     _save(fig, path)

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,18 @@ import torch
 from torch import Tensor, nn
 
 Data = tuple[Tensor, Tensor]
+
+#: Label smoothing of the networks' cross-entropy. The networks can fit the digits
+#: exactly; with plain cross-entropy the training loss then tends to zero and its Hessian
+#: vanishes with it. Smoothed targets give the loss a finite minimum, where the Hessian
+#: is worth looking at.
+SMOOTHING = 0.1
+
+
+def _smoothed_entropy(classes: int, smoothing: float = SMOOTHING) -> float:
+    """The entropy of a smoothed one-hot target: the least cross-entropy any output has."""
+    hit, miss = 1 - smoothing + smoothing / classes, smoothing / classes
+    return -(hit * math.log(hit) + (classes - 1) * miss * math.log(miss))
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class Problem:
         l2: The penalty's coefficient (0 for none).
         penalized: Names of the penalised parameters (``model.named_parameters()``).
         convex: Whether the objective is convex in the parameters.
+        loss_floor: The infimum of the loss over all outputs (0, or with smoothed labels
+            their entropy): the training loss minus it is what a better fit can still gain.
     """
 
     name: str
@@ -58,6 +73,7 @@ class Problem:
     l2: float = 0.0
     penalized: tuple[str, ...] = ()
     convex: bool = False
+    loss_floor: float = 0.0
 
     @property
     def num_parameters(self) -> int:
@@ -235,14 +251,15 @@ def _mlp_digits(dtype, device) -> Problem:
     train, test = _digits(dtype, device, images=False)
     return Problem(
         "mlp-digits",
-        "MLP 64-64-10 (tanh), digits, cross-entropy",
+        "MLP 64-64-10 (tanh), digits, cross-entropy (label smoothing 0.1)",
         "classification",
         lambda: nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(
             dtype=dtype, device=device
         ),
-        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(label_smoothing=SMOOTHING),
         train,
         test,
+        loss_floor=_smoothed_entropy(10),
     )
 
 
@@ -250,7 +267,8 @@ def _cnn_digits(dtype, device) -> Problem:
     train, test = _digits(dtype, device, images=True)
     return Problem(
         "cnn-digits",
-        "CNN conv3x3(8)-conv3x3(16, stride 2)-linear (tanh), digits, cross-entropy",
+        "CNN conv3x3(8)-conv3x3(16, stride 2)-linear (tanh), digits, cross-entropy (label "
+        "smoothing 0.1)",
         "classification",
         lambda: nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1),
@@ -260,9 +278,10 @@ def _cnn_digits(dtype, device) -> Problem:
             nn.Flatten(),
             nn.Linear(16 * 4 * 4, 10),
         ).to(dtype=dtype, device=device),
-        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(label_smoothing=SMOOTHING),
         train,
         test,
+        loss_floor=_smoothed_entropy(10),
     )
 
 
