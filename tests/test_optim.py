@@ -334,3 +334,21 @@ def test_compare_runs_on_equal_terms():
         assert c.time == sorted(c.time) and c.loss[-1] < c.loss[0]
     with pytest.raises(ValueError, match="budget"):
         compare(_mlp, nn.functional.cross_entropy, (X, y), {})
+
+
+def test_truncated_newton_survives_an_overflowing_curvature_product():
+    """float32: the gradient is finite but H g overflows. The step keeps the parameters,
+    raises the damping and does not raise."""
+    w = torch.tensor([1e9], requires_grad=True)
+    opt = HessianFree([w], preconditioner=None)
+
+    def closure():
+        opt.zero_grad()
+        loss = 1e19 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    before = w.detach().clone()
+    opt.step(closure)
+    assert torch.equal(w.detach(), before)
+    assert opt.state[w]["damping"] > 1.0

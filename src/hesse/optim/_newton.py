@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from hesse._core import NonFiniteError
 from hesse.linalg import cg
 from hesse.operators import GGNOperator, HessianOperator, IdentityOperator
 from hesse.optim._base import Closure, FlatParams, GraphHessian, check_float, check_int, evaluate
@@ -203,11 +204,24 @@ class _TruncatedNewton(Optimizer):
 
         else:
             remember = None
-        if damping > 0:  # the damped system is positive definite when C is PSD (GGN)
-            res = cg(A, -g, x0, M=M, rtol=rtol, max_iter=group["cg_max_iter"], callback=remember)
-            d = res.x if bool(res.x.abs().max() > 0) and float(g @ res.x) < 0 else -g
-        else:
-            d, res = truncated_newton(A, g, rtol=rtol, max_iter=group["cg_max_iter"], M=M, x0=x0)
+        try:
+            if damping > 0:  # the damped system is positive definite when C is PSD (GGN)
+                res = cg(
+                    A, -g, x0, M=M, rtol=rtol, max_iter=group["cg_max_iter"], callback=remember
+                )
+                d = res.x if bool(res.x.abs().max() > 0) and float(g @ res.x) < 0 else -g
+            else:
+                d, res = truncated_newton(
+                    A, g, rtol=rtol, max_iter=group["cg_max_iter"], M=M, x0=x0
+                )
+        except NonFiniteError:
+            # A curvature product overflowed (seen with a float32 loss near 1e-9, where the
+            # GGN's softmax terms underflow): keep the parameters, damp harder, go on.
+            ev.release()
+            state["damping"] = max(damping, 1e-8) * 10.0
+            state.pop("direction", None)
+            state["step"] += 1
+            return torch.tensor(ev.loss)
         state["cg_iterations"] += res.iterations
 
         # The undamped model q(p) = g'p + p'Cp/2 of each candidate, from CG's own record of
