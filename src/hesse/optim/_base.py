@@ -189,3 +189,30 @@ class GraphHessian(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.ev.hvp(V[:, 0] if V.shape[1] == 1 else V, self.flat).reshape(V.shape)
+
+
+class FlatOptimizer(Optimizer):
+    """An optimizer that sees its parameters as one flat vector (:class:`FlatParams`, built
+    on first use) and keeps its global state under the first parameter, so that
+    ``state_dict()`` carries it."""
+
+    _flat: FlatParams | None = None
+
+    @property
+    def flat(self) -> FlatParams:
+        if self._flat is None:
+            self._flat = FlatParams(self)
+        return self._flat
+
+    def global_state(self) -> dict:
+        return self.state[self.flat.params[0]]
+
+
+def check_betas(betas: object) -> tuple[float, float]:
+    """Two exponential-averaging rates in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return (
+        check_float(betas[0], "betas[0]", hi=1.0, open_hi=True),
+        check_float(betas[1], "betas[1]", hi=1.0, open_hi=True),
+    )

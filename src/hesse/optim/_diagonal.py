@@ -7,13 +7,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from hesse.optim._base import Closure, FlatParams, check_float, check_int, evaluate
+from hesse.optim._base import Closure, FlatOptimizer, check_betas, check_float, check_int, evaluate
 from hesse.solvers import hutchinson_diagonal_probe
 
 
-class _DiagonalCurvature(Optimizer):
+class _DiagonalCurvature(FlatOptimizer):
     """The shared part: the closure run with the gradient's graph every ``update_each``
     steps, the probe drawn from a generator whose state lives in ``self.state`` (so a
     restored optimizer draws the same probes)."""
@@ -21,16 +20,9 @@ class _DiagonalCurvature(Optimizer):
     def __init__(self, params, defaults, seed: int):
         super().__init__(params, defaults)
         self.seed = int(seed)
-        self._flat: FlatParams | None = None
-
-    @property
-    def flat(self) -> FlatParams:
-        if self._flat is None:
-            self._flat = FlatParams(self)
-        return self._flat
 
     def _global(self) -> dict:
-        state = self.state[self.flat.params[0]]
+        state = self.global_state()
         if "step" not in state:
             state["step"] = 0
         return state
@@ -107,10 +99,7 @@ class AdaHessian(_DiagonalCurvature):
     ):
         defaults = {
             "lr": check_float(lr, "lr", open_lo=True),
-            "betas": (
-                check_float(betas[0], "betas[0]", hi=1.0, open_hi=True),
-                check_float(betas[1], "betas[1]", hi=1.0, open_hi=True),
-            ),
+            "betas": check_betas(betas),
             "eps": check_float(eps, "eps"),
             "weight_decay": check_float(weight_decay, "weight_decay"),
             "hessian_power": check_float(hessian_power, "hessian_power", hi=1.0),
@@ -213,10 +202,7 @@ class Sophia(_DiagonalCurvature):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         defaults = {
             "lr": check_float(lr, "lr", open_lo=True),
-            "betas": (
-                check_float(betas[0], "betas[0]", hi=1.0, open_hi=True),
-                check_float(betas[1], "betas[1]", hi=1.0, open_hi=True),
-            ),
+            "betas": check_betas(betas),
             "rho": check_float(rho, "rho", open_lo=True),
             "weight_decay": check_float(weight_decay, "weight_decay"),
             "eps": check_float(eps, "eps", open_lo=True),

@@ -6,15 +6,14 @@ import math
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from hesse.optim._base import Closure, FlatParams, check_float, check_int, evaluate
+from hesse.optim._base import Closure, FlatOptimizer, check_float, check_int, evaluate
 from hesse.solvers import LBFGSMemory, armijo, curvature_pair, strong_wolfe
 
 LINE_SEARCHES = ("strong-wolfe", "armijo", None)
 
 
-class LBFGS(Optimizer):
+class LBFGS(FlatOptimizer):
     r"""Limited-memory BFGS (Nocedal 1980; Liu & Nocedal 1989) as a ``torch.optim``
     optimizer: the method of :class:`torch.optim.LBFGS`, on :mod:`hesse.solvers`' two-loop
     recursion (:class:`~hesse.solvers.LBFGSMemory`) and strong-Wolfe line search
@@ -83,16 +82,9 @@ class LBFGS(Optimizer):
             "batch_mode": bool(batch_mode),
         }
         super().__init__(params, defaults)
-        self._flat: FlatParams | None = None
-
-    @property
-    def flat(self) -> FlatParams:
-        if self._flat is None:
-            self._flat = FlatParams(self)
-        return self._flat
 
     def _state(self) -> dict:
-        state = self.state[self.flat.params[0]]
+        state = self.global_state()
         if "s" not in state:
             state.update(
                 s=[], y=[], n_iter=0, func_evals=0, best_loss=math.inf, best_x=None, resets=0

@@ -13,18 +13,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from hesse._core import NonFiniteError
 from hesse.linalg import cg
 from hesse.operators import GGNOperator, HessianOperator, IdentityOperator
-from hesse.optim._base import Closure, FlatParams, GraphHessian, check_float, check_int, evaluate
+from hesse.optim._base import (
+    Closure,
+    FlatOptimizer,
+    GraphHessian,
+    check_float,
+    check_int,
+    evaluate,
+)
 from hesse.solvers import armijo, forcing_rtol, strong_wolfe, truncated_newton
 
 CURVATURES = ("hessian", "ggn")
 
 
-class _TruncatedNewton(Optimizer):
+class _TruncatedNewton(FlatOptimizer):
     """The shared loop: evaluate the closure, build the curvature operator :math:`C`, solve
     :math:`(C + \\lambda I) p = -g` by CG, adapt :math:`\\lambda` by the reduction ratio,
     search along :math:`p`."""
@@ -90,18 +96,11 @@ class _TruncatedNewton(Optimizer):
         self.curvature, self.model, self.loss_fn = curvature, model, loss_fn
         self.subsample, self.preconditioner = subsample, preconditioner
         self.seed = int(seed)
-        self._flat: FlatParams | None = None
 
     # -- state -------------------------------------------------------------------------
-    @property
-    def flat(self) -> FlatParams:
-        if self._flat is None:
-            self._flat = FlatParams(self)
-        return self._flat
-
     def _global(self) -> dict:
         """Global state, kept in the first parameter's entry so state_dict() has it."""
-        state = self.state[self.flat.params[0]]
+        state = self.global_state()
         if "damping" not in state:
             state["damping"] = self.param_groups[0]["damping"]
             state["step"] = 0
