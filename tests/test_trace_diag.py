@@ -366,3 +366,21 @@ def test_diagonal_argument_errors():
     with pytest.raises(TypeError, match="hesse operator"):
         exact_diagonal("A")
     assert exact_diagonal(torch.zeros(0, 0)).estimate.shape == (0,)
+
+
+def test_density_negative_shares_match_the_eigenvalues():
+    """The shares a density reports against numpy's eigenvalues of the same matrix."""
+    import numpy as np
+
+    from hesse.linalg import spectral_density
+
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.linspace(-1.0, -0.2, 40), torch.linspace(0.5, 4.0, 160)]).double()
+    A = Q @ torch.diag(lam) @ Q.T
+    r = spectral_density(A, num_probes=30, steps=60, seed=0)
+    ev = np.linalg.eigh(A.numpy())[0]
+    exact_curv = np.abs(ev[ev < 0]).sum() / np.abs(ev).sum()
+    exact_count = (ev < -r.sigma).mean()
+    assert abs(r.negative_curvature_share() - exact_curv) < 0.02
+    assert abs(r.negative_eigenvalue_share() - exact_count) < 0.05

@@ -102,30 +102,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--tol must be positive, got {args.tol}")
 
 
-def negative_shares(density: DensityResult) -> tuple[float, float]:
-    r"""How much of a spectrum is negative, read off the quadrature behind a density.
-
-    Stochastic Lanczos quadrature gives each probe nodes :math:`\theta` (Ritz values) and
-    weights :math:`w`, a quadrature rule for the spectral measure; averaged over the
-    probes:
-
-    * the share of eigenvalues below :math:`-\sigma`, the density's resolution (the
-      kernel width): a sign closer to zero than that is not resolved, and counting it
-      would count the noise of the large cluster near zero;
-    * the share of negative curvature, :math:`\sum_{\lambda_i<0} |\lambda_i| / \sum_i
-      |\lambda_i|`: eigenvalues weighted by their size, so the cluster near zero hardly
-      counts and the estimate is stable across probes and steps.
-    """
-    w, theta = density.weights, density.nodes
-    count = float((w * (theta < -density.sigma)).sum(1).mean())
-    absolute = (w * theta.abs()).sum(1).mean()
-    negative = (w * theta.clamp(max=0).abs()).sum(1).mean()
-    return count, float(negative / absolute) if float(absolute) > 0 else 0.0
-
-
 def density_summary(density: DensityResult) -> dict[str, Any]:
     """What a spectral density says in numbers."""
-    shares = negative_shares(density)
     return {
         "num_probes": density.nodes.shape[0],
         "steps": density.nodes.shape[1],
@@ -133,8 +111,8 @@ def density_summary(density: DensityResult) -> dict[str, Any]:
         "sigma": density.sigma,
         "min_node": float(density.nodes.min()),
         "max_node": float(density.nodes.max()),
-        "negative_eigenvalue_share": shares[0],
-        "negative_curvature_share": shares[1],
+        "negative_eigenvalue_share": density.negative_eigenvalue_share(),
+        "negative_curvature_share": density.negative_curvature_share(),
         "status": density.status,
     }
 

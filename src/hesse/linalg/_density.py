@@ -44,6 +44,29 @@ class DensityResult:
         r"""The quadrature estimate of :math:`\frac1P \operatorname{tr}(A^p)`."""
         return float((self.weights * self.nodes**power).sum(1).mean())
 
+    def negative_eigenvalue_share(self) -> float:
+        r"""The share of eigenvalues below :math:`-\sigma` (the density's resolution),
+        from the quadrature averaged over the probes. A sign closer to zero than
+        :math:`\sigma` is not resolved; counting it would count the noise of the cluster
+        of eigenvalues near zero."""
+        return float((self.weights * (self.nodes < -self.sigma)).sum(1).mean())
+
+    def negative_curvature_share(self) -> float:
+        r"""The share of curvature that is negative,
+        :math:`\sum_{\lambda_i<0} |\lambda_i| / \sum_i |\lambda_i|`, from the quadrature:
+        eigenvalues weighted by their size, so the cluster near zero hardly counts and the
+        estimate is stable across probes and steps.
+
+        Example:
+            >>> A = torch.diag(torch.tensor([-1.0, 1.0, 2.0], dtype=torch.float64))
+            >>> r = spectral_density(A, num_probes=4, steps=3, seed=0)
+            >>> round(r.negative_curvature_share(), 6)  # exact: 3 steps span the space
+            0.25
+        """
+        absolute = float((self.weights * self.nodes.abs()).sum(1).mean())
+        negative = float((self.weights * self.nodes.clamp(max=0).abs()).sum(1).mean())
+        return negative / absolute if absolute > 0 else 0.0
+
 
 def slq_nodes(
     A: object, num_probes: int, steps: int, generator: torch.Generator
