@@ -16,6 +16,7 @@ from hesse.solvers import (
     eigen_newton,
     forcing_rtol,
     initial_scale,
+    repeat_decrease_step,
     truncated_newton,
 )
 
@@ -58,10 +59,8 @@ class Gradient(Direction):
         self.last_decrease = old.f - new.f
 
     def first_step(self, pt, d):
-        slope = float(torch.dot(pt.g, d))
-        if self.last_decrease is None or self.last_decrease <= 0:
-            return min(1.0, 1.0 / max(pt.g_norm(2), 1e-300))
-        return 1.01 * 2.0 * self.last_decrease / -slope
+        default = min(1.0, 1.0 / max(pt.g_norm(2), 1e-300))
+        return repeat_decrease_step(self.last_decrease, float(torch.dot(pt.g, d)), default)
 
 
 class Newton(Direction):
@@ -107,9 +106,8 @@ class NewtonCG(Direction):
         self.last_decrease = old.f - new.f
 
     def first_step(self, pt, d):
-        if self.last_decrease is None:
-            return 1.0
-        return min(1.0, 1.01 * 2.0 * self.last_decrease / -float(torch.dot(pt.g, d)))
+        slope = float(torch.dot(pt.g, d))
+        return repeat_decrease_step(self.last_decrease, slope, default=1.0, cap=1.0)
 
     def compute(self, pt):
         op = self.obj.operator(pt)

@@ -25,7 +25,15 @@ from hesse.optim._base import (
     check_int,
     evaluate,
 )
-from hesse.solvers import armijo, forcing_rtol, strong_wolfe, truncated_newton
+from hesse.solvers import (
+    armijo,
+    forcing_rtol,
+    hutchinson_diagonal_probe,
+    martens_damping,
+    repeat_decrease_step,
+    strong_wolfe,
+    truncated_newton,
+)
 
 CURVATURES = ("hessian", "ggn")
 
@@ -142,14 +150,8 @@ class _TruncatedNewton(FlatOptimizer):
         gen = torch.Generator(device=self.flat.device).manual_seed(
             self.seed + 104729 * state["step"]
         )
-        z = (
-            torch.randint(0, 2, (self.flat.size,), generator=gen, device=self.flat.device).to(
-                self.flat.dtype
-            )
-            * 2
-            - 1
-        )
-        est = (z * (op @ z)).abs()
+        like = [torch.empty(self.flat.size, dtype=self.flat.dtype, device=self.flat.device)]
+        est = hutchinson_diagonal_probe(lambda z: [op @ z[0]], like, gen)[0].abs()
         ema = state.get("diag_ema")
         ema = est if ema is None else 0.9 * ema + 0.1 * est
         state["diag_ema"] = ema
@@ -256,7 +258,8 @@ class _TruncatedNewton(FlatOptimizer):
             return e.loss, float(e.g @ d) if e.finite else math.nan, e
 
         if self._line_search == "strong-wolfe":
-            ls = strong_wolfe(phi, ev.loss, slope, group["lr"] * self._first_step(state, slope))
+            alpha0 = repeat_decrease_step(state.get("last_decrease"), slope, 1.0, cap=1.0)
+            ls = strong_wolfe(phi, ev.loss, slope, group["lr"] * alpha0)
         else:
             ls = armijo(phi, ev.loss, slope, group["lr"], c1=1e-2)
         if ls.accepted:
@@ -275,19 +278,9 @@ class _TruncatedNewton(FlatOptimizer):
                 a = ls.alpha
                 pred = a * slope + a * a * (q - slope)
                 rho = (f_new - ev.loss) / pred if pred < 0 else -math.inf
-            if rho < 0.25:
-                damping *= 1.5
-            elif rho > 0.75:
-                damping *= 2.0 / 3.0
-            state["damping"] = damping
+            state["damping"] = martens_damping(damping, rho)
         state["step"] += 1
         return torch.tensor(ev.loss)
-
-    def _first_step(self, state, slope: float) -> float:
-        last = state.get("last_decrease")
-        if last is None or not last > 0:
-            return 1.0
-        return min(1.0, 1.01 * 2.0 * last / -slope)
 
 
 class HessianFree(_TruncatedNewton):

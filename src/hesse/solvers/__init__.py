@@ -8,7 +8,13 @@ tolerances, as pure functions and small state objects over flat tensors.
 """
 
 from hesse.solvers._diagonal import hutchinson_diagonal_probe, rademacher_like
-from hesse.solvers._linesearch import LineSearchResult, armijo, cubic_minimizer, strong_wolfe
+from hesse.solvers._linesearch import (
+    LineSearchResult,
+    armijo,
+    cubic_minimizer,
+    repeat_decrease_step,
+    strong_wolfe,
+)
 from hesse.solvers._newton import (
     CORRECTIONS,
     NewtonStep,
@@ -17,6 +23,7 @@ from hesse.solvers._newton import (
     eigen_floor,
     eigen_newton,
     lm_damping,
+    martens_damping,
     shifted_cholesky,
     truncated_newton,
 )
@@ -46,6 +53,7 @@ __all__ = [
     "LineSearchResult",
     "armijo",
     "cubic_minimizer",
+    "repeat_decrease_step",
     "strong_wolfe",
     # Newton directions
     "CORRECTIONS",
@@ -55,6 +63,7 @@ __all__ = [
     "eigen_floor",
     "eigen_newton",
     "lm_damping",
+    "martens_damping",
     "shifted_cholesky",
     "truncated_newton",
     # quasi-Newton

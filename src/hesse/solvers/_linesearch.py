@@ -82,6 +82,22 @@ def cubic_minimizer(a: Trial, b: Trial, lo: float, hi: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def repeat_decrease_step(
+    last_decrease: float | None, slope: float, default: float, cap: float = math.inf
+) -> float:
+    r"""The first trial step that would repeat the last decrease along a line of slope
+    ``slope``: :math:`1.01 \cdot 2 (f_{k-1} - f_k) / (-\phi'(0))` (Nocedal & Wright eq.
+    3.60), at most ``cap``; ``default`` when there is no positive last decrease.
+
+    Example:
+        >>> repeat_decrease_step(0.5, -2.0, default=1.0)
+        0.505
+    """
+    if last_decrease is None or not last_decrease > 0 or not slope < 0:
+        return default
+    return min(cap, 1.01 * 2.0 * last_decrease / -slope)
+
+
 def armijo(
     phi: Phi,
     f0: float,

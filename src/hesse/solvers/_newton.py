@@ -133,6 +133,17 @@ def lm_damping(mu: float, nu: float, rho: float) -> tuple[float, float]:
     return mu * nu, 2.0 * nu
 
 
+def martens_damping(damping: float, rho: float) -> float:
+    r"""Martens' (2010) Levenberg-Marquardt rule for Hessian-free optimisation:
+    :math:`\lambda \times 3/2` when the reduction ratio :math:`\rho < 1/4` (or is not a
+    number), :math:`\lambda \times 2/3` when :math:`\rho > 3/4`."""
+    if not rho >= 0.25:
+        return damping * 1.5
+    if rho > 0.75:
+        return damping * 2.0 / 3.0
+    return damping
+
+
 def truncated_newton(
     A: object,
     g: Tensor,
