@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hesse._core import all_finite, check_scalar
 from hesse.func import fd_step
+from hesse.func._engine import _grad
 from hesse.operators import CurvatureOperator
 
 
@@ -116,8 +117,7 @@ class Objective:
                 return torch.zeros_like(V)
             with torch.enable_grad():
                 if V.dim() == 1:
-                    (hv,) = torch.autograd.grad(g, xl, V, retain_graph=True, allow_unused=True)
-                    return torch.zeros_like(V) if hv is None else hv
+                    return _grad([g], [xl], [V], True)[0]
                 try:  # all columns in one batched backward pass
                     (HV,) = torch.autograd.grad(
                         g, xl, V.T, retain_graph=True, is_grads_batched=True, allow_unused=True

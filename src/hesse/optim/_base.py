@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hesse._core import all_finite
+from hesse.func._engine import _grad
 from hesse.operators import CurvatureOperator
 
 Closure = Callable[[], Tensor]
@@ -130,14 +131,8 @@ class Evaluation:
         live = [i for i, g in enumerate(self._graph) if g.requires_grad]
         if not live:
             return [torch.zeros_like(v) for v in vs]
-        got = torch.autograd.grad(
-            [self._graph[i] for i in live],
-            params,
-            [vs[i] for i in live],
-            retain_graph=True,
-            allow_unused=True,
-        )
-        return [torch.zeros_like(p) if h is None else h for h, p in zip(got, params)]
+        with torch.enable_grad():
+            return _grad([self._graph[i] for i in live], params, [vs[i] for i in live], True)
 
     def hvp(self, V: Tensor, flat: FlatParams) -> Tensor:
         """Hessian times ``V`` (flat, ``(P,)`` or ``(P, k)``) through the kept graph."""
