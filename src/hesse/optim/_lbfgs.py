@@ -87,19 +87,21 @@ class LBFGS(FlatOptimizer):
         state = self.global_state()
         if "s" not in state:
             state.update(
-                s=[], y=[], n_iter=0, func_evals=0, best_loss=math.inf, best_x=None, resets=0
+                s=[],
+                y=[],
+                rho=[],
+                n_iter=0,
+                func_evals=0,
+                best_loss=math.inf,
+                best_x=None,
+                resets=0,
             )
         return state
 
     def _memory(self, state) -> LBFGSMemory:
-        mem = LBFGSMemory(size=self.param_groups[0]["history_size"])
-        for s, y in zip(state["s"], state["y"]):
-            mem.push(s, y)
-        return mem
-
-    @staticmethod
-    def _store(state, mem: LBFGSMemory) -> None:
-        state["s"], state["y"] = list(mem.s), list(mem.y)
+        """The two-loop memory over the state's own lists (no copy: a push is saved)."""
+        size = self.param_groups[0]["history_size"]
+        return LBFGSMemory(size=size, s=state["s"], y=state["y"], rho=state["rho"])
 
     def _remember(self, state, loss: float, x: Tensor) -> None:
         if loss < state["best_loss"]:
@@ -135,12 +137,10 @@ class LBFGS(FlatOptimizer):
             if state["best_x"] is not None:
                 flat.set(state["best_x"])
             self._reset(state, mem)
-            self._store(state, mem)
             return first_loss
         self._remember(state, ev.loss, x)
         if group["batch_mode"]:
             self._batch_step(closure, state, mem, x, ev, scale)
-            self._store(state, mem)
             return first_loss
         for _ in range(group["max_iter"]):
             if float(ev.g.abs().max()) <= group["tolerance_grad"]:
@@ -194,7 +194,6 @@ class LBFGS(FlatOptimizer):
                 or float(s.abs().max()) <= group["tolerance_change"]
             ):
                 break
-        self._store(state, mem)
         return first_loss
 
     def _batch_step(self, closure, state, mem, x, ev, scale) -> None:
