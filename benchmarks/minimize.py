@@ -95,7 +95,6 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import math
 import platform
@@ -118,6 +117,9 @@ import hesse
 from hesse._minimize import METHODS as HESSE_METHOD_NAMES
 from hesse.problems import FUNCTIONS, ClassicFunction
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hvp_cost import cpu_model, version
+
 DEFAULT_THREADS = torch.get_num_threads()  # before the profile part sets 1
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET = 5000  # evaluations per run
@@ -128,24 +130,6 @@ SCALES = (1.0, 10.0, 100.0)
 QUICK_PROBLEMS = ("rosenbrock", "beale", "rosenbrock-100")
 EPS = float(np.finfo(float).eps)
 PEER_DISTS = ("scipy", "pytorch-minimize", "scikit-learn", "matplotlib")
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def git_state() -> dict:
