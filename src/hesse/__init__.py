@@ -7,7 +7,7 @@ convexity); use it (``minimize``: Newton, Newton-CG, trust regions, BFGS, DFP, S
 L-BFGS).
 """
 
-from hesse import analysis, func, linalg, operators, optim, solvers
+from hesse import analysis, distributed, func, linalg, operators, optim, solvers
 from hesse._core import NonFiniteError, ParamSpace
 from hesse._minimize import OptimizeResult, OptimizeWarning, minimize
 from hesse.analysis import (
@@ -81,6 +81,7 @@ __all__ = [
     "ParamSpace",
     # modules
     "analysis",
+    "distributed",
     "func",
     "linalg",
     "operators",

@@ -71,21 +71,28 @@ def maybe_linearize(A: CurvatureOperator, linearize: bool) -> CurvatureOperator:
 
 
 def make_generator(
-    seed: int | None, generator: torch.Generator | None, device: torch.device
+    seed: int | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+    op: CurvatureOperator | None = None,
 ) -> torch.Generator:
     """The generator that random probes are drawn from: ``generator`` if given (it must be
-    on ``device``), else a new one seeded with ``seed`` (or from torch's global RNG)."""
+    on ``device``), else a new one seeded with ``seed`` (or from torch's global RNG).
+    With ``op``, the operator may make the stream the same wherever its products are
+    combined (:meth:`~hesse.operators.CurvatureOperator.synchronize_generator`: in
+    data-parallel runs every rank then draws rank 0's probes)."""
     if generator is not None:
         if seed is not None:
             raise ValueError("give seed or generator, not both")
         if torch.device(generator.device).type != device.type:
             raise ValueError(f"the generator is on {generator.device}, the operator on {device}")
-        return generator
-    g = torch.Generator(device=device)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-    g.manual_seed(int(seed))
-    return g
+        g = generator
+    else:
+        g = torch.Generator(device=device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        g.manual_seed(int(seed))
+    return g if op is None else op.synchronize_generator(g)
 
 
 def rademacher(

@@ -133,7 +133,7 @@ def spectral_density(
         raise ValueError("spectral_density needs a symmetric operator")
     num_probes = check_positive_int(num_probes, "num_probes")
     steps = check_positive_int(steps, "steps")
-    gen = make_generator(seed, generator, op.device)
+    gen = make_generator(seed, generator, op.device, op)
     nodes, weights, matvecs = slq_nodes(op, num_probes, steps, gen)
     if not bool(torch.isfinite(nodes).all()):
         empty = torch.zeros(0, dtype=op.dtype, device=op.device)

@@ -121,7 +121,7 @@ def lanczos(
     m_max = min(n, max_iter if max_iter is not None else max(60, 4 * k + 40))
     m_max = check_positive_int(m_max, "max_iter")
     dtype, device = op.dtype, op.device
-    gen = make_generator(seed, generator, device)
+    gen = make_generator(seed, generator, device, op)
     if v0 is None:
         q = gaussian(n, 1, dtype, device, gen)[:, 0]
     else:
@@ -235,7 +235,7 @@ def power_iteration(
     max_iter = check_positive_int(max_iter, "max_iter")
     n, dtype, device = op.shape[0], op.dtype, op.device
     if v0 is None:
-        v = gaussian(n, 1, dtype, device, make_generator(seed, generator, device))[:, 0]
+        v = gaussian(n, 1, dtype, device, make_generator(seed, generator, device, op))[:, 0]
     else:
         v = v0.to(dtype=dtype, device=device).clone()
     v = v / torch.linalg.vector_norm(v)

@@ -63,7 +63,7 @@ def low_rank(
         )
     n = op.shape[0]
     ell = min(n, rank + check_positive_int(oversample, "oversample", 0))
-    omega = gaussian(n, ell, op.dtype, op.device, make_generator(seed, generator, op.device))
+    omega = gaussian(n, ell, op.dtype, op.device, make_generator(seed, generator, op.device, op))
     omega, _ = torch.linalg.qr(omega)
     Y = op @ omega
     nu = torch.finfo(op.dtype).eps * torch.linalg.matrix_norm(Y)
@@ -113,3 +113,6 @@ class InverseOperator(CurvatureOperator):
         if bad:
             warnings.warn(f"InverseOperator: {bad[0].message}", ConvergenceWarning, stacklevel=3)
         return torch.stack([r.x for r in self.last_results], dim=1)
+
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        return self.op.synchronize_generator(generator)

@@ -78,7 +78,7 @@ def prepare(
     if op.shape[0] == 0:
         raise ValueError("the operator is empty (P=0); there is nothing to estimate")
     batch = op.chunk_size if batch_size is None else check_positive_int(batch_size, "batch_size")
-    return op, make_generator(seed, generator, op.device), batch
+    return op, make_generator(seed, generator, op.device, op), batch
 
 
 def signs(n: int, k: int, op: CurvatureOperator, g: torch.Generator) -> Tensor:

@@ -89,6 +89,13 @@ class CurvatureOperator:
             [self, damping * IdentityOperator(self.shape[0], self.dtype, self.device)]
         )
 
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        """The generator random probes for this operator are drawn from, made the same
+        wherever the operator's products are combined. A local operator returns it as is;
+        a data-parallel one (:mod:`hesse.distributed`) gives every rank rank 0's state, so
+        that Hutchinson probes, Lanczos starts and SLQ vectors agree across ranks."""
+        return generator
+
     def linearize(self) -> CurvatureOperator:
         """An equivalent operator that does the per-point work once, for many products at
         one point (see :meth:`hesse.operators.ModelCurvature.linearize`); ``self`` where
@@ -173,6 +180,11 @@ class SumOperator(CurvatureOperator):
     def linearize(self) -> CurvatureOperator:
         return SumOperator([op.linearize() for op in self.ops])
 
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        for op in self.ops:
+            generator = op.synchronize_generator(generator)
+        return generator
+
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.ops[0]._matmat(V)
         for op in self.ops[1:]:
@@ -194,6 +206,9 @@ class ScaledOperator(CurvatureOperator):
 
     def linearize(self) -> CurvatureOperator:
         return ScaledOperator(self.op.linearize(), self.c)
+
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        return self.op.synchronize_generator(generator)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.c * self.op._matmat(V)

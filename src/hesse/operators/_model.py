@@ -89,27 +89,30 @@ class ModelCurvature(CurvatureOperator):
         many times."""
         raise NotImplementedError
 
-    def _reduce(self, total: Tensor, num_samples: int) -> tuple[Tensor, int]:
-        """Combine the partial results of several processes (the data-parallel hook)."""
-        return total, num_samples
-
     def _products(self, reuse: bool = False) -> Iterable[tuple[BatchProduct, int]]:
         params = self.fn.params()
         found = False
         for index, batch in enumerate(self.data):
             found = True
             yield self._batch_product(params, batch, index, reuse), batch_size(batch)
-        if not found:
+        if not found and not self._empty_ok:
             raise ValueError("data is empty: expected at least one batch (inputs, targets)")
 
-    def _combine(self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor) -> Tensor:
-        """Sum the batches' products weighted by their sizes (for a mean loss), then divide
-        by the number of samples. ``flatten_columns`` returns fresh tensors, so the sum is
-        accumulated in place."""
+    #: Whether this process may hold no batch (a data-parallel rank with an empty shard).
+    _empty_ok = False
+
+    def _local_sum(
+        self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor
+    ) -> tuple[Tensor, int, bool]:
+        """The batches' products summed, weighted by their sizes for a mean loss, and the
+        number of samples. A single batch's product is returned as it is, unweighted (its
+        mean is the operator; no round trip through ``* n / n``), and the flag says whether
+        the weights were applied. ``flatten_columns`` returns fresh tensors, so the sum is
+        accumulated in place; batches are streamed, one graph at a time."""
         space = self.space
         cols = space.unflatten_columns(V)
         mean = self.reduction == "mean"
-        total = torch.empty(0)
+        total = torch.zeros_like(V)
         n_total = count = 0
         first_weight = 1.0
         for product, n in parts:
@@ -123,12 +126,16 @@ class ModelCurvature(CurvatureOperator):
                 total.add_(out, alpha=weight)
             n_total += n
             count += 1
-        if count == 1 and type(self)._reduce is ModelCurvature._reduce:
-            return total  # one batch in one process: its mean is the operator
-        if count == 1:
-            total.mul_(first_weight)
-        total, n_total = self._reduce(total, n_total)
-        return total / n_total if mean else total
+        return total, n_total, count > 1 or not mean
+
+    def _combine(self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor) -> Tensor:
+        """The operator's product: the size-weighted sum of the batches' products divided
+        by the number of samples (for a mean loss). Data-parallel subclasses
+        (:mod:`hesse.distributed`) reduce across processes here."""
+        total, n_total, weighted = self._local_sum(parts, V)
+        if self.reduction == "mean" and weighted:
+            return total / n_total
+        return total
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self._combine(self._products(), V)
@@ -158,6 +165,9 @@ class LinearizedCurvature(CurvatureOperator):
                 "stale: call linearize() again at the new point"
             )
         return self.op._combine(self._parts, V)
+
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        return self.op.synchronize_generator(generator)
 
 
 class HessianOperator(ModelCurvature):

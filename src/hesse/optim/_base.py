@@ -202,6 +202,13 @@ class FlatOptimizer(Optimizer):
     def global_state(self) -> dict:
         return self.state[self.flat.params[0]]
 
+    def _evaluate(self, closure: Closure, graph: bool = False) -> Evaluation:
+        """Run the closure and read loss and gradients (:func:`evaluate`). Every evaluation
+        of an optimizer goes through here: the data-parallel optimizers of
+        :mod:`hesse.distributed` reduce loss, gradients and curvature products across
+        ranks in this one place."""
+        return evaluate(closure, self.flat, graph)
+
 
 def check_betas(betas: object) -> tuple[float, float]:
     """Two exponential-averaging rates in [0, 1)."""

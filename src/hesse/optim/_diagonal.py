@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hesse.optim._base import Closure, FlatOptimizer, check_betas, check_float, check_int, evaluate
+from hesse.optim._base import Closure, FlatOptimizer, check_betas, check_float, check_int
 from hesse.solvers import hutchinson_diagonal_probe
 
 
@@ -41,8 +41,8 @@ class _DiagonalCurvature(FlatOptimizer):
 
         return hutchinson_diagonal_probe(hvp, flat.params, self._generator(flat.device), samples)
 
-    def _evaluate(self, closure, curvature_now: bool):
-        ev = evaluate(closure, self.flat, graph=curvature_now)
+    def _evaluate_checked(self, closure, curvature_now: bool):
+        ev = self._evaluate(closure, graph=curvature_now)
         if not ev.finite:
             raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
         return ev
@@ -112,7 +112,7 @@ class AdaHessian(_DiagonalCurvature):
     def step(self, closure: Closure) -> Tensor:
         state = self._global()
         refresh = state["step"] % self.update_each == 0
-        ev = self._evaluate(closure, refresh)
+        ev = self._evaluate_checked(closure, refresh)
         if refresh:
             diag = self._probe(ev, self.n_samples)
             for p, d in zip(self.flat.params, diag):
@@ -232,7 +232,7 @@ class Sophia(_DiagonalCurvature):
         refresh = state["step"] % self.update_each == 0
         if self.estimator == "gnb" and refresh and outputs_fn is None:
             raise ValueError("estimator='gnb' needs step(closure, outputs_fn=...) on refresh steps")
-        ev = self._evaluate(closure, refresh and self.estimator == "hutchinson")
+        ev = self._evaluate_checked(closure, refresh and self.estimator == "hutchinson")
         if refresh:
             diag = self._probe(ev, 1) if self.estimator == "hutchinson" else self._gnb(outputs_fn)
         ev.release()

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from hesse.optim._base import Closure, FlatOptimizer, check_float, check_int, evaluate
+from hesse.optim._base import Closure, FlatOptimizer, check_float, check_int
 from hesse.solvers import LBFGSMemory, armijo, curvature_pair, strong_wolfe
 
 LINE_SEARCHES = ("strong-wolfe", "armijo", None)
@@ -129,7 +129,7 @@ class LBFGS(FlatOptimizer):
         mem = self._memory(state)
         scale = flat.per_group([g["lr"] for g in self.param_groups])
         x = flat.get()
-        ev = evaluate(closure, flat)
+        ev = self._evaluate(closure)
         state["func_evals"] += 1
         first_loss = torch.tensor(ev.loss)
         if not ev.finite:
@@ -154,7 +154,7 @@ class LBFGS(FlatOptimizer):
 
             def phi(a: float, x=x, d=d):
                 flat.set(x + a * d)
-                e = evaluate(closure, flat)
+                e = self._evaluate(closure)
                 state["func_evals"] += 1
                 return e.loss, float(e.g @ d) if e.finite else math.nan, e
 
@@ -210,7 +210,7 @@ class LBFGS(FlatOptimizer):
         x_new = x + s
         flat = self.flat
         flat.set(x_new)
-        new = evaluate(closure, flat)  # the same batch, at the new point
+        new = self._evaluate(closure)  # the same batch, at the new point
         state["func_evals"] += 1
         if not new.finite or new.loss > ev.loss:
             # The step made this batch's loss worse (or not finite): undo it and forget

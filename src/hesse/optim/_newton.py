@@ -23,7 +23,6 @@ from hesse.optim._base import (
     GraphHessian,
     check_float,
     check_int,
-    evaluate,
 )
 from hesse.solvers import (
     armijo,
@@ -71,7 +70,7 @@ class _TruncatedNewton(FlatOptimizer):
         if (model is None) != (loss_fn is None):
             raise ValueError("give both model and loss_fn (for curvature on a batch), or neither")
         if curvature is None:
-            curvature = "ggn" if model is not None and type(self) is HessianFree else "hessian"
+            curvature = "ggn" if model is not None and isinstance(self, HessianFree) else "hessian"
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if curvature == "ggn" and model is None:
@@ -124,12 +123,15 @@ class _TruncatedNewton(FlatOptimizer):
                     "curvature='ggn': pass the batch, step(closure, batch=(inputs, targets))"
                 )
             return GraphHessian(ev, flat)
-        data = self._subsample(batch)
-        cls = GGNOperator if self.curvature == "ggn" else HessianOperator
-        op = cls(self.model, self.loss_fn, data, params=flat.params).linearize()
+        op = self._batch_curvature(self._subsample(batch)).linearize()
         if self.l2 > 0:  # the penalty in the closure's loss, which loss_fn does not see
             op = op + IdentityOperator(flat.size, flat.dtype, flat.device) * self.l2
         return op
+
+    def _batch_curvature(self, data):
+        """The curvature operator on a batch (data-parallel optimizers reduce it)."""
+        cls = GGNOperator if self.curvature == "ggn" else HessianOperator
+        return cls(self.model, self.loss_fn, data, params=self.flat.params)
 
     def _subsample(self, batch):
         if self.subsample is None:
@@ -176,7 +178,7 @@ class _TruncatedNewton(FlatOptimizer):
         state = self._global()
         x = flat.get()
         graph = self.model is None or batch is None
-        ev = evaluate(closure, flat, graph=graph)
+        ev = self._evaluate(closure, graph=graph)
         if not ev.finite:
             raise FloatingPointError(
                 f"the loss or its gradient is not finite at the current parameters (loss {ev.loss})"
@@ -244,7 +246,7 @@ class _TruncatedNewton(FlatOptimizer):
             best_f, best = math.inf, candidates[-1]
             for cand in reversed(candidates):
                 flat.set(x + cand[0])
-                f_c = evaluate(closure, flat).loss
+                f_c = self._evaluate(closure).loss
                 if not f_c < best_f:
                     break
                 best_f, best = f_c, cand
@@ -254,7 +256,7 @@ class _TruncatedNewton(FlatOptimizer):
 
         def phi(alpha: float):
             flat.set(x + alpha * d)
-            e = evaluate(closure, flat)
+            e = self._evaluate(closure)
             return e.loss, float(e.g @ d) if e.finite else math.nan, e
 
         if self._line_search == "strong-wolfe":

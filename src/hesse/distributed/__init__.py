@@ -1,0 +1,59 @@
+"""Data-parallel curvature and optimizers over ``torch.distributed`` (layer 7).
+
+Launch with ``torchrun`` (or any launcher that calls
+``torch.distributed.init_process_group``); give each rank its shard of the data. The
+operators here are hesse's own with one change: a product is every rank's size-weighted
+sum over its batches, all-reduced with the sample counts in one collective, so every rank
+holds the operator of the loss over all the data. Random probes (Hutchinson, Lanczos
+starts, stochastic Lanczos quadrature) are drawn from rank 0's generator state on every
+rank, so :func:`hesse.eigenvalues`, :func:`hesse.trace`, :func:`hesse.spectral_density`
+and :func:`hesse.linalg.cg` return the same on every rank as one process on all the data.
+
+The optimizers reduce every evaluation of the closure (loss, gradient, Hessian-vector
+products through its graph), weighted by each rank's ``samples``.
+
+A rank whose local work raises still joins the collective, flagged: it raises its own
+error and every other rank a :class:`RankError` naming it. A rank that exits, crashes or
+stops answering makes the others raise :class:`RankError` within ``timeout`` seconds.
+
+Example (``torchrun --nproc-per-node 2 examples/distributed.py``)::
+
+    torch.distributed.init_process_group("gloo")
+    H = hesse.distributed.HessianOperator(model, loss_fn, my_shard)
+    top = hesse.eigenvalues(H, k=1, seed=0)   # the same on every rank
+"""
+
+from hesse.distributed._comm import (
+    DEFAULT_TIMEOUT,
+    Communicator,
+    RankError,
+    set_default_timeout,
+)
+from hesse.distributed._operators import (
+    FiniteDifferenceHessian,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    loss_and_gradient,
+)
+from hesse.distributed._optim import LBFGS, AdaHessian, HessianFree, NewtonCG, SubsampledNewton
+
+__all__ = [
+    # operators
+    "FiniteDifferenceHessian",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "loss_and_gradient",
+    # optimizers
+    "AdaHessian",
+    "HessianFree",
+    "LBFGS",
+    "NewtonCG",
+    "SubsampledNewton",
+    # plumbing
+    "Communicator",
+    "DEFAULT_TIMEOUT",
+    "RankError",
+    "set_default_timeout",
+]

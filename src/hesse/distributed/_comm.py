@@ -1,0 +1,193 @@
+"""The collectives hesse's data-parallel pieces use: a weighted sum across ranks that also
+carries each rank's failure, broadcasts, and timeouts that turn a dead or silent rank into
+a clear error instead of a hang."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+#: Seconds a rank waits for the others in one collective before it gives up (override per
+#: object with ``timeout=``, or for the process with :func:`set_default_timeout`).
+DEFAULT_TIMEOUT = 300.0
+
+_default_timeout = DEFAULT_TIMEOUT
+
+T = TypeVar("T")
+
+# Sample counts travel in the reduced buffer as two base-2^12 digits, so that they stay
+# exact in float32 (whose integers are exact to 2^24) for totals up to 2^36 samples.
+_DIGIT = 4096.0
+
+
+class RankError(RuntimeError):
+    """Another rank of a data-parallel computation failed, exited or did not answer in
+    time, so this rank stops too. The failing rank raises its own error."""
+
+
+def set_default_timeout(seconds: float) -> None:
+    """Set the timeout (in seconds) of hesse's collectives for objects made afterwards
+    without ``timeout=``."""
+    global _default_timeout
+    _default_timeout = _check_timeout(seconds)
+
+
+def _check_timeout(seconds: object) -> float:
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if not ok or not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    return float(seconds)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("hesse.distributed needs torch.distributed, which this torch lacks")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "hesse.distributed needs an initialised process group: call "
+            "torch.distributed.init_process_group(backend) first (torchrun sets the "
+            "environment it reads; 'gloo' for CPU tensors, 'nccl' for CUDA tensors)"
+        )
+    return dist
+
+
+class Communicator:
+    """The ranks of one process group, as hesse's data-parallel objects use them.
+
+    Args:
+        group: a ``torch.distributed`` process group (default: the whole world).
+        timeout: seconds to wait in one collective before raising :class:`RankError`
+            (default :func:`set_default_timeout`'s value, 300 s).
+
+    ``seconds`` and ``calls`` count the time spent in (and the number of) collectives, for
+    profiling communication.
+    """
+
+    def __init__(self, group: Any = None, timeout: float | None = None):
+        dist = _dist()
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        self.timeout = _default_timeout if timeout is None else _check_timeout(timeout)
+        self.seconds = 0.0
+        self.calls = 0
+
+    def _device(self, tensor: Tensor) -> torch.device:
+        """Where a tensor must be for this backend (nccl reduces CUDA tensors only)."""
+        if self.backend == "nccl" and tensor.device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return tensor.device
+
+    def _run(self, what: str, launch: Callable[[], Any]) -> None:
+        start = time.perf_counter()
+        try:
+            work = launch()
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+        except RankError:
+            raise
+        except Exception as err:
+            raise RankError(
+                f"rank {self.rank} of {self.world}: {what} did not complete: another rank "
+                f"exited, crashed or did not answer within {self.timeout:g} s ({err})"
+            ) from err
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+    def sum_weighted(
+        self, local: Tensor, weight: float, error: BaseException | None, what: str
+    ) -> tuple[Tensor, float]:
+        """``(sum over ranks of local, sum over ranks of weight)``, in one all-reduce.
+
+        ``local`` is this rank's already-weighted partial sum. A rank whose local work
+        failed passes ``error`` (and any ``local`` of the right shape): the collective still
+        completes, so nobody hangs; that rank then raises its own error and every other
+        rank a :class:`RankError` naming it.
+        """
+        dtype = local.dtype if local.dtype in (torch.float32, torch.float64) else torch.float32
+        extra = torch.zeros(2 + self.world, dtype=dtype, device=local.device)
+        hi = math.floor(weight / _DIGIT)
+        extra[0], extra[1] = hi, weight - hi * _DIGIT
+        if error is not None:
+            extra[2 + self.rank] = 1.0
+        buf = torch.cat([local.reshape(-1).to(dtype), extra])
+        device = self._device(buf)
+        buf = buf.to(device)
+        self._run(what, lambda: self._dist.all_reduce(buf, group=self.group, async_op=True))
+        buf = buf.to(local.device)
+        n = local.numel()
+        extra = buf[n:].tolist()
+        if error is not None:
+            raise error
+        failed = [r for r in range(self.world) if extra[2 + r] > 0]
+        if failed:
+            raise RankError(
+                f"rank {self.rank} of {self.world}: {what} failed on rank(s) {failed} (see "
+                "their own errors); this rank stops too"
+            )
+        return buf[:n].reshape(local.shape).to(local.dtype), extra[0] * _DIGIT + extra[1]
+
+    def run_reduced(
+        self, compute: Callable[[], tuple[Tensor, float]], like: Tensor, what: str
+    ) -> tuple[Tensor, float]:
+        """Run this rank's part (``compute() -> (weighted local sum, weight)``) and reduce
+        it; an exception in ``compute`` is carried through the collective (see
+        :meth:`sum_weighted`) rather than leaving the other ranks waiting."""
+        try:
+            local, weight = compute()
+            error = None
+        except Exception as err:  # carried to the other ranks, then re-raised here
+            local, weight, error = torch.zeros_like(like), 0.0, err
+        return self.sum_weighted(local, weight, error, what)
+
+    def broadcast_(self, tensor: Tensor, what: str, src: int = 0) -> Tensor:
+        """Overwrite ``tensor`` with rank ``src``'s (in place; returned)."""
+        buf = tensor if self._device(tensor) == tensor.device else tensor.to(self._device(tensor))
+        src_global = self._dist.get_global_rank(self.group, src) if self.group else src
+        self._run(
+            what,
+            lambda: self._dist.broadcast(buf, src=src_global, group=self.group, async_op=True),
+        )
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
+
+    def max(self, value: float, what: str) -> float:
+        """The largest ``value`` over ranks."""
+        buf = torch.tensor([value], dtype=torch.float64)
+        buf = buf.to(self._device(buf))
+        op = self._dist.ReduceOp.MAX
+        self._run(what, lambda: self._dist.all_reduce(buf, op=op, group=self.group, async_op=True))
+        return float(buf)
+
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        """Give ``generator`` rank 0's state (in place; returned)."""
+        state = generator.get_state()
+        self.broadcast_(state, "sharing the random generator's state")
+        generator.set_state(state)
+        return generator
+
+    def check_same(self, x: Tensor, what: str) -> None:
+        """Raise (on every rank alike) unless ``x`` is the same on every rank."""
+        ref = x.detach().clone()
+        self.broadcast_(ref, f"comparing {what} across ranks")
+        diff = float((x.detach() - ref).abs().max()) if x.numel() else 0.0
+        if not math.isfinite(diff):
+            diff = math.inf
+        worst = self.max(diff, f"comparing {what} across ranks")
+        if worst > 0:
+            raise ValueError(
+                f"{what} differ between ranks (largest difference from rank 0: {worst:.3g}); "
+                "every rank must start from the same values: seed every rank alike, or "
+                "broadcast rank 0's with torch.distributed.broadcast"
+            )

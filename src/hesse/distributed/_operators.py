@@ -1,0 +1,211 @@
+"""Curvature operators whose data is sharded over the ranks of a process group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad_and_value
+
+from hesse import operators
+from hesse._core import check_finite
+from hesse.distributed._comm import Communicator
+from hesse.func._model import ModelLoss, batch_size
+from hesse.operators._model import LinearizedCurvature, ModelCurvature, _check_data
+
+
+class _DataParallel(ModelCurvature):
+    """Mixin: each rank holds a shard of the data; a product is every rank's sum over its
+    batches (weighted by batch size), all-reduced together with the sample counts in one
+    collective, then divided by the total count. Every rank gets the same result: the
+    operator of the loss over the union of the shards."""
+
+    _empty_ok = True  # a rank may hold no batch (an uneven split); the others carry it
+
+    def _construct(self, init, group: Any, timeout: float | None) -> None:
+        """Run the local constructor ``init()``; a rank whose construction fails tells the
+        others (one small collective), so that none of them waits for it in a product.
+        Then check that the parameters agree across ranks."""
+        self.comm = Communicator(group, timeout)
+        try:
+            init()
+            error = None
+        except Exception as err:
+            error = err
+        self.comm.sum_weighted(torch.zeros(1), 0.0, error, f"making a {type(self).__name__}")
+        self.comm.check_same(self.space.flatten(self.fn.params()), "the model's parameters")
+
+    def _combine(self, parts, V: Tensor) -> Tensor:
+        mean = self.reduction == "mean"
+
+        def compute() -> tuple[Tensor, float]:
+            total, n, weighted = self._local_sum(parts, V)
+            if mean and not weighted:  # one batch: its mean, to be weighted by its size
+                total = total * n
+            return total, float(n)
+
+        total, n = self.comm.run_reduced(compute, V, f"a {type(self).__name__} product")
+        if n == 0:
+            raise ValueError("no rank holds any data: every shard is empty")
+        return total / n if mean else total
+
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        return self.comm.synchronize_generator(generator)
+
+    def linearize(self) -> LinearizedCurvature:
+        """As :meth:`ModelCurvature.linearize`; a rank that fails to build its graphs tells
+        the others at once (one small collective) instead of leaving them waiting in the
+        first product."""
+        try:
+            lin, error = LinearizedCurvature(self), None
+        except Exception as err:
+            lin, error = None, err
+        dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
+        self.comm.sum_weighted(dummy, 0.0, error, f"{type(self).__name__}.linearize()")
+        return lin
+
+
+_ARGS_DOC = """
+    Same arguments as :class:`hesse.{name}`, with ``data`` this rank's shard (it may be
+    empty on some ranks), plus:
+
+    Args:
+        group: the ``torch.distributed`` process group (default: the world).
+        timeout: seconds a rank waits for the others in one collective before raising
+            :class:`~hesse.distributed.RankError` (default 300).
+
+    The model's parameters must be the same on every rank (checked when the operator is
+    made). Products, :func:`hesse.eigenvalues`, :func:`hesse.trace`,
+    :func:`hesse.spectral_density` and CG on this operator give every rank the same
+    result: that of one process over the union of the shards.
+"""
+
+
+class HessianOperator(_DataParallel, operators.HessianOperator):
+    def __init__(self, model, loss_fn, data, params=None, *, mode=None, group=None, timeout=None):
+        self._construct(
+            lambda: operators.HessianOperator.__init__(
+                self, model, loss_fn, data, params, mode=mode
+            ),
+            group,
+            timeout,
+        )
+
+
+class GGNOperator(_DataParallel, operators.GGNOperator):
+    def __init__(self, model, loss_fn, data, params=None, *, group=None, timeout=None):
+        self._construct(
+            lambda: operators.GGNOperator.__init__(self, model, loss_fn, data, params),
+            group,
+            timeout,
+        )
+
+
+class FisherOperator(_DataParallel, operators.FisherOperator):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        kind: str = "empirical",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        group=None,
+        timeout=None,
+    ):
+        self._construct(
+            lambda: operators.FisherOperator.__init__(
+                self,
+                model,
+                loss_fn,
+                data,
+                params,
+                kind=kind,
+                mc_samples=mc_samples,
+                generator=generator,
+            ),
+            group,
+            timeout,
+        )
+        # Rank 0's seed on every rank, offset by rank: each shard draws its own targets
+        # and the whole draw is reproducible from rank 0's generator.
+        seed = torch.tensor([self._seed], dtype=torch.int64)
+        self.comm.broadcast_(seed, "sharing the Monte-Carlo Fisher's seed")
+        self._seed = int(seed) % 2**62 + 1_000_003 * self.comm.rank
+
+
+class FiniteDifferenceHessian(_DataParallel, operators.FiniteDifferenceHessian):
+    def __init__(self, model, loss_fn, data, params=None, *, h=None, group=None, timeout=None):
+        self._construct(
+            lambda: operators.FiniteDifferenceHessian.__init__(
+                self, model, loss_fn, data, params, h=h
+            ),
+            group,
+            timeout,
+        )
+
+
+for _cls in (HessianOperator, GGNOperator, FisherOperator, FiniteDifferenceHessian):
+    _base = _cls.__mro__[2]
+    _cls.__doc__ = (
+        f"Data-parallel :class:`hesse.{_cls.__name__}`: "
+        + (_base.__doc__ or "").strip().split("\n")[0]
+        + "\n"
+        + _ARGS_DOC.format(name=_cls.__name__)
+    )
+
+
+def loss_and_gradient(
+    model: nn.Module,
+    loss_fn,
+    data: Any,
+    params=None,
+    *,
+    group: Any = None,
+    timeout: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The mean loss over the union of every rank's shard and its gradient (flat, in the
+    order of the operators' vectors), the same on every rank.
+
+    Each rank sums its batches' losses and gradients weighted by batch size; one
+    all-reduce carries the sums and the sample counts. Arguments as
+    :class:`hesse.distributed.HessianOperator`.
+    """
+    fn = ModelLoss(model, loss_fn, params)
+    comm = Communicator(group, timeout)
+    batches = _check_data(data)
+    mean = getattr(loss_fn, "reduction", "mean") == "mean"
+    size = fn.size
+    like = torch.zeros(size + 1, dtype=fn.space.dtype, device=fn.space.device)
+
+    def compute() -> tuple[Tensor, float]:
+        ps = fn.params()
+        total, n_total = torch.zeros_like(like), 0
+        for batch in batches:
+            g, value = grad_and_value(lambda p, b=batch: fn.loss(p, b))(ps)
+            n = batch_size(batch)
+            w = float(n) if mean else 1.0
+            total[:size].add_(fn.space.flatten(g), alpha=w)
+            total[size] += w * value.detach()
+            n_total += n
+        return total, float(n_total)
+
+    total, n = comm.run_reduced(compute, like, "the gradient")
+    if n == 0:
+        raise ValueError("no rank holds any data: every shard is empty")
+    if mean:
+        total = total / n
+    check_finite(total, "the loss or its gradient")
+    return total[size], total[:size]
+
+
+__all__ = [
+    "FiniteDifferenceHessian",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "loss_and_gradient",
+]

@@ -1,0 +1,190 @@
+"""hesse's optimizers with each rank's closure on its own shard of the data."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hesse import optim
+from hesse.distributed import _operators as dp_ops
+from hesse.distributed._comm import Communicator
+from hesse.optim._base import Closure, Evaluation, FlatOptimizer, FlatParams, evaluate
+
+
+class _ReducedEvaluation(Evaluation):
+    """An evaluation whose loss and gradient are the sample-weighted means over ranks, and
+    whose Hessian-vector products (through each rank's kept graph) are reduced alike."""
+
+    def __init__(
+        self,
+        loss: float,
+        g: Tensor | None,
+        flat: FlatParams,
+        local: Evaluation | None,
+        comm: Communicator,
+        weight: float,
+        total_weight: float,
+    ):
+        super().__init__(loss, None if g is None else flat.split(g), None)
+        self._g = g
+        self._local, self._flat, self._comm = local, flat, comm
+        self._weight, self._total = weight, total_weight
+
+    def hvp_list(self, vs: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        local, w = self._local, self._weight
+        like = torch.cat([v.reshape(-1) for v in vs])
+
+        def compute() -> tuple[Tensor, float]:
+            if local is None or w == 0:  # this rank holds no data in this step
+                return torch.zeros_like(like), w
+            out = local.hvp_list(vs, params)
+            return torch.cat([h.reshape(-1) for h in out]).mul_(w), w
+
+        total, _ = self._comm.run_reduced(compute, like, "a Hessian-vector product")
+        return self._flat.split(total.div_(self._total))
+
+    def release(self) -> None:
+        if self._local is not None:
+            self._local.release()
+
+
+class _DataParallelOptimizer(FlatOptimizer):
+    """Mixin: every evaluation of the closure (which computes this rank's loss on its
+    shard) is reduced to the sample-weighted mean over ranks, so the optimizer takes the
+    same step on every rank as one process on all the data would."""
+
+    def __init__(
+        self,
+        params,
+        *args,
+        samples: int,
+        group: Any = None,
+        timeout: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(params, *args, **kwargs)
+        self.comm = Communicator(group, timeout)
+        self.samples = _check_samples(samples)
+        self._synced = False
+        if hasattr(self, "seed"):  # probes and subsamples: rank 0's seed everywhere
+            seed = torch.tensor([int(self.seed)], dtype=torch.int64)
+            self.seed = int(self.comm.broadcast_(seed, "sharing the optimizer's seed"))
+
+    def _sync_parameters(self) -> None:
+        """Give every rank rank 0's parameters, once, before the first step (as
+        ``DistributedDataParallel`` does when it wraps a model)."""
+        if self._synced:
+            return
+        flat = self.flat
+        x = flat.get()
+        flat.set(self.comm.broadcast_(x, "sharing rank 0's parameters"))
+        self._synced = True
+
+    def step(self, closure: Closure | None = None, *args, samples: int | None = None, **kwargs):
+        """As the local optimizer's ``step``; ``samples`` overrides, for this step, the
+        number of samples this rank's closure averages over (e.g. a short last batch)."""
+        if samples is not None:
+            self.samples = _check_samples(samples)
+        self._sync_parameters()
+        return super().step(closure, *args, **kwargs)
+
+    def _evaluate(self, closure: Closure, graph: bool = False) -> Evaluation:
+        flat, comm, w = self.flat, self.comm, float(self.samples)
+        like = torch.zeros(flat.size + 1, dtype=flat.dtype, device=flat.device)
+        holder: list[Evaluation] = []
+
+        def compute() -> tuple[Tensor, float]:
+            if w == 0:  # no data on this rank in this step: contributes nothing
+                return torch.zeros_like(like), 0.0
+            ev = evaluate(closure, flat, graph)
+            holder.append(ev)
+            buf = torch.empty_like(like)
+            if ev.grads is None:
+                buf.fill_(math.nan)
+            else:
+                buf[:-1] = ev.g
+                buf[-1] = ev.loss
+            return buf.mul_(w), w
+
+        total, weight = comm.run_reduced(compute, like, "evaluating the closure")
+        if weight == 0:
+            raise ValueError("no rank holds any data: samples is 0 on every rank")
+        total.div_(weight)
+        loss = float(total[-1])
+        g = total[:-1]
+        finite = math.isfinite(loss) and bool(torch.isfinite(g).all())
+        local = holder[0] if holder else None
+        if not finite:
+            if local is not None:
+                local.release()
+            return Evaluation(loss, None, None)
+        # .grad holds the reduced gradient, as after DistributedDataParallel's backward.
+        for p, gp in zip(flat.params, flat.split(g)):
+            if p.grad is not None:
+                p.grad.copy_(gp)
+        return _ReducedEvaluation(loss, g, flat, local, comm, w, weight)
+
+    def _batch_curvature(self, data):
+        cls = dp_ops.GGNOperator if self.curvature == "ggn" else dp_ops.HessianOperator
+        return cls(
+            self.model,
+            self.loss_fn,
+            data,
+            params=self.flat.params,
+            group=self.comm.group,
+            timeout=self.comm.timeout,
+        )
+
+
+def _check_samples(samples: object) -> int:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(
+            "samples must be the number of samples this rank's closure averages its loss "
+            f"over (an integer >= 0), got {samples!r}"
+        )
+    return samples
+
+
+_DOC = """Data-parallel :class:`hesse.optim.{name}`: each rank's closure computes the mean
+    loss over its own shard; every evaluation (loss, gradient, and the Hessian-vector
+    products through the closure's graph) is reduced across ranks, weighted by
+    ``samples``, in one all-reduce. With ``model``/``loss_fn``, the curvature on
+    ``step(closure, batch=...)`` is a :mod:`hesse.distributed` operator over every rank's
+    batch. All ranks take the same step: the one a single process takes on all the data.
+
+    Same arguments as :class:`hesse.optim.{name}`, plus (keyword-only):
+
+    Args:
+        samples: the number of samples this rank's closure averages over (ranks are
+            weighted by it; 0 for a rank without data). ``step(..., samples=n)`` changes it.
+        group: the ``torch.distributed`` process group (default: the world).
+        timeout: seconds a rank waits for the others in one collective before raising
+            :class:`~hesse.distributed.RankError` (default 300).
+
+    On its first step the optimizer gives every rank rank 0's parameters (as
+    ``DistributedDataParallel`` does); its seed is rank 0's. The closure's loss must be a
+    mean over ``samples`` samples (``reduction="mean"``).
+"""
+
+
+class LBFGS(_DataParallelOptimizer, optim.LBFGS):
+    __doc__ = _DOC.format(name="LBFGS")
+
+
+class HessianFree(_DataParallelOptimizer, optim.HessianFree):
+    __doc__ = _DOC.format(name="HessianFree")
+
+
+class SubsampledNewton(_DataParallelOptimizer, optim.SubsampledNewton):
+    __doc__ = _DOC.format(name="SubsampledNewton")
+
+
+class NewtonCG(_DataParallelOptimizer, optim.NewtonCG):
+    __doc__ = _DOC.format(name="NewtonCG")
+
+
+class AdaHessian(_DataParallelOptimizer, optim.AdaHessian):
+    __doc__ = _DOC.format(name="AdaHessian")

@@ -1,0 +1,246 @@
+"""One rank of the data-parallel tests (started by tests/test_distributed.py, one process
+per rank, gloo on loopback; the launcher sets RANK, WORLD_SIZE and STORE).
+
+    python distributed_worker.py SCENARIO OUT_DIR
+
+Each rank writes ``OUT_DIR/rank{r}.pt``: its results, and on rank 0 the single-process
+references over the concatenated data; or the error it ended with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import hesse
+from hesse import distributed as hd
+
+N, D, C = 31, 5, 3  # samples, features, classes
+
+
+def problem():
+    """The same model and data on every rank (the model's init is seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=gen)
+    y = torch.randint(0, C, (N,), generator=gen)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(D, 6), nn.Tanh(), nn.Linear(6, C))
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+def shard_bounds(rank: int, world: int) -> tuple[int, int]:
+    """An uneven split: rank r holds about (r + 1) / sum parts."""
+    weights = [r + 1 for r in range(world)]
+    cuts = [0]
+    for w in weights:
+        cuts.append(cuts[-1] + round(N * w / sum(weights)))
+    cuts[-1] = N
+    return cuts[rank], cuts[rank + 1]
+
+
+def batches(x, y, size=4):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def operators(rank, world, out):
+    model, loss_fn, x, y = problem()
+    lo, hi = shard_bounds(rank, world)
+    shard = batches(x[lo:hi], y[lo:hi])
+    full = batches(x, y, size=7)
+    P = sum(p.numel() for p in model.parameters())
+    V = out["V"] = torch.randn(P, 3, generator=torch.Generator().manual_seed(2))
+    kinds = {
+        "hessian": (hd.HessianOperator, hesse.HessianOperator, {}),
+        "ggn": (hd.GGNOperator, hesse.GGNOperator, {}),
+        "fisher": (hd.FisherOperator, hesse.FisherOperator, {}),
+        "fd": (hd.FiniteDifferenceHessian, hesse.FiniteDifferenceHessian, {}),
+    }
+    for name, (dist_cls, local_cls, kw) in kinds.items():
+        op = dist_cls(model, loss_fn, shard, **kw)
+        out[f"{name}_v"] = op @ V
+        out[f"{name}_vec"] = op @ V[:, 0]
+        if rank == 0:
+            ref = local_cls(model, loss_fn, full, **kw)
+            out[f"ref_{name}_v"] = ref @ V
+    H = hd.HessianOperator(model, loss_fn, shard)
+    G = hd.GGNOperator(model, loss_fn, shard)
+    # Each rank asks for a different seed: the probes must still be rank 0's.
+    out["eig"] = hesse.eigenvalues(H, k=2, which="both", seed=rank, tol=1e-8).eigenvalues
+    out["trace"] = hesse.trace(G, "hutchinson", 20, seed=rank).estimate
+    out["density"] = hesse.spectral_density(H, num_probes=3, steps=20, grid=50, seed=rank).density
+    out["cg"] = hesse.linalg.cg(G.damped(0.1), V[:, 1], rtol=1e-12).x
+    loss, g = hd.loss_and_gradient(model, loss_fn, shard)
+    out["loss"], out["grad"] = loss, g
+    mc = hd.FisherOperator(model, loss_fn, shard, kind="mc", mc_samples=2)
+    out["mc_v"] = mc @ V
+    if rank == 0:
+        Hf = hesse.HessianOperator(model, loss_fn, full)
+        Gf = hesse.GGNOperator(model, loss_fn, full)
+        out["ref_eig"] = hesse.eigenvalues(Hf, k=2, which="both", seed=0, tol=1e-8).eigenvalues
+        out["ref_trace"] = hesse.trace(Gf, "hutchinson", 20, seed=0).estimate
+        out["ref_density"] = hesse.spectral_density(
+            Hf, num_probes=3, steps=20, grid=50, seed=0
+        ).density
+        out["ref_cg"] = hesse.linalg.cg(Gf.damped(0.1), V[:, 1], rtol=1e-12).x
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        full_loss = lambda w: torch.func.functional_call(  # noqa: E731
+            model, dict(zip([n for n, _ in model.named_parameters()], _split(w, model))), (x,)
+        )
+        out["ref_loss"] = loss_fn(full_loss(flat), y)
+        out["ref_grad"] = torch.func.grad(lambda w: loss_fn(full_loss(w), y))(flat)
+        out["ref_dense_h"] = torch.func.hessian(lambda w: loss_fn(full_loss(w), y))(flat)
+
+
+def _split(w, model):
+    sizes = [p.numel() for p in model.parameters()]
+    return [t.view_as(p) for t, p in zip(torch.split(w, sizes), model.parameters())]
+
+
+OPTIMIZERS = {
+    "lbfgs": lambda cls, m: cls(m.parameters(), max_iter=4),
+    "newton-cg": lambda cls, m: cls(m.parameters()),
+    "hf-hessian": lambda cls, m: cls(m.parameters()),
+    "hf-ggn": lambda cls, m: cls(m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss()),
+    "subsampled": lambda cls, m: cls(
+        m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss(), subsample=1.0
+    ),
+    "adahessian": lambda cls, m: cls(m.parameters(), lr=0.1),
+}
+CLASSES = {
+    "lbfgs": "LBFGS",
+    "newton-cg": "NewtonCG",
+    "hf-hessian": "HessianFree",
+    "hf-ggn": "HessianFree",
+    "subsampled": "SubsampledNewton",
+    "adahessian": "AdaHessian",
+}
+
+
+def _train(opt, model, loss_fn, x, y, steps, batch):
+    losses = []
+    for _ in range(steps):
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure, batch=(x, y)) if batch else opt.step(closure)))
+    return torch.tensor(losses), torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def optimizers(rank, world, out):
+    lo, hi = shard_bounds(rank, world)
+    for name, make in OPTIMIZERS.items():
+        batch = name in ("hf-ggn", "subsampled")
+        model, loss_fn, x, y = problem()
+        if rank == 1:  # a different start: the optimizer must give rank 1 rank 0's weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+        cls = getattr(hd, CLASSES[name])
+        opt = make(lambda *a, _c=cls, **k: _c(*a, samples=hi - lo, **k), model)
+        out[f"{name}_losses"], out[f"{name}_x"] = _train(
+            opt, model, loss_fn, x[lo:hi], y[lo:hi], 6, batch
+        )
+        if rank == 0:
+            model, loss_fn, x, y = problem()
+            opt = make(getattr(hesse.optim, CLASSES[name]), model)
+            out[f"ref_{name}_losses"], out[f"ref_{name}_x"] = _train(
+                opt, model, loss_fn, x, y, 6, batch
+            )
+
+
+def raises(rank, world, out):
+    """Rank 1's data is broken (a class index out of range): CrossEntropyLoss raises there,
+    in the middle of a Lanczos run; then an optimizer's closure raises on rank 1."""
+    model, loss_fn, x, y = problem()
+    lo, hi = shard_bounds(rank, world)
+    yb = y[lo:hi].clone()
+    H = hd.HessianOperator(model, loss_fn, batches(x[lo:hi], yb))
+    if rank == 1:
+        H.data[-1] = (H.data[-1][0], torch.full_like(H.data[-1][1], C + 5))
+    try:
+        hesse.eigenvalues(H, k=1, seed=0, linearize=False)
+    except Exception as err:
+        out["eig_error"] = f"{type(err).__name__}: {err}"
+    opt = hd.LBFGS(model.parameters(), samples=hi - lo)
+
+    def closure():
+        opt.zero_grad()
+        if rank == 1:
+            raise ValueError("rank 1's closure is broken")
+        loss = loss_fn(model(x[lo:hi]), y[lo:hi])
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+    except Exception as err:
+        out["opt_error"] = f"{type(err).__name__}: {err}"
+
+
+def hangs(rank, world, out):
+    """Rank 1 stops answering (sleeps); the others must give up within the timeout."""
+    model, loss_fn, x, y = problem()
+    lo, hi = shard_bounds(rank, world)
+    H = hd.HessianOperator(model, loss_fn, (x[lo:hi], y[lo:hi]), timeout=2.0)
+    if rank == 1:
+        time.sleep(float(os.environ.get("HANG_SECONDS", "60")))
+    start = time.perf_counter()
+    try:
+        hesse.eigenvalues(H, k=1, seed=0)
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    out["waited"] = time.perf_counter() - start
+
+
+def exits(rank, world, out):
+    """Rank 1's process dies in the middle; the others must end with an error."""
+    model, loss_fn, x, y = problem()
+    lo, hi = shard_bounds(rank, world)
+    H = hd.GGNOperator(model, loss_fn, (x[lo:hi], y[lo:hi]), timeout=30.0)
+    if rank == 1:
+        H @ torch.ones(H.shape[0])
+        os._exit(7)
+    try:
+        for _ in range(3):
+            H @ torch.ones(H.shape[0])
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+
+
+def main() -> None:
+    scenario, out_dir = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # here, not at import: pytest imports this file
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.environ['STORE']}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    out: dict = {}
+    try:
+        globals()[scenario](rank, world, out)
+    except BaseException as err:
+        out["uncaught"] = "".join(traceback.format_exception(err))
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    if scenario in ("operators", "optimizers"):
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""hesse.distributed against one process on the concatenated data: 2 and 3 ranks (an
+uneven split) of gloo on loopback, each rank a process of its own (as torchrun starts
+them), through tests/distributed_worker.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hesse
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch has no torch.distributed"
+)
+
+
+def launch(scenario: str, world: int, tmp_path: Path, *, wait: float = 240.0, env=None):
+    """Start ``world`` ranks; return each rank's results (None for a rank that wrote none)
+    and the seconds until the last rank that writes results has written them."""
+    out = tmp_path / scenario
+    out.mkdir()
+    base = {
+        **os.environ,
+        "WORLD_SIZE": str(world),
+        "STORE": str(tmp_path / f"{scenario}.store"),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(out)],
+            env={**base, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    start = time.monotonic()
+    try:
+        for r, p in enumerate(procs):
+            if scenario == "hangs" and r == 1:
+                continue  # the silent rank: killed below
+            p.wait(timeout=max(1.0, wait - (time.monotonic() - start)))
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    logs = [p.stdout.read().decode(errors="replace") for p in procs]
+    results = []
+    for r in range(world):
+        f = out / f"rank{r}.pt"
+        results.append(torch.load(f, weights_only=False) if f.exists() else None)
+    return results, elapsed, logs
+
+
+def _ok(results, logs):
+    for r, res in enumerate(results):
+        assert res is not None, f"rank {r} wrote nothing:\n{logs[r]}"
+        assert "uncaught" not in res, f"rank {r}:\n{res['uncaught']}"
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks uneven"])
+def operator_run(request, tmp_path_factory):
+    results, _, logs = launch("operators", request.param, tmp_path_factory.mktemp("ops"))
+    _ok(results, logs)
+    return results
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "fd"])
+def test_products_match_one_process(operator_run, kind):
+    ref = operator_run[0][f"ref_{kind}_v"]
+    tol = 1e-10 if kind != "fd" else 1e-8  # fd: differences of gradients at ranks' own h
+    for res in operator_run:
+        torch.testing.assert_close(res[f"{kind}_v"], ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(res[f"{kind}_vec"], ref[:, 0], rtol=tol, atol=tol)
+
+
+def test_hessian_matches_dense_reference(operator_run):
+    # Independent of hesse's single-process operator: torch.func.hessian on all the data.
+    res = operator_run[0]
+    torch.testing.assert_close(
+        res["hessian_v"], res["ref_dense_h"] @ res["V"], rtol=1e-10, atol=1e-12
+    )
+
+
+def test_gradient_matches_one_process(operator_run):
+    ref = operator_run[0]
+    for res in operator_run:
+        torch.testing.assert_close(res["loss"], ref["ref_loss"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(res["grad"], ref["ref_grad"], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("what", ["eig", "trace", "density", "cg"])
+def test_estimates_match_one_process(operator_run, what):
+    """Each rank asked for its own seed; every rank must draw rank 0's probes, so all
+    agree exactly with each other and with one process seeded as rank 0."""
+    ref = torch.as_tensor(operator_run[0][f"ref_{what}"])
+    for res in operator_run:
+        assert torch.equal(torch.as_tensor(res[what]), torch.as_tensor(operator_run[0][what]))
+        torch.testing.assert_close(torch.as_tensor(res[what]), ref, rtol=1e-8, atol=1e-10)
+
+
+def test_monte_carlo_fisher_same_on_every_rank(operator_run):
+    for res in operator_run[1:]:
+        assert torch.equal(res["mc_v"], operator_run[0]["mc_v"])
+    # An estimate of the GGN, not the GGN itself: close in expectation only.
+    assert not torch.allclose(operator_run[0]["mc_v"], operator_run[0]["ggn_v"])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_optimizer_trajectories_match_one_process(tmp_path, world):
+    results, _, logs = launch("optimizers", world, tmp_path)
+    _ok(results, logs)
+    ref = results[0]
+    names = [k[: -len("_losses")] for k in ref if k.endswith("_losses") and "ref_" not in k]
+    assert len(names) == 6
+    for name in names:
+        for r, res in enumerate(results):
+            # every rank takes the same steps (rank 1 started elsewhere and was synced)
+            assert torch.equal(res[f"{name}_x"], ref[f"{name}_x"]), (name, r)
+            torch.testing.assert_close(
+                res[f"{name}_losses"], ref[f"ref_{name}_losses"], rtol=1e-9, atol=1e-12
+            )
+            torch.testing.assert_close(res[f"{name}_x"], ref[f"ref_{name}_x"], rtol=1e-7, atol=1e-9)
+        losses = ref[f"ref_{name}_losses"]
+        assert losses[-1] < losses[0], name  # the trajectories go somewhere
+
+
+def test_a_rank_that_raises_stops_the_others(tmp_path):
+    results, _, logs = launch("raises", 3, tmp_path)
+    _ok(results, logs)
+    # rank 1 raised its own error; ranks 0 and 2 a RankError naming rank 1
+    assert results[1]["eig_error"].startswith("IndexError")
+    assert results[1]["opt_error"] == "ValueError: rank 1's closure is broken"
+    for r in (0, 2):
+        for key in ("eig_error", "opt_error"):
+            msg = results[r][key]
+            assert msg.startswith("RankError") and "rank(s) [1]" in msg, msg
+
+
+def test_a_silent_rank_times_out(tmp_path):
+    results, elapsed, logs = launch("hangs", 2, tmp_path, env={"HANG_SECONDS": "120"})
+    res = results[0]
+    assert res is not None, logs[0]
+    assert res["error"].startswith("RankError") and "within 2 s" in res["error"], res
+    assert res["waited"] < 10  # the 2 s timeout, not the rank's 120 s of silence
+    assert elapsed < 100
+
+
+def test_a_rank_that_exits_stops_the_others(tmp_path):
+    results, _, logs = launch("exits", 2, tmp_path)
+    assert results[1] is None  # it died
+    res = results[0]
+    assert res is not None, logs[0]
+    assert "uncaught" not in res, res["uncaught"]
+    assert res["error"].startswith("RankError"), res["error"]
+
+
+def test_needs_a_process_group():
+    model = torch.nn.Linear(2, 1)
+    data = (torch.randn(4, 2), torch.randn(4, 1))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        hesse.distributed.HessianOperator(model, torch.nn.MSELoss(), data)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        hesse.distributed.LBFGS(model.parameters(), samples=4)
+
+
+def test_bad_timeout_and_samples():
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        hesse.distributed.set_default_timeout(0)
+    with pytest.raises(ValueError, match="samples must be"):
+        hesse.distributed._optim._check_samples(-1)
