@@ -177,6 +177,16 @@ class Communicator:
         generator.set_state(state)
         return generator
 
+    def mark_in_sync(self, tensors: list[Tensor]) -> None:
+        """Record that ``tensors`` are the same on every rank now (an optimizer that has
+        just synchronised them says so), so that :meth:`check_same` can skip them until
+        any of them is modified (tensors' version counters move on every in-place write)."""
+        self._in_sync = {id(t): t._version for t in tensors}
+
+    def is_in_sync(self, tensors: list[Tensor]) -> bool:
+        known = getattr(self, "_in_sync", {})
+        return all(known.get(id(t)) == t._version for t in tensors)
+
     def check_same(self, x: Tensor, what: str) -> None:
         """Raise (on every rank alike) unless ``x`` is the same on every rank."""
         ref = x.detach().clone()
@@ -191,3 +201,11 @@ class Communicator:
                 "every rank must start from the same values: seed every rank alike, or "
                 "broadcast rank 0's with torch.distributed.broadcast"
             )
+
+
+def as_communicator(group: Any, timeout: float | None) -> Communicator:
+    """``group`` itself if it is a :class:`Communicator` (shared, with its counters), else a
+    new one over the process group ``group``."""
+    if isinstance(group, Communicator):
+        return group
+    return Communicator(group, timeout)

@@ -10,7 +10,7 @@ from torch.func import grad_and_value
 
 from hesse import operators
 from hesse._core import check_finite
-from hesse.distributed._comm import Communicator
+from hesse.distributed._comm import as_communicator
 from hesse.func._model import ModelLoss, batch_size
 from hesse.operators._model import LinearizedCurvature, ModelCurvature, _check_data
 
@@ -27,14 +27,15 @@ class _DataParallel(ModelCurvature):
         """Run the local constructor ``init()``; a rank whose construction fails tells the
         others (one small collective), so that none of them waits for it in a product.
         Then check that the parameters agree across ranks."""
-        self.comm = Communicator(group, timeout)
+        self.comm = as_communicator(group, timeout)
         try:
             init()
             error = None
         except Exception as err:
             error = err
         self.comm.sum_weighted(torch.zeros(1), 0.0, error, f"making a {type(self).__name__}")
-        self.comm.check_same(self.space.flatten(self.fn.params()), "the model's parameters")
+        if not self.comm.is_in_sync(self.fn._selected):  # (unless an optimizer synced them)
+            self.comm.check_same(self.space.flatten(self.fn.params()), "the model's parameters")
 
     def _combine(self, parts, V: Tensor) -> Tensor:
         mean = self.reduction == "mean"
@@ -71,7 +72,8 @@ _ARGS_DOC = """
     empty on some ranks), plus:
 
     Args:
-        group: the ``torch.distributed`` process group (default: the world).
+        group: the ``torch.distributed`` process group (default: the world), or a
+            :class:`~hesse.distributed.Communicator` to share (and its time counters).
         timeout: seconds a rank waits for the others in one collective before raising
             :class:`~hesse.distributed.RankError` (default 300).
 
@@ -175,7 +177,7 @@ def loss_and_gradient(
     :class:`hesse.distributed.HessianOperator`.
     """
     fn = ModelLoss(model, loss_fn, params)
-    comm = Communicator(group, timeout)
+    comm = as_communicator(group, timeout)
     batches = _check_data(data)
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     size = fn.size

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hesse import optim
 from hesse.distributed import _operators as dp_ops
-from hesse.distributed._comm import Communicator
+from hesse.distributed._comm import Communicator, as_communicator
 from hesse.optim._base import Closure, Evaluation, FlatOptimizer, FlatParams, evaluate
 
 
@@ -66,7 +66,7 @@ class _DataParallelOptimizer(FlatOptimizer):
         **kwargs,
     ):
         super().__init__(params, *args, **kwargs)
-        self.comm = Communicator(group, timeout)
+        self.comm = as_communicator(group, timeout)
         self.samples = _check_samples(samples)
         self._synced = False
         if hasattr(self, "seed"):  # probes and subsamples: rank 0's seed everywhere
@@ -89,6 +89,9 @@ class _DataParallelOptimizer(FlatOptimizer):
         if samples is not None:
             self.samples = _check_samples(samples)
         self._sync_parameters()
+        # The same on every rank at the start of every step (rank 0's at the first, then
+        # the same deterministic update everywhere): the batch operators need not check.
+        self.comm.mark_in_sync(self.flat.params)
         return super().step(closure, *args, **kwargs)
 
     def _evaluate(self, closure: Closure, graph: bool = False) -> Evaluation:
@@ -134,8 +137,7 @@ class _DataParallelOptimizer(FlatOptimizer):
             self.loss_fn,
             data,
             params=self.flat.params,
-            group=self.comm.group,
-            timeout=self.comm.timeout,
+            group=self.comm,  # one Communicator: its counters see all of the step
         )
 
 
