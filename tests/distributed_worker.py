@@ -188,6 +188,57 @@ def raises(rank, world, out):
         out["opt_error"] = f"{type(err).__name__}: {err}"
 
 
+def edges(rank, world, out):
+    """Rank 1 holds no data at all; then rank 1's model differs from rank 0's."""
+    model, loss_fn, x, y = problem()
+    data = batches(x, y) if rank == 0 else []
+    H = hd.HessianOperator(model, loss_fn, data)
+    V = out["V"] = torch.randn(H.shape[0], 2, generator=torch.Generator().manual_seed(3))
+    out["hv"] = H @ V
+    out["eig"] = hesse.eigenvalues(H, k=1, seed=0, tol=1e-8).eigenvalues
+    out["loss"], out["grad"] = hd.loss_and_gradient(model, loss_fn, data)
+    opt = hd.LBFGS(model.parameters(), samples=N if rank == 0 else 0, max_iter=3)
+
+    def closure():
+        if rank != 0:
+            raise AssertionError("a rank with samples=0 must not run its closure")
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    out["x"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    if rank == 0:
+        ref_model = problem()[0]
+        out["ref_hv"] = hesse.HessianOperator(ref_model, loss_fn, (x, y)) @ V
+        ref = hesse.optim.LBFGS(ref_model.parameters(), max_iter=3)
+
+        def ref_closure():
+            ref.zero_grad()
+            loss = loss_fn(ref_model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            ref.step(ref_closure)
+        out["ref_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+    # every shard empty: a clear error on every rank
+    try:
+        hd.GGNOperator(model, loss_fn, []) @ V[:, 0]
+    except Exception as err:
+        out["empty_error"] = f"{type(err).__name__}: {err}"
+    # rank 1's parameters differ: refused on every rank
+    if rank == 1:
+        with torch.no_grad():
+            model[0].bias[2] += 1e-3
+    try:
+        hd.GGNOperator(model, loss_fn, data)
+    except Exception as err:
+        out["mismatch_error"] = f"{type(err).__name__}: {err}"
+
+
 def hangs(rank, world, out):
     """Rank 1 stops answering (sleeps); the others must give up within the timeout."""
     model, loss_fn, x, y = problem()
@@ -236,7 +287,7 @@ def main() -> None:
     except BaseException as err:
         out["uncaught"] = "".join(traceback.format_exception(err))
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario in ("operators", "optimizers"):
+    if scenario in ("operators", "optimizers", "edges"):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

@@ -136,6 +136,50 @@ def test_optimizer_trajectories_match_one_process(tmp_path, world):
         assert losses[-1] < losses[0], name  # the trajectories go somewhere
 
 
+def test_empty_shards_and_mismatched_parameters(tmp_path):
+    results, _, logs = launch("edges", 2, tmp_path)
+    _ok(results, logs)
+    ref = results[0]
+    for res in results:
+        torch.testing.assert_close(res["hv"], ref["ref_hv"], rtol=1e-10, atol=1e-12)
+        assert torch.equal(res["eig"], ref["eig"])
+        assert torch.equal(res["grad"], ref["grad"])
+        # rank 1 (samples=0) follows rank 0's trajectory, which is one process's
+        torch.testing.assert_close(res["x"], ref["ref_x"], rtol=1e-9, atol=1e-12)
+        assert res["empty_error"] == "ValueError: no rank holds any data: every shard is empty"
+        msg = res["mismatch_error"]
+        assert msg.startswith("ValueError: the model's parameters differ between ranks"), msg
+        assert "1e-03" in msg or "0.001" in msg, msg
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    """The README's command: 2 ranks under torchrun print what one process prints."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    outs = []
+    for cmd in (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+        [sys.executable],
+    ):
+        run = subprocess.run(
+            [*cmd, str(example)], capture_output=True, text=True, timeout=240, env=env
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        outs.append(run.stdout)
+    two, one = outs
+    assert "2 rank(s)" in two and "1 rank(s)" in one
+    assert "parameters identical on all 2 rank(s): True" in two
+
+    def numbers(text, key):
+        return [float(line.split(key)[1].split()[0]) for line in text.splitlines() if key in line]
+
+    for key in ("top Hessian eigenvalue at init: ", "GGN trace at init: ", "loss "):
+        a, b = numbers(two, key), numbers(one, key)
+        assert len(a) == len(b) > 0, key
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-8, atol=0)
+
+
 def test_a_rank_that_raises_stops_the_others(tmp_path):
     results, _, logs = launch("raises", 3, tmp_path)
     _ok(results, logs)

@@ -178,7 +178,7 @@ def loss_and_gradient(
     """
     fn = ModelLoss(model, loss_fn, params)
     comm = as_communicator(group, timeout)
-    batches = _check_data(data)
+    batches = _check_data(data, empty_ok=True)
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     size = fn.size
     like = torch.zeros(size + 1, dtype=fn.space.dtype, device=fn.space.device)

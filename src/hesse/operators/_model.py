@@ -28,7 +28,7 @@ def _is_single_batch(data: object) -> bool:
     )
 
 
-def _check_data(data: object) -> Iterable[Batch]:
+def _check_data(data: object, empty_ok: bool = False) -> Iterable[Batch]:
     if _is_single_batch(data):
         return [data]
     if not isinstance(data, Iterable):
@@ -41,7 +41,7 @@ def _check_data(data: object) -> Iterable[Batch]:
             "data must be re-iterable (a list or a DataLoader): each product goes over it "
             f"again, but a {type(data).__name__} is exhausted after one pass; use list(data)"
         )
-    if hasattr(data, "__len__") and len(data) == 0:
+    if hasattr(data, "__len__") and len(data) == 0 and not empty_ok:
         raise ValueError("data is empty: expected at least one batch (inputs, targets)")
     return data
 
@@ -64,7 +64,7 @@ class ModelCurvature(CurvatureOperator):
     ):
         self.fn = ModelLoss(model, loss_fn, params)
         super().__init__(self.fn.size, self.fn.space.dtype, self.fn.space.device)
-        self.data = _check_data(data)
+        self.data = _check_data(data, self._empty_ok)
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise ValueError(
