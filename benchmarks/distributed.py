@@ -1,8 +1,8 @@
 """Data-parallel speed-up of hesse.distributed: N ranks against 1, on the same total data.
 
 The problem is the foundation's MLP 64-256-256-10 (tanh, float32, P = 85,002) with
-cross-entropy on ``--samples`` random samples (default 8192, in batches of 1024, the
-foundation's batch), split evenly over the ranks. Two tasks:
+cross-entropy on ``--samples`` random samples (8192 and 16384 by default, in batches of
+1024, the foundation's batch), split evenly over the ranks. Two tasks:
 
 * **top eigenvalue**: ``hesse.eigenvalues(H, k=1, tol=1e-3, seed=0)`` of the Hessian over
   all the data, linearisation (forward passes and graphs) included;
@@ -20,10 +20,10 @@ Configurations, each its own set of processes of one thread (``OMP_NUM_THREADS=1
 * ``dist x2`` (and ``x4`` with ``--ranks 1 2 4`` on a bigger machine): the data split
   over the ranks.
 
-Each process does ``--warmup`` (2) untimed runs of both tasks (the first products of a
-process, and gloo's first collectives, are slow), then ``--repeats`` timed ones; the
-configurations are launched ``--rounds`` times, interleaved, and the table gives medians
-over all timed repeats. A task's time is the slowest rank's (after a barrier). "In
+Each process does ``--warmup`` (1) untimed run of both tasks (the first products of a
+process, and gloo's first collectives, are slow), then ``--repeats`` (3) timed ones; the
+configurations are launched ``--rounds`` (2) times, interleaved, and the table gives
+medians and quartiles over all timed repeats (every run is in the JSON). A task's time is the slowest rank's (after a barrier). "In
 collectives" is the time ranks spent inside hesse's all-reduces and broadcasts, waiting
 for the slower rank included (the median over ranks of each rank's total); the products
 and answers of every configuration are checked to agree (eigenvalue to 1e-4 relative: the
@@ -31,7 +31,7 @@ float32 sums are reordered, so not bit for bit).
 
 Run (from the repository root)::
 
-    .venv/bin/python benchmarks/distributed.py            # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/distributed.py            # about 9 minutes on 2 cores
     .venv/bin/python benchmarks/distributed.py --quick    # 1 round, 4096 samples
 
 On a GPU machine, ``--device cuda --backend nccl`` runs one rank per GPU (``x1`` only
@@ -204,10 +204,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", default="dist", help=argparse.SUPPRESS)
-    ap.add_argument("--samples", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--samples", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cg-max-iter", type=int, default=30)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -215,66 +215,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.worker:
+        args.samples = args.samples[0]
         worker(args)
         return
     if args.quick:
-        args.samples, args.rounds, args.repeats = 4096, 1, 2
+        args.samples, args.rounds, args.repeats = [4096], 1, 2
     configs = [("plain", 1)] + [("dist", w) for w in args.ranks]
-    runs: dict[str, list[list[dict]]] = {f"{c} x{w}": [] for c, w in configs}
-    for rnd in range(args.rounds):
-        order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]
-        for config, world in order:
-            runs[f"{config} x{world}"].append(launch(args, config, world))
-            print(f"round {rnd + 1}/{args.rounds}: {config} x{world} done", flush=True)
-
-    table = {}
-    for key, launches in runs.items():
-        for task in ("eigenvalue", "hessian_free_step"):
-            rank0 = [row for ranks in launches for row in ranks[0]["rows"] if row["task"] == task]
-            comm = [
-                statistics.median(
-                    [
-                        next(r for r in rk["rows"][i:] if r["task"] == task)["comm_seconds"]
-                        for rk in ranks
-                    ]
-                )
-                for ranks in launches
-                for i in range(0, len(ranks[0]["rows"]), 2)
-            ]
-            entry = {
-                "seconds": statistics.median(r["seconds"] for r in rank0),
-                "comm_seconds": statistics.median(comm),
-                "runs": len(rank0),
-            }
-            for k in ("value", "matvecs", "loss_after", "cg_iterations"):
-                if k in rank0[0]:
-                    entry[k] = rank0[0][k]
-            table.setdefault(task, {})[key] = entry
-    base_key = "plain x1"
-    for task, rows in table.items():
-        base = rows[base_key]
-        for key, row in rows.items():
-            row["speedup"] = base["seconds"] / row["seconds"]
-            if "value" in row:
-                rel = abs(row["value"] - base["value"]) / abs(base["value"])
-                assert rel < 1e-4, (task, key, row["value"], base["value"])
-            if "loss_after" in row:
-                rel = abs(row["loss_after"] - base["loss_after"]) / abs(base["loss_after"])
-                assert rel < 1e-3, (task, key, row["loss_after"], base["loss_after"])
-
-    print(f"\nMLP 64-256-256-10, {args.samples} samples, float32, {args.device}")
-    print(f"{'task':<20} {'config':<10} {'seconds':>8} {'speed-up':>9} {'in coll.':>9}  answer")
-    for task, rows in table.items():
-        for key, row in rows.items():
-            ans = (
-                f"lambda={row['value']:.6g} ({row['matvecs']} products)"
-                if "value" in row
-                else f"loss {row['loss_after']:.6f} ({row['cg_iterations']} CG its)"
-            )
-            print(
-                f"{task:<20} {key:<10} {row['seconds']:8.3f} {row['speedup']:8.2f}x "
-                f"{row['comm_seconds']:8.3f}s  {ans}"
-            )
+    results = {}
+    for samples in args.samples:
+        run_args = argparse.Namespace(**{**vars(args), "samples": samples})
+        runs: dict[str, list[list[dict]]] = {f"{c} x{w}": [] for c, w in configs}
+        for rnd in range(args.rounds):
+            order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]
+            for config, world in order:
+                runs[f"{config} x{world}"].append(launch(run_args, config, world))
+                print(f"{samples} samples, round {rnd + 1}/{args.rounds}: {config} x{world}")
+        results[str(samples)] = summarize(runs)
+        report(results[str(samples)], samples, args.device)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -286,15 +243,77 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         "backend": args.backend,
         "threads_per_rank": 1,
-        "samples": args.samples,
         "cg_max_iter": args.cg_max_iter,
         "rounds": args.rounds,
+        "warmup": args.warmup,
         "repeats": args.repeats,
     }
     RESULTS.mkdir(exist_ok=True)
     name = f"distributed_{args.device}{'_quick' if args.quick else ''}.json"
-    (RESULTS / name).write_text(json.dumps({"meta": meta, "results": table}, indent=1) + "\n")
+    (RESULTS / name).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"\nwritten to {RESULTS / name}")
+
+
+def summarize(runs: dict[str, list[list[dict]]]) -> dict:
+    """Per task and configuration: every timed run (the slowest rank's seconds), their
+    median and quartiles, the median time in collectives (median rank), and the speed-up
+    as the ratio of medians against the single plain process."""
+    table: dict = {}
+    for key, launches in runs.items():
+        for task in ("eigenvalue", "hessian_free_step"):
+            per_launch = [
+                [[r for r in rank["rows"] if r["task"] == task] for rank in ranks]
+                for ranks in launches
+            ]
+            seconds = [row["seconds"] for ranks in per_launch for row in ranks[0]]
+            comm = [
+                statistics.median(rank[i]["comm_seconds"] for rank in ranks)
+                for ranks in per_launch
+                for i in range(len(ranks[0]))
+            ]
+            q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else seconds * 3
+            entry = {
+                "seconds": statistics.median(seconds),
+                "quartiles": [q[0], q[2]],
+                "all_seconds": seconds,
+                "comm_seconds": statistics.median(comm),
+            }
+            first = per_launch[0][0][0]
+            for k in ("value", "matvecs", "loss_after", "cg_iterations"):
+                if k in first:
+                    entry[k] = first[k]
+            table.setdefault(task, {})[key] = entry
+    for task, rows in table.items():
+        base = rows["plain x1"]
+        for key, row in rows.items():
+            row["speedup"] = base["seconds"] / row["seconds"]
+            if "value" in row:
+                rel = abs(row["value"] - base["value"]) / abs(base["value"])
+                assert rel < 1e-4, (task, key, row["value"], base["value"])
+            if "loss_after" in row:
+                rel = abs(row["loss_after"] - base["loss_after"]) / abs(base["loss_after"])
+                assert rel < 1e-3, (task, key, row["loss_after"], base["loss_after"])
+    return table
+
+
+def report(table: dict, samples: int, device: str) -> None:
+    print(f"\nMLP 64-256-256-10, {samples} samples, float32, {device}")
+    print(
+        f"{'task':<18} {'config':<9} {'seconds':>8} {'quartiles':>15} {'speed-up':>9} "
+        f"{'in coll.':>9}  answer"
+    )
+    for task, rows in table.items():
+        for key, row in rows.items():
+            ans = (
+                f"lambda={row['value']:.6g} ({row['matvecs']} products)"
+                if "value" in row
+                else f"loss {row['loss_after']:.6f} ({row['cg_iterations']} CG its)"
+            )
+            lo, hi = row["quartiles"]
+            print(
+                f"{task:<18} {key:<9} {row['seconds']:8.3f} {lo:7.3f}-{hi:<7.3f} "
+                f"{row['speedup']:8.2f}x {row['comm_seconds']:8.3f}s  {ans}"
+            )
 
 
 if __name__ == "__main__":

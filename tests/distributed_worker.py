@@ -168,10 +168,11 @@ def raises(rank, world, out):
     H = hd.HessianOperator(model, loss_fn, batches(x[lo:hi], yb))
     if rank == 1:
         H.data[-1] = (H.data[-1][0], torch.full_like(H.data[-1][1], C + 5))
-    try:
-        hesse.eigenvalues(H, k=1, seed=0, linearize=False)
-    except Exception as err:
-        out["eig_error"] = f"{type(err).__name__}: {err}"
+    for linearize in (False, True):  # in a product, and in linearize()
+        try:
+            hesse.eigenvalues(H, k=1, seed=0, linearize=linearize)
+        except Exception as err:
+            out[f"eig_error_{linearize}"] = f"{type(err).__name__}: {err}"
     opt = hd.LBFGS(model.parameters(), samples=hi - lo)
 
     def closure():
@@ -239,6 +240,78 @@ def edges(rank, world, out):
         out["mismatch_error"] = f"{type(err).__name__}: {err}"
 
 
+def precision(rank, world, out):
+    """Sample counts past 4096 in float32, float16 sums past float16's range, a sum loss,
+    and a 0-row tensor shard, each against one process on all the data."""
+    gen = torch.Generator().manual_seed(5)
+    n0, n1 = 4500, 5600  # counts above 4096 use both digits of the packed count
+    x = torch.randn(n0 + n1, 3, generator=gen, dtype=torch.float32)
+    y = torch.randn(n0 + n1, 2, generator=gen, dtype=torch.float32)
+    lo, hi = (0, n0) if rank == 0 else (n0, n0 + n1)
+    torch.manual_seed(1)
+    lin = nn.Linear(3, 2).float()
+    v = torch.randn(8, generator=gen, dtype=torch.float32)
+    for name, loss_fn in (("mean", nn.MSELoss()), ("sum", nn.MSELoss(reduction="sum"))):
+        shard = [(x[i : min(i + 1000, hi)], y[i : min(i + 1000, hi)]) for i in range(lo, hi, 1000)]
+        out[f"f32_{name}"] = hd.HessianOperator(lin, loss_fn, shard) @ v
+        if rank == 0:
+            out[f"ref_f32_{name}"] = hesse.HessianOperator(lin, loss_fn, (x, y)) @ v
+    # float16: 6000 samples per rank, |G v| * 6000 overflows float16 (65504)
+    half = nn.Linear(3, 2).half()
+    with torch.no_grad():
+        half.weight.fill_(4.0)
+    xh = (4 * torch.randn(12000, 3, generator=gen)).half()
+    yh = torch.randn(12000, 2, generator=gen).half()
+    vh = torch.ones(8, dtype=torch.float16)
+    sl = slice(0, 6000) if rank == 0 else slice(6000, 12000)
+    out["f16"] = hd.GGNOperator(half, nn.MSELoss(), (xh[sl], yh[sl])) @ vh
+    if rank == 0:
+        out["ref_f16"] = hesse.GGNOperator(half, nn.MSELoss(), (xh, yh)) @ vh
+    # a 0-row tensor shard on rank 1 (as x[rank::world] gives when world > len(x))
+    model, loss_fn, xs, ys = problem()
+    data = (xs, ys) if rank == 0 else (xs[:0], ys[:0])
+    P = sum(p.numel() for p in model.parameters())
+    w = torch.randn(P, generator=gen)
+    out["empty_fisher"] = hd.FisherOperator(model, loss_fn, data) @ w
+    out["empty_hessian"] = hd.HessianOperator(model, loss_fn, data) @ w
+    out["empty_loss"], out["empty_grad"] = hd.loss_and_gradient(model, loss_fn, data)
+    if rank == 0:
+        out["ref_empty_fisher"] = hesse.FisherOperator(model, loss_fn, data) @ w
+        out["ref_empty_hessian"] = hesse.HessianOperator(model, loss_fn, data) @ w
+    # HessianFree with the batch only on rank 0 (rank 1: samples=0 and batch=None)
+    opt = hd.HessianFree(model.parameters(), model=model, loss_fn=loss_fn, samples=len(data[0]))
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(data[0]), data[1])
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure, batch=data if rank == 0 else None)
+    out["hf_x"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    if rank == 0:
+        ref_model = problem()[0]
+        ref = hesse.optim.HessianFree(ref_model.parameters(), model=ref_model, loss_fn=loss_fn)
+
+        def ref_closure():
+            ref.zero_grad()
+            loss = loss_fn(ref_model(xs), ys)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            ref.step(ref_closure, batch=(xs, ys))
+        out["ref_hf_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+    # SubsampledNewton with 5 samples of each rank: the ranks agree on every step
+    opt = hd.SubsampledNewton(
+        model.parameters(), model=model, loss_fn=loss_fn, subsample=5, samples=len(data[0])
+    )
+    for _ in range(3):
+        opt.step(closure, batch=data)
+    out["sub_x"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def hangs(rank, world, out):
     """Rank 1 stops answering (sleeps); the others must give up within the timeout."""
     model, loss_fn, x, y = problem()
@@ -287,7 +360,7 @@ def main() -> None:
     except BaseException as err:
         out["uncaught"] = "".join(traceback.format_exception(err))
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario in ("operators", "optimizers", "edges"):
+    if scenario in ("operators", "optimizers", "edges", "precision"):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

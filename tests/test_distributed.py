@@ -152,6 +152,28 @@ def test_empty_shards_and_mismatched_parameters(tmp_path):
         assert "1e-03" in msg or "0.001" in msg, msg
 
 
+def test_precision_sum_losses_and_empty_tensor_shards(tmp_path):
+    results, _, logs = launch("precision", 2, tmp_path)
+    _ok(results, logs)
+    ref = results[0]
+    for res in results:
+        for name in ("mean", "sum"):
+            torch.testing.assert_close(
+                res[f"f32_{name}"], ref[f"ref_f32_{name}"], rtol=1e-5, atol=0
+            )
+        assert bool(torch.isfinite(res["f16"]).all())
+        torch.testing.assert_close(res["f16"], ref["ref_f16"], rtol=2e-3, atol=0)
+        for name in ("fisher", "hessian"):
+            torch.testing.assert_close(
+                res[f"empty_{name}"], ref[f"ref_empty_{name}"], rtol=1e-12, atol=1e-14
+            )
+        assert bool(torch.isfinite(res["empty_grad"]).all())
+        assert torch.equal(res["empty_grad"], ref["empty_grad"])
+        torch.testing.assert_close(res["hf_x"], ref["ref_hf_x"], rtol=1e-9, atol=1e-12)
+        assert torch.equal(res["sub_x"], ref["sub_x"])
+    assert float(ref["ref_f16"].abs().max()) > 1.0  # the float16 case is a real one
+
+
 def test_example_runs_under_torchrun(tmp_path):
     """The README's command: 2 ranks under torchrun print what one process prints."""
     example = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
@@ -184,10 +206,11 @@ def test_a_rank_that_raises_stops_the_others(tmp_path):
     results, _, logs = launch("raises", 3, tmp_path)
     _ok(results, logs)
     # rank 1 raised its own error; ranks 0 and 2 a RankError naming rank 1
-    assert results[1]["eig_error"].startswith("IndexError")
+    for lin in (False, True):
+        assert results[1][f"eig_error_{lin}"].startswith("IndexError")
     assert results[1]["opt_error"] == "ValueError: rank 1's closure is broken"
     for r in (0, 2):
-        for key in ("eig_error", "opt_error"):
+        for key in ("eig_error_False", "eig_error_True", "opt_error"):
             msg = results[r][key]
             assert msg.startswith("RankError") and "rank(s) [1]" in msg, msg
 

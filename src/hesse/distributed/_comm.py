@@ -92,7 +92,19 @@ class Communicator:
         start = time.perf_counter()
         try:
             work = launch()
-            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+            if self.backend == "gloo":
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+            else:
+                # nccl's wait() only orders the CUDA stream (unless TORCH_NCCL_BLOCKING_WAIT
+                # is set): poll for completion up to the deadline ourselves.
+                deadline = start + self.timeout
+                pause = 1e-5
+                while not work.is_completed():
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError("Operation timed out!")
+                    time.sleep(pause)
+                    pause = min(2 * pause, 1e-3)
+                work.wait()
         except RankError:
             raise
         except Exception as err:
@@ -181,19 +193,29 @@ class Communicator:
         """Record that ``tensors`` are the same on every rank now (an optimizer that has
         just synchronised them says so), so that :meth:`check_same` can skip them until
         any of them is modified (tensors' version counters move on every in-place write)."""
-        self._in_sync = {id(t): t._version for t in tensors}
+        if not hasattr(self, "_in_sync"):
+            self._in_sync: dict[int, int] = {}
+        self._in_sync.update({id(t): t._version for t in tensors})
 
     def is_in_sync(self, tensors: list[Tensor]) -> bool:
         known = getattr(self, "_in_sync", {})
         return all(known.get(id(t)) == t._version for t in tensors)
 
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """A barrier that carries failures: a rank passes the error its local step raised
+        (or None); that rank re-raises it, every other rank raises :class:`RankError`."""
+        self.sum_weighted(torch.zeros(1), 0.0, error, what)
+
     def check_same(self, x: Tensor, what: str) -> None:
         """Raise (on every rank alike) unless ``x`` is the same on every rank."""
-        ref = x.detach().clone()
+        x = x.detach()
+        ref = x.clone()
         self.broadcast_(ref, f"comparing {what} across ranks")
-        diff = float((x.detach() - ref).abs().max()) if x.numel() else 0.0
-        if not math.isfinite(diff):
-            diff = math.inf
+        diff = 0.0
+        if x.numel():
+            both_nan = torch.isnan(x) & torch.isnan(ref)
+            gap = (x - ref).abs().masked_fill_(both_nan, 0.0)  # NaN where one side is NaN
+            diff = float(gap.nan_to_num(nan=math.inf).max())
         worst = self.max(diff, f"comparing {what} across ranks")
         if worst > 0:
             raise ValueError(

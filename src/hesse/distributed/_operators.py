@@ -26,15 +26,20 @@ class _DataParallel(ModelCurvature):
     def _construct(self, init, group: Any, timeout: float | None) -> None:
         """Run the local constructor ``init()``; a rank whose construction fails tells the
         others (one small collective), so that none of them waits for it in a product.
-        Then check that the parameters agree across ranks."""
+        The same collective says whether every rank knows its parameters to be in sync
+        (an optimizer of :mod:`hesse.distributed` has just synchronised them); if any does
+        not, every rank checks that the parameters agree."""
         self.comm = as_communicator(group, timeout)
+        unsynced = torch.ones(1)
         try:
             init()
+            if self.comm.is_in_sync(self.fn._selected):
+                unsynced = torch.zeros(1)
             error = None
         except Exception as err:
             error = err
-        self.comm.sum_weighted(torch.zeros(1), 0.0, error, f"making a {type(self).__name__}")
-        if not self.comm.is_in_sync(self.fn._selected):  # (unless an optimizer synced them)
+        total, _ = self.comm.sum_weighted(unsynced, 0.0, error, f"making a {type(self).__name__}")
+        if float(total) > 0:
             self.comm.check_same(self.space.flatten(self.fn.params()), "the model's parameters")
 
     def _combine(self, parts, V: Tensor) -> Tensor:
@@ -46,10 +51,11 @@ class _DataParallel(ModelCurvature):
                 total = total * n
             return total, float(n)
 
-        total, n = self.comm.run_reduced(compute, V, f"a {type(self).__name__} product")
+        like = V if V.dtype in (torch.float32, torch.float64) else V.float()
+        total, n = self.comm.run_reduced(compute, like, f"a {type(self).__name__} product")
         if n == 0:
             raise ValueError("no rank holds any data: every shard is empty")
-        return total / n if mean else total
+        return (total / n if mean else total).to(V.dtype)
 
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         return self.comm.synchronize_generator(generator)
@@ -62,8 +68,7 @@ class _DataParallel(ModelCurvature):
             lin, error = LinearizedCurvature(self), None
         except Exception as err:
             lin, error = None, err
-        dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
-        self.comm.sum_weighted(dummy, 0.0, error, f"{type(self).__name__}.linearize()")
+        self.comm.agree(error, f"{type(self).__name__}.linearize()")
         return lin
 
 
@@ -176,22 +181,31 @@ def loss_and_gradient(
     all-reduce carries the sums and the sample counts. Arguments as
     :class:`hesse.distributed.HessianOperator`.
     """
-    fn = ModelLoss(model, loss_fn, params)
     comm = as_communicator(group, timeout)
-    batches = _check_data(data, empty_ok=True)
+    try:  # a rank that cannot start tells the others (the sizes of the sums must agree)
+        fn = ModelLoss(model, loss_fn, params)
+        batches = _check_data(data, empty_ok=True)
+        error = None
+    except Exception as err:
+        error = err
+    comm.agree(error, "loss_and_gradient()")
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     size = fn.size
-    like = torch.zeros(size + 1, dtype=fn.space.dtype, device=fn.space.device)
+    dtype = fn.space.dtype
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    like = torch.zeros(size + 1, dtype=acc, device=fn.space.device)
 
     def compute() -> tuple[Tensor, float]:
         ps = fn.params()
         total, n_total = torch.zeros_like(like), 0
         for batch in batches:
-            g, value = grad_and_value(lambda p, b=batch: fn.loss(p, b))(ps)
             n = batch_size(batch)
+            if n == 0:
+                continue
+            g, value = grad_and_value(lambda p, b=batch: fn.loss(p, b))(ps)
             w = float(n) if mean else 1.0
-            total[:size].add_(fn.space.flatten(g), alpha=w)
-            total[size] += w * value.detach()
+            total[:size].add_(fn.space.flatten(g).to(acc), alpha=w)
+            total[size] += w * value.detach().to(acc)
             n_total += n
         return total, float(n_total)
 
@@ -201,6 +215,7 @@ def loss_and_gradient(
     if mean:
         total = total / n
     check_finite(total, "the loss or its gradient")
+    total = total.to(dtype)
     return total[size], total[:size]
 
 

@@ -36,15 +36,18 @@ class _ReducedEvaluation(Evaluation):
     def hvp_list(self, vs: list[Tensor], params: list[Tensor]) -> list[Tensor]:
         local, w = self._local, self._weight
         like = torch.cat([v.reshape(-1) for v in vs])
+        dtype = like.dtype
+        if dtype not in (torch.float32, torch.float64):
+            like = like.float()  # weighted by sample counts: float16 would overflow
 
         def compute() -> tuple[Tensor, float]:
             if local is None or w == 0:  # this rank holds no data in this step
                 return torch.zeros_like(like), w
             out = local.hvp_list(vs, params)
-            return torch.cat([h.reshape(-1) for h in out]).mul_(w), w
+            return torch.cat([h.reshape(-1) for h in out]).to(like.dtype).mul_(w), w
 
         total, _ = self._comm.run_reduced(compute, like, "a Hessian-vector product")
-        return self._flat.split(total.div_(self._total))
+        return self._flat.split(total.div_(self._total).to(dtype))
 
     def release(self) -> None:
         if self._local is not None:
@@ -69,9 +72,13 @@ class _DataParallelOptimizer(FlatOptimizer):
         self.comm = as_communicator(group, timeout)
         self.samples = _check_samples(samples)
         self._synced = False
+        self._step_error: Exception | None = None
+        self._uses_batch = 0.0
         if hasattr(self, "seed"):  # probes and subsamples: rank 0's seed everywhere
             seed = torch.tensor([int(self.seed)], dtype=torch.int64)
             self.seed = int(self.comm.broadcast_(seed, "sharing the optimizer's seed"))
+            # A subsample draws other positions on each rank (1_000_003: a prime).
+            self._seed_offset = 1_000_003 * self.comm.rank
 
     def _sync_parameters(self) -> None:
         """Give every rank rank 0's parameters, once, before the first step (as
@@ -85,9 +92,21 @@ class _DataParallelOptimizer(FlatOptimizer):
 
     def step(self, closure: Closure | None = None, *args, samples: int | None = None, **kwargs):
         """As the local optimizer's ``step``; ``samples`` overrides, for this step, the
-        number of samples this rank's closure averages over (e.g. a short last batch)."""
-        if samples is not None:
-            self.samples = _check_samples(samples)
+        number of samples this rank's closure averages over (e.g. a short last batch).
+        With ``model``/``loss_fn``, pass ``batch=`` on every rank; a rank with
+        ``samples=0`` may pass ``batch=None`` (it holds nothing)."""
+        self._step_error = None
+        try:  # a bad argument on one rank is raised in the step's first collective
+            if samples is not None:
+                self.samples = _check_samples(samples)
+        except ValueError as err:
+            self._step_error = err
+        if getattr(self, "model", None) is not None:
+            if kwargs.get("batch") is None and (args == () or args[0] is None):
+                if self.samples == 0:
+                    kwargs["batch"], args = [], ()
+            given = kwargs.get("batch") is not None or (args != () and args[0] is not None)
+            self._uses_batch = 1.0 if given else 0.0
         self._sync_parameters()
         # The same on every rank at the start of every step (rank 0's at the first, then
         # the same deterministic update everywhere): the batch operators need not check.
@@ -96,26 +115,39 @@ class _DataParallelOptimizer(FlatOptimizer):
 
     def _evaluate(self, closure: Closure, graph: bool = False) -> Evaluation:
         flat, comm, w = self.flat, self.comm, float(self.samples)
-        like = torch.zeros(flat.size + 1, dtype=flat.dtype, device=flat.device)
+        P = flat.size
+        acc = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
+        # [w g, w loss, batch flag]: the flag checks that every rank passes batch= alike.
+        like = torch.zeros(P + 2, dtype=acc, device=flat.device)
         holder: list[Evaluation] = []
 
         def compute() -> tuple[Tensor, float]:
-            if w == 0:  # no data on this rank in this step: contributes nothing
-                return torch.zeros_like(like), 0.0
-            ev = evaluate(closure, flat, graph)
-            holder.append(ev)
-            buf = torch.empty_like(like)
-            if ev.grads is None:
-                buf.fill_(math.nan)
-            else:
-                buf[:-1] = ev.g
-                buf[-1] = ev.loss
-            return buf.mul_(w), w
+            if self._step_error is not None:
+                raise self._step_error
+            buf = torch.zeros_like(like)
+            if w > 0:  # (a rank without data in this step contributes nothing)
+                ev = evaluate(closure, flat, graph)
+                holder.append(ev)
+                if ev.grads is None:
+                    buf[: P + 1] = math.nan
+                else:
+                    buf[:P] = ev.g
+                    buf[P] = ev.loss
+                buf[: P + 1].mul_(w)
+            buf[P + 1] = self._uses_batch
+            return buf, w
 
         total, weight = comm.run_reduced(compute, like, "evaluating the closure")
+        if float(total[P + 1]) not in (0.0, float(comm.world)):
+            if holder:
+                holder[0].release()
+            raise ValueError(
+                "step(closure, batch=...) must be given a batch on every rank or on none "
+                "(a rank with samples=0 may pass batch=None)"
+            )
         if weight == 0:
             raise ValueError("no rank holds any data: samples is 0 on every rank")
-        total.div_(weight)
+        total = total[: P + 1].div_(weight).to(flat.dtype)
         loss = float(total[-1])
         g = total[:-1]
         finite = math.isfinite(loss) and bool(torch.isfinite(g).all())

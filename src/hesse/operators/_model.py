@@ -93,8 +93,11 @@ class ModelCurvature(CurvatureOperator):
         params = self.fn.params()
         found = False
         for index, batch in enumerate(self.data):
+            n = batch_size(batch)
+            if n == 0:  # a batch without samples adds nothing (a mean over it is NaN)
+                continue
             found = True
-            yield self._batch_product(params, batch, index, reuse), batch_size(batch)
+            yield self._batch_product(params, batch, index, reuse), n
         if not found and not self._empty_ok:
             raise ValueError("data is empty: expected at least one batch (inputs, targets)")
 
@@ -108,15 +111,17 @@ class ModelCurvature(CurvatureOperator):
         number of samples. A single batch's product is returned as it is, unweighted (its
         mean is the operator; no round trip through ``* n / n``), and the flag says whether
         the weights were applied. ``flatten_columns`` returns fresh tensors, so the sum is
-        accumulated in place; batches are streamed, one graph at a time."""
+        accumulated in place; batches are streamed, one graph at a time. Half-precision
+        products are summed in float32 (a product times a sample count overflows float16)."""
         space = self.space
         cols = space.unflatten_columns(V)
         mean = self.reduction == "mean"
-        total = torch.zeros_like(V)
+        acc = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
+        total = torch.zeros(V.shape, dtype=acc, device=V.device)
         n_total = count = 0
         first_weight = 1.0
         for product, n in parts:
-            out = space.flatten_columns(product(cols))
+            out = space.flatten_columns(product(cols)).to(acc)
             weight = float(n) if mean else 1.0
             if count == 0:
                 total, first_weight = out, weight
@@ -134,8 +139,8 @@ class ModelCurvature(CurvatureOperator):
         (:mod:`hesse.distributed`) reduce across processes here."""
         total, n_total, weighted = self._local_sum(parts, V)
         if self.reduction == "mean" and weighted:
-            return total / n_total
-        return total
+            total = total / n_total
+        return total.to(V.dtype)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self._combine(self._products(), V)
@@ -159,12 +164,17 @@ class LinearizedCurvature(CurvatureOperator):
         self._parts = list(op._products(reuse=True))
 
     def _matmat(self, V: Tensor) -> Tensor:
+        return self.op._combine(self._checked_parts(), V)
+
+    def _checked_parts(self) -> Iterable[tuple[BatchProduct, int]]:
+        # Checked as the parts are read, inside _combine: a data-parallel operator then
+        # carries the error to the other ranks instead of leaving them waiting.
         if self.op.fn.versions() != self._versions:
             raise RuntimeError(
                 "the parameters changed in place since linearize(); the cached graphs are "
                 "stale: call linearize() again at the new point"
             )
-        return self.op._combine(self._parts, V)
+        yield from self._parts
 
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         return self.op.synchronize_generator(generator)

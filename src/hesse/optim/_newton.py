@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from hesse._core import NonFiniteError
 from hesse.linalg import cg
 from hesse.operators import GGNOperator, HessianOperator, IdentityOperator
+from hesse.operators._model import _is_single_batch
 from hesse.optim._base import (
     Closure,
     FlatOptimizer,
@@ -133,8 +134,11 @@ class _TruncatedNewton(FlatOptimizer):
         cls = GGNOperator if self.curvature == "ggn" else HessianOperator
         return cls(self.model, self.loss_fn, data, params=self.flat.params)
 
+    #: Added to the subsample's seed (data-parallel ranks draw different positions).
+    _seed_offset = 0
+
     def _subsample(self, batch):
-        if self.subsample is None:
+        if self.subsample is None or not _is_single_batch(batch):
             return batch
         inputs, targets = batch
         n = inputs.shape[0]
@@ -142,7 +146,7 @@ class _TruncatedNewton(FlatOptimizer):
         if k >= n:
             return batch
         state = self._global()
-        gen = torch.Generator().manual_seed(self.seed + 7919 * state["step"])
+        gen = torch.Generator().manual_seed(self.seed + 7919 * state["step"] + self._seed_offset)
         idx = torch.randperm(n, generator=gen)[:k].to(inputs.device)
         return inputs[idx], targets[idx]
 
