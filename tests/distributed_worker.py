@@ -112,6 +112,8 @@ OPTIMIZERS = {
         m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss(), subsample=1.0
     ),
     "adahessian": lambda cls, m: cls(m.parameters(), lr=0.1),
+    "sophia": lambda cls, m: cls(m.parameters(), lr=0.05, update_each=2),
+    "sophia-gnb": lambda cls, m: cls(m.parameters(), lr=0.05, update_each=2, estimator="gnb"),
 }
 CLASSES = {
     "lbfgs": "LBFGS",
@@ -120,6 +122,8 @@ CLASSES = {
     "hf-ggn": "HessianFree",
     "subsampled": "SubsampledNewton",
     "adahessian": "AdaHessian",
+    "sophia": "Sophia",
+    "sophia-gnb": "Sophia",
 }
 
 
@@ -133,14 +137,18 @@ def _train(opt, model, loss_fn, x, y, steps, batch):
             loss.backward()
             return loss
 
-        losses.append(float(opt.step(closure, batch=(x, y)) if batch else opt.step(closure)))
+        if batch == "outputs":
+            loss = opt.step(closure, outputs_fn=lambda: model(x))
+        else:
+            loss = opt.step(closure, batch=(x, y)) if batch else opt.step(closure)
+        losses.append(float(loss))
     return torch.tensor(losses), torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def optimizers(rank, world, out):
     lo, hi = shard_bounds(rank, world)
     for name, make in OPTIMIZERS.items():
-        batch = name in ("hf-ggn", "subsampled")
+        batch = "outputs" if name == "sophia-gnb" else name in ("hf-ggn", "subsampled")
         model, loss_fn, x, y = problem()
         if rank == 1:  # a different start: the optimizer must give rank 1 rank 0's weights
             with torch.no_grad():

@@ -123,17 +123,19 @@ def test_optimizer_trajectories_match_one_process(tmp_path, world):
     _ok(results, logs)
     ref = results[0]
     names = [k[: -len("_losses")] for k in ref if k.endswith("_losses") and "ref_" not in k]
-    assert len(names) == 6
+    assert len(names) == 8
     for name in names:
         for r, res in enumerate(results):
             # every rank takes the same steps (rank 1 started elsewhere and was synced)
             assert torch.equal(res[f"{name}_x"], ref[f"{name}_x"]), (name, r)
+            if name == "sophia-gnb":
+                continue  # labels are sampled per shard: the same law, not the same draws
             torch.testing.assert_close(
                 res[f"{name}_losses"], ref[f"ref_{name}_losses"], rtol=1e-9, atol=1e-12
             )
             torch.testing.assert_close(res[f"{name}_x"], ref[f"ref_{name}_x"], rtol=1e-7, atol=1e-9)
-        losses = ref[f"ref_{name}_losses"]
-        assert losses[-1] < losses[0], name  # the trajectories go somewhere
+        for losses in (ref[f"ref_{name}_losses"], ref[f"{name}_losses"]):
+            assert losses[-1] < losses[0], name  # the trajectories go somewhere
 
 
 def test_empty_shards_and_mismatched_parameters(tmp_path):

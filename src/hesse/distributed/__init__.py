@@ -16,6 +16,10 @@ A rank whose local work raises still joins the collective, flagged: it raises it
 error and every other rank a :class:`RankError` naming it. A rank that exits, crashes or
 stops answering makes the others raise :class:`RankError` within ``timeout`` seconds.
 
+With nccl, give each rank its GPU first (``torch.cuda.set_device(local_rank)``): CPU
+tensors are reduced on the current device. The nccl path has not been run on hardware
+yet (only gloo is tested).
+
 Example (``torchrun --nproc-per-node 2 examples/distributed.py``)::
 
     torch.distributed.init_process_group("gloo")
@@ -36,7 +40,14 @@ from hesse.distributed._operators import (
     HessianOperator,
     loss_and_gradient,
 )
-from hesse.distributed._optim import LBFGS, AdaHessian, HessianFree, NewtonCG, SubsampledNewton
+from hesse.distributed._optim import (
+    LBFGS,
+    AdaHessian,
+    HessianFree,
+    NewtonCG,
+    Sophia,
+    SubsampledNewton,
+)
 
 __all__ = [
     # operators
@@ -50,6 +61,7 @@ __all__ = [
     "HessianFree",
     "LBFGS",
     "NewtonCG",
+    "Sophia",
     "SubsampledNewton",
     # plumbing
     "Communicator",

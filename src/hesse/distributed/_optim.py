@@ -200,7 +200,10 @@ _DOC = """Data-parallel :class:`hesse.optim.{name}`: each rank's closure compute
 
     On its first step the optimizer gives every rank rank 0's parameters (as
     ``DistributedDataParallel`` does); its seed is rank 0's. The closure's loss must be a
-    mean over ``samples`` samples (``reduction="mean"``).
+    mean over ``samples`` samples (``reduction="mean"``). With ``model``/``loss_fn``, pass
+    ``batch=`` on every rank (a rank with ``samples=0`` may pass ``None``); a
+    ``subsample`` is drawn on each rank from its own batch (an int is per rank, a fraction
+    of each rank's batch), at positions that differ between ranks.
 """
 
 
@@ -222,3 +225,40 @@ class NewtonCG(_DataParallelOptimizer, optim.NewtonCG):
 
 class AdaHessian(_DataParallelOptimizer, optim.AdaHessian):
     __doc__ = _DOC.format(name="AdaHessian")
+
+
+class Sophia(_DataParallelOptimizer, optim.Sophia):
+    __doc__ = (
+        _DOC.format(name="Sophia")
+        + """
+    With ``estimator="gnb"``, each rank samples labels for its own batch (``outputs_fn``
+    gives this rank's logits; a rank without data returns a ``(0, classes)`` tensor); the
+    sampled-label gradients are averaged over ranks by batch size before they are
+    squared, so the estimate is :math:`B\\, \\hat g \\odot \\hat g` over all ``B`` samples.
+"""
+    )
+
+    def _gnb(self, outputs_fn) -> list[Tensor]:
+        flat, comm = self.flat, self.comm
+        like = torch.zeros(
+            flat.size,
+            dtype=torch.float32 if flat.dtype not in (torch.float32, torch.float64) else flat.dtype,
+            device=flat.device,
+        )
+        step = int(self._global()["step"])
+        labels = torch.Generator().manual_seed(
+            self.seed * 1_000_003 + step + 7_777_777 * (comm.rank + 1)
+        )  # each rank draws its own labels
+
+        def compute() -> tuple[Tensor, float]:
+            grads, b = self._gnb_gradient(outputs_fn, labels)
+            if b == 0:
+                return torch.zeros_like(like), 0.0
+            g = torch.cat([t.reshape(-1) for t in grads]).to(like.dtype)
+            return g.mul_(b), float(b)
+
+        total, b = comm.run_reduced(compute, like, "Sophia's Gauss-Newton-Bartlett estimate")
+        if b == 0:
+            raise ValueError("no rank holds any data: every outputs_fn() returned 0 rows")
+        g = total.div_(b)
+        return [(b * t * t).to(flat.dtype) for t in flat.split(g)]

@@ -212,19 +212,26 @@ class Sophia(_DiagonalCurvature):
         super().__init__(params, defaults, seed)
 
     def _gnb(self, outputs_fn: Callable[[], Tensor]) -> list[Tensor]:
-        cpu = self._generator(torch.device("cpu"))
+        grads, b = self._gnb_gradient(outputs_fn, self._generator(torch.device("cpu")))
+        return [b * g * g for g in grads]
+
+    def _gnb_gradient(
+        self, outputs_fn: Callable[[], Tensor], cpu: torch.Generator
+    ) -> tuple[list[Tensor], int]:
+        """The gradient of the mean cross-entropy of the outputs against labels sampled
+        from them (labels drawn from ``cpu``), and the batch size."""
         with torch.enable_grad():
             logits = outputs_fn()
             if not isinstance(logits, Tensor) or logits.dim() != 2:
                 raise ValueError("outputs_fn must return the batch's logits, shape (B, classes)")
+            if logits.shape[0] == 0:  # no samples: nothing to estimate from
+                return [torch.zeros_like(p) for p in self.flat.params], 0
             probs = torch.softmax(logits.detach().float().cpu(), dim=-1)
             labels = torch.multinomial(probs, 1, generator=cpu).squeeze(1).to(logits.device)
             loss = torch.nn.functional.cross_entropy(logits, labels)
             grads = torch.autograd.grad(loss, self.flat.params, allow_unused=True)
-        b = logits.shape[0]
-        return [
-            torch.zeros_like(p) if g is None else b * g * g for g, p in zip(grads, self.flat.params)
-        ]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.flat.params)]
+        return grads, logits.shape[0]
 
     @torch.no_grad()
     def step(self, closure: Closure, outputs_fn: Callable[[], Tensor] | None = None) -> Tensor:
