@@ -69,6 +69,8 @@ def operators(rank, world, out):
         if rank == 0:
             ref = local_cls(model, loss_fn, full, **kw)
             out[f"ref_{name}_v"] = ref @ V
+    ddp = nn.parallel.DistributedDataParallel(model)  # accepted: its module is used
+    out["ddp_ggn_v"] = hd.GGNOperator(ddp, loss_fn, shard) @ V
     H = hd.HessianOperator(model, loss_fn, shard)
     G = hd.GGNOperator(model, loss_fn, shard)
     # Each rank asks for a different seed: the probes must still be rank 0's.
@@ -233,6 +235,11 @@ def edges(rank, world, out):
         for _ in range(3):
             ref.step(ref_closure)
         out["ref_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+    try:  # a DDP-wrapped model in an optimizer: refused (it would reduce twice)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        hd.HessianFree(model.parameters(), model=ddp, loss_fn=loss_fn, samples=1)
+    except ValueError as err:
+        out["ddp_error"] = str(err)
     # every shard empty: a clear error on every rank
     try:
         hd.GGNOperator(model, loss_fn, []) @ V[:, 0]

@@ -85,6 +85,11 @@ def test_products_match_one_process(operator_run, kind):
         torch.testing.assert_close(res[f"{kind}_vec"], ref[:, 0], rtol=tol, atol=tol)
 
 
+def test_a_ddp_wrapped_model_gives_the_same_operator(operator_run):
+    for res in operator_run:
+        assert torch.equal(res["ddp_ggn_v"], res["ggn_v"])
+
+
 def test_hessian_matches_dense_reference(operator_run):
     # Independent of hesse's single-process operator: torch.func.hessian on all the data.
     res = operator_run[0]
@@ -149,6 +154,7 @@ def test_empty_shards_and_mismatched_parameters(tmp_path):
         # rank 1 (samples=0) follows rank 0's trajectory, which is one process's
         torch.testing.assert_close(res["x"], ref["ref_x"], rtol=1e-9, atol=1e-12)
         assert res["empty_error"] == "ValueError: no rank holds any data: every shard is empty"
+        assert "pass the plain model (ddp.module)" in res["ddp_error"]
         msg = res["mismatch_error"]
         assert msg.startswith("ValueError: the model's parameters differ between ranks"), msg
         assert "1e-03" in msg or "0.001" in msg, msg

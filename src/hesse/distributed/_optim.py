@@ -68,6 +68,13 @@ class _DataParallelOptimizer(FlatOptimizer):
         timeout: float | None = None,
         **kwargs,
     ):
+        if isinstance(kwargs.get("model"), torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "hesse.distributed's optimizers reduce gradients and curvature themselves: "
+                "pass the plain model (ddp.module), and call it, not the "
+                "DistributedDataParallel wrapper, in the closure (DDP would average the "
+                "gradients a second time, unweighted, and does not support double backward)"
+            )
         super().__init__(params, *args, **kwargs)
         self.comm = as_communicator(group, timeout)
         self.samples = _check_samples(samples)

@@ -83,6 +83,10 @@ class ModelLoss:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Its forward pass would add DDP's gradient hooks; hesse.distributed reduces
+            # the curvature itself. The wrapped module has the same parameters.
+            model = model.module
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         named = dict(model.named_parameters())
