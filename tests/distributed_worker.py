@@ -78,6 +78,7 @@ def operators(rank, world, out):
     out["trace"] = hesse.trace(G, "hutchinson", 20, seed=rank).estimate
     out["density"] = hesse.spectral_density(H, num_probes=3, steps=20, grid=50, seed=rank).density
     out["cg"] = hesse.linalg.cg(G.damped(0.1), V[:, 1], rtol=1e-12).x
+    out["layers"] = hd.layer_report(model, loss_fn, shard, exact_limit=30).as_dicts()
     loss, g = hd.loss_and_gradient(model, loss_fn, shard)
     out["loss"], out["grad"] = loss, g
     mc = hd.FisherOperator(model, loss_fn, shard, kind="mc", mc_samples=2)
@@ -91,6 +92,7 @@ def operators(rank, world, out):
             Hf, num_probes=3, steps=20, grid=50, seed=0
         ).density
         out["ref_cg"] = hesse.linalg.cg(Gf.damped(0.1), V[:, 1], rtol=1e-12).x
+        out["ref_layers"] = hesse.layer_report(model, loss_fn, full, exact_limit=30).as_dicts()
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         full_loss = lambda w: torch.func.functional_call(  # noqa: E731
             model, dict(zip([n for n, _ in model.named_parameters()], _split(w, model))), (x,)

@@ -115,6 +115,16 @@ def test_estimates_match_one_process(operator_run, what):
         torch.testing.assert_close(torch.as_tensor(res[what]), ref, rtol=1e-8, atol=1e-10)
 
 
+def test_layer_report_matches_one_process(operator_run):
+    ref = operator_run[0]["ref_layers"]
+    assert {r["size"] for r in ref} == {36, 21}  # one block formed densely, one by Lanczos
+    for res in operator_run:
+        assert [r["verdict"] for r in res["layers"]] == [r["verdict"] for r in ref]
+        for row, want in zip(res["layers"], ref):
+            for key in ("top_eigenvalue", "min_eigenvalue", "trace"):
+                assert abs(row[key] - want[key]) <= 1e-8 * max(1.0, abs(want[key])), key
+
+
 def test_monte_carlo_fisher_same_on_every_rank(operator_run):
     for res in operator_run[1:]:
         assert torch.equal(res["mc_v"], operator_run[0]["mc_v"])

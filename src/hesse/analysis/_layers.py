@@ -76,6 +76,7 @@ def layer_report(
     exact_limit: int = 256,
     rtol: float = 1e-6,
     seed: int | None = 0,
+    _operator: Callable[..., Any] = HessianOperator,
 ) -> LayerReport:
     """Top and bottom eigenvalue, trace and definiteness of each layer's Hessian block.
 
@@ -92,7 +93,7 @@ def layer_report(
     blocks = dict(blocks) if blocks is not None else parameter_blocks(model)
     rows = []
     for name, params in blocks.items():
-        H = HessianOperator(model, loss_fn, data, params=list(params)).linearize()
+        H = _operator(model, loss_fn, data, params=list(params)).linearize()
         n = H.shape[0]
         if n <= exact_limit:
             # P products give the whole block: exact eigenvalues and trace, no estimates

@@ -38,6 +38,7 @@ from hesse.distributed._operators import (
     FisherOperator,
     GGNOperator,
     HessianOperator,
+    layer_report,
     loss_and_gradient,
 )
 from hesse.distributed._optim import (
@@ -55,6 +56,7 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "layer_report",
     "loss_and_gradient",
     # optimizers
     "AdaHessian",

@@ -219,10 +219,33 @@ def loss_and_gradient(
     return total[size], total[:size]
 
 
+def layer_report(
+    model: nn.Module,
+    loss_fn,
+    data: Any,
+    *,
+    group: Any = None,
+    timeout: float | None = None,
+    **kwargs,
+):
+    """:func:`hesse.layer_report` over every rank's shard: each block's Hessian is a
+    :class:`HessianOperator` of this module, so every rank gets the report of one process
+    over all the data. Keyword arguments as :func:`hesse.layer_report`."""
+    from hesse.analysis._layers import layer_report as local_report
+
+    comm = as_communicator(group, timeout)
+
+    def make(*args, **kw):
+        return HessianOperator(*args, group=comm, **kw)
+
+    return local_report(model, loss_fn, data, _operator=make, **kwargs)
+
+
 __all__ = [
     "FiniteDifferenceHessian",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "layer_report",
     "loss_and_gradient",
 ]
