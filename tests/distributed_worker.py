@@ -247,6 +247,17 @@ def edges(rank, world, out):
         hd.GGNOperator(model, loss_fn, []) @ V[:, 0]
     except Exception as err:
         out["empty_error"] = f"{type(err).__name__}: {err}"
+    # rank 1's model is bigger: refused on every rank (not a gloo abort)
+    other = nn.Sequential(nn.Linear(D, 6 + rank), nn.Tanh(), nn.Linear(6 + rank, C))
+    try:
+        hd.GGNOperator(other, loss_fn, data)
+    except Exception as err:
+        out["size_error"] = f"{type(err).__name__}: {err}"
+    opt = hd.LBFGS(other.parameters(), samples=1)
+    try:
+        opt.step(lambda: torch.zeros(()))
+    except Exception as err:
+        out["opt_size_error"] = f"{type(err).__name__}: {err}"
     # rank 1's parameters differ: refused on every rank
     if rank == 1:
         with torch.no_grad():

@@ -165,6 +165,8 @@ def test_empty_shards_and_mismatched_parameters(tmp_path):
         torch.testing.assert_close(res["x"], ref["ref_x"], rtol=1e-9, atol=1e-12)
         assert res["empty_error"] == "ValueError: no rank holds any data: every shard is empty"
         assert "pass the plain model (ddp.module)" in res["ddp_error"]
+        for key in ("size_error", "opt_size_error"):
+            assert res[key].startswith("ValueError:") and "differ in size" in res[key], res[key]
         msg = res["mismatch_error"]
         assert msg.startswith("ValueError: the model's parameters differ between ranks"), msg
         assert "1e-03" in msg or "0.001" in msg, msg

@@ -206,8 +206,22 @@ class Communicator:
         (or None); that rank re-raises it, every other rank raises :class:`RankError`."""
         self.sum_weighted(torch.zeros(1), 0.0, error, what)
 
+    def check_size(self, n: int, what: str) -> None:
+        """Raise (on every rank alike) unless ``n`` is the same on every rank: before a
+        broadcast of ``n`` values, whose size must agree (gloo aborts the process on a
+        mismatch)."""
+        ref = torch.tensor([n], dtype=torch.int64)
+        self.broadcast_(ref, f"comparing the sizes of {what}")
+        worst = self.max(float(abs(n - int(ref))), f"comparing the sizes of {what}")
+        if worst > 0:
+            raise ValueError(
+                f"{what} differ in size between ranks (rank 0: {int(ref)}, this rank: {n}); "
+                "every rank must hold the same model"
+            )
+
     def check_same(self, x: Tensor, what: str) -> None:
         """Raise (on every rank alike) unless ``x`` is the same on every rank."""
+        self.check_size(x.numel(), what)
         x = x.detach()
         ref = x.clone()
         self.broadcast_(ref, f"comparing {what} across ranks")

@@ -93,6 +93,7 @@ class _DataParallelOptimizer(FlatOptimizer):
         if self._synced:
             return
         flat = self.flat
+        self.comm.check_size(flat.size, "the optimizer's parameters")
         x = flat.get()
         flat.set(self.comm.broadcast_(x, "sharing rank 0's parameters"))
         self._synced = True
