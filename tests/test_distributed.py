@@ -194,6 +194,7 @@ def test_precision_sum_losses_and_empty_tensor_shards(tmp_path):
     assert float(ref["ref_f16"].abs().max()) > 1.0  # the float16 case is a real one
 
 
+@pytest.mark.slow
 def test_example_runs_under_torchrun(tmp_path):
     """The README's command: 2 ranks under torchrun print what one process prints."""
     example = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
