@@ -78,6 +78,8 @@ def operators(rank, world, out):
     out["trace"] = hesse.trace(G, "hutchinson", 20, seed=rank).estimate
     out["density"] = hesse.spectral_density(H, num_probes=3, steps=20, grid=50, seed=rank).density
     out["cg"] = hesse.linalg.cg(G.damped(0.1), V[:, 1], rtol=1e-12).x
+    out["diag"] = hesse.diagonal(G, "xdiag", 30, seed=rank).estimate
+    out["nystrom"] = hesse.low_rank(G, 4, "nystrom", seed=rank).s
     out["layers"] = hd.layer_report(model, loss_fn, shard, exact_limit=30).as_dicts()
     loss, g = hd.loss_and_gradient(model, loss_fn, shard)
     out["loss"], out["grad"] = loss, g
@@ -92,6 +94,8 @@ def operators(rank, world, out):
             Hf, num_probes=3, steps=20, grid=50, seed=0
         ).density
         out["ref_cg"] = hesse.linalg.cg(Gf.damped(0.1), V[:, 1], rtol=1e-12).x
+        out["ref_diag"] = hesse.diagonal(Gf, "xdiag", 30, seed=0).estimate
+        out["ref_nystrom"] = hesse.low_rank(Gf, 4, "nystrom", seed=0).s
         out["ref_layers"] = hesse.layer_report(model, loss_fn, full, exact_limit=30).as_dicts()
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         full_loss = lambda w: torch.func.functional_call(  # noqa: E731
