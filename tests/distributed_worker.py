@@ -203,6 +203,24 @@ def raises(rank, world, out):
         opt.step(closure)
     except Exception as err:
         out["opt_error"] = f"{type(err).__name__}: {err}"
+    try:  # a bad hyper-parameter on rank 1 only
+        hd.HessianFree(model.parameters(), lr=-1.0 if rank == 1 else 1.0, samples=hi - lo)
+    except Exception as err:
+        out["make_error"] = f"{type(err).__name__}: {err}"
+    sophia = hd.Sophia(model.parameters(), estimator="gnb", samples=hi - lo)
+    try:  # rank 1 forgets outputs_fn on a refresh step
+        sophia.step(
+            closure if rank != 1 else lambda: None,
+            outputs_fn=None if rank == 1 else (lambda: model(x[lo:hi])),
+        )
+    except Exception as err:
+        out["sophia_error"] = f"{type(err).__name__}: {err}"
+    # out of step: rank 1's reduction is at another place of its sequence
+    comm = hd.Communicator(timeout=10.0)
+    try:
+        comm.sum_weighted(torch.ones(3), 1.0, None, "a test reduction", tag=7 + (rank == 1))
+    except Exception as err:
+        out["step_error"] = f"{type(err).__name__}: {err}"
 
 
 def edges(rank, world, out):
@@ -227,6 +245,9 @@ def edges(rank, world, out):
     for _ in range(3):
         opt.step(closure)
     out["x"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    kept = opt.samples
+    opt.step(closure, samples=opt.samples)  # an override lasts one step
+    out["samples_kept"] = opt.samples == kept
     if rank == 0:
         ref_model = problem()[0]
         out["ref_hv"] = hesse.HessianOperator(ref_model, loss_fn, (x, y)) @ V
@@ -335,6 +356,40 @@ def precision(rank, world, out):
         for _ in range(3):
             ref.step(ref_closure, batch=(xs, ys))
         out["ref_hf_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+    # closure-only curvature (the Hessian through the closure) with rank 1 empty
+    model2 = problem()[0]
+    opt = hd.HessianFree(
+        model2.parameters(),
+        model=model2,
+        loss_fn=loss_fn,
+        curvature="hessian",
+        samples=len(data[0]),
+    )
+
+    def closure2():
+        opt.zero_grad()
+        loss = loss_fn(model2(data[0]), data[1])
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure2)
+    out["hf2_x"] = torch.cat([p.detach().reshape(-1) for p in model2.parameters()])
+    if rank == 0:
+        ref_model = problem()[0]
+        ref = hesse.optim.HessianFree(
+            ref_model.parameters(), model=ref_model, loss_fn=loss_fn, curvature="hessian"
+        )
+
+        def ref_closure2():
+            ref.zero_grad()
+            loss = loss_fn(ref_model(xs), ys)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            ref.step(ref_closure2)
+        out["ref_hf2_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
     # SubsampledNewton with 5 samples of each rank: the ranks agree on every step
     opt = hd.SubsampledNewton(
         model.parameters(), model=model, loss_fn=loss_fn, subsample=5, samples=len(data[0])

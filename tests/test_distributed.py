@@ -163,6 +163,7 @@ def test_empty_shards_and_mismatched_parameters(tmp_path):
         assert torch.equal(res["grad"], ref["grad"])
         # rank 1 (samples=0) follows rank 0's trajectory, which is one process's
         torch.testing.assert_close(res["x"], ref["ref_x"], rtol=1e-9, atol=1e-12)
+        assert res["samples_kept"]
         assert res["empty_error"] == "ValueError: no rank holds any data: every shard is empty"
         assert "pass the plain model (ddp.module)" in res["ddp_error"]
         for key in ("size_error", "opt_size_error"):
@@ -191,6 +192,7 @@ def test_precision_sum_losses_and_empty_tensor_shards(tmp_path):
         assert torch.equal(res["empty_grad"], ref["empty_grad"])
         torch.testing.assert_close(res["hf_x"], ref["ref_hf_x"], rtol=1e-9, atol=1e-12)
         assert torch.equal(res["sub_x"], ref["sub_x"])
+        torch.testing.assert_close(res["hf2_x"], ref["ref_hf2_x"], rtol=1e-9, atol=1e-12)
     assert float(ref["ref_f16"].abs().max()) > 1.0  # the float16 case is a real one
 
 
@@ -230,8 +232,13 @@ def test_a_rank_that_raises_stops_the_others(tmp_path):
     for lin in (False, True):
         assert results[1][f"eig_error_{lin}"].startswith("IndexError")
     assert results[1]["opt_error"] == "ValueError: rank 1's closure is broken"
+    assert results[1]["make_error"].startswith("ValueError: lr must be")
+    assert results[1]["sophia_error"].startswith("ValueError: estimator='gnb' needs")
+    for res in results:  # rank 1 made one product more: every rank sees it
+        assert res["step_error"].startswith("RankError"), res["step_error"]
+    assert "out of step" in results[0]["step_error"]
     for r in (0, 2):
-        for key in ("eig_error_False", "eig_error_True", "opt_error"):
+        for key in ("eig_error_False", "eig_error_True", "opt_error", "make_error", "sophia_error"):
             msg = results[r][key]
             assert msg.startswith("RankError") and "rank(s) [1]" in msg, msg
 

@@ -117,7 +117,12 @@ class Communicator:
             self.calls += 1
 
     def sum_weighted(
-        self, local: Tensor, weight: float, error: BaseException | None, what: str
+        self,
+        local: Tensor,
+        weight: float,
+        error: BaseException | None,
+        what: str,
+        tag: int | None = None,
     ) -> tuple[Tensor, float]:
         """``(sum over ranks of local, sum over ranks of weight)``, in one all-reduce.
 
@@ -125,13 +130,21 @@ class Communicator:
         failed passes ``error`` (and any ``local`` of the right shape): the collective still
         completes, so nobody hangs; that rank then raises its own error and every other
         rank a :class:`RankError` naming it.
+
+        ``tag`` says where the caller is in its own sequence (an optimizer passes its step
+        and the evaluation's number within it; by default, the number of this
+        communicator's reductions so far). Ranks whose tags differ are out of step: they
+        took different paths, and every rank raises a :class:`RankError` saying so.
         """
         dtype = local.dtype if local.dtype in (torch.float32, torch.float64) else torch.float32
-        extra = torch.zeros(2 + self.world, dtype=dtype, device=local.device)
+        # [count (2 digits), failure flag per rank, this call's number per rank]
+        extra = torch.zeros(2 + 2 * self.world, dtype=dtype, device=local.device)
         hi = math.floor(weight / _DIGIT)
         extra[0], extra[1] = hi, weight - hi * _DIGIT
         if error is not None:
             extra[2 + self.rank] = 1.0
+        self._sums = getattr(self, "_sums", 0) + 1
+        extra[2 + self.world + self.rank] = (self._sums if tag is None else tag) % 2**22
         buf = torch.cat([local.reshape(-1).to(dtype), extra])
         device = self._device(buf)
         buf = buf.to(device)
@@ -147,10 +160,21 @@ class Communicator:
                 f"rank {self.rank} of {self.world}: {what} failed on rank(s) {failed} (see "
                 "their own errors); this rank stops too"
             )
+        calls = extra[2 + self.world :]
+        if any(c != calls[0] for c in calls):
+            raise RankError(
+                f"rank {self.rank} of {self.world}: the ranks are out of step in {what} "
+                f"(tags {[int(c) for c in calls]}): they took different paths; run every "
+                "rank with the same software, thread count and optimizer state"
+            )
         return buf[:n].reshape(local.shape).to(local.dtype), extra[0] * _DIGIT + extra[1]
 
     def run_reduced(
-        self, compute: Callable[[], tuple[Tensor, float]], like: Tensor, what: str
+        self,
+        compute: Callable[[], tuple[Tensor, float]],
+        like: Tensor,
+        what: str,
+        tag: int | None = None,
     ) -> tuple[Tensor, float]:
         """Run this rank's part (``compute() -> (weighted local sum, weight)``) and reduce
         it; an exception in ``compute`` is carried through the collective (see
@@ -160,7 +184,7 @@ class Communicator:
             error = None
         except Exception as err:  # carried to the other ranks, then re-raised here
             local, weight, error = torch.zeros_like(like), 0.0, err
-        return self.sum_weighted(local, weight, error, what)
+        return self.sum_weighted(local, weight, error, what, tag)
 
     def broadcast_(self, tensor: Tensor, what: str, src: int = 0) -> Tensor:
         """Overwrite ``tensor`` with rank ``src``'s (in place; returned)."""
@@ -201,10 +225,25 @@ class Communicator:
         known = getattr(self, "_in_sync", {})
         return all(known.get(id(t)) == t._version for t in tensors)
 
-    def agree(self, error: BaseException | None, what: str) -> None:
+    def agree(
+        self,
+        error: BaseException | None,
+        what: str,
+        *,
+        params: list[Tensor] | None = None,
+        flatten: Callable[[], Tensor] | None = None,
+    ) -> None:
         """A barrier that carries failures: a rank passes the error its local step raised
-        (or None); that rank re-raises it, every other rank raises :class:`RankError`."""
-        self.sum_weighted(torch.zeros(1), 0.0, error, what)
+        (or None); that rank re-raises it, every other rank raises :class:`RankError`.
+
+        With ``params`` (and ``flatten()``, their values as one vector), the same
+        collective also says whether each rank knows them to be in sync
+        (:meth:`mark_in_sync`); if any rank does not, every rank checks them
+        (:meth:`check_same`). The decision is the same everywhere."""
+        unsynced = 0.0 if params is None or error is not None or self.is_in_sync(params) else 1.0
+        total, _ = self.sum_weighted(torch.tensor([unsynced]), 0.0, error, what)
+        if float(total) > 0 and flatten is not None:
+            self.check_same(flatten(), "the model's parameters")
 
     def check_size(self, n: int, what: str) -> None:
         """Raise (on every rank alike) unless ``n`` is the same on every rank: before a

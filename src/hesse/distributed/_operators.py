@@ -30,17 +30,17 @@ class _DataParallel(ModelCurvature):
         (an optimizer of :mod:`hesse.distributed` has just synchronised them); if any does
         not, every rank checks that the parameters agree."""
         self.comm = as_communicator(group, timeout)
-        unsynced = torch.ones(1)
         try:
             init()
-            if self.comm.is_in_sync(self.fn._selected):
-                unsynced = torch.zeros(1)
             error = None
         except Exception as err:
             error = err
-        total, _ = self.comm.sum_weighted(unsynced, 0.0, error, f"making a {type(self).__name__}")
-        if float(total) > 0:
-            self.comm.check_same(self.space.flatten(self.fn.params()), "the model's parameters")
+        self.comm.agree(
+            error,
+            f"making a {type(self).__name__}",
+            params=None if error else self.fn._selected,
+            flatten=lambda: self.space.flatten(self.fn.params()),
+        )
 
     def _combine(self, parts, V: Tensor) -> Tensor:
         mean = self.reduction == "mean"
@@ -188,7 +188,12 @@ def loss_and_gradient(
         error = None
     except Exception as err:
         error = err
-    comm.agree(error, "loss_and_gradient()")
+    comm.agree(
+        error,
+        "loss_and_gradient()",
+        params=None if error else fn._selected,
+        flatten=lambda: fn.space.flatten(fn.params()),
+    )
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     size = fn.size
     dtype = fn.space.dtype

@@ -75,12 +75,18 @@ class _DataParallelOptimizer(FlatOptimizer):
                 "DistributedDataParallel wrapper, in the closure (DDP would average the "
                 "gradients a second time, unweighted, and does not support double backward)"
             )
-        super().__init__(params, *args, **kwargs)
         self.comm = as_communicator(group, timeout)
-        self.samples = _check_samples(samples)
+        try:  # a rank whose construction fails tells the others at once
+            super().__init__(params, *args, **kwargs)
+            self.samples = _check_samples(samples)
+            error = None
+        except Exception as err:
+            error = err
+        self.comm.agree(error, f"making a {type(self).__name__}")
         self._synced = False
         self._step_error: Exception | None = None
         self._uses_batch = 0.0
+        self._batch_everywhere = False
         if hasattr(self, "seed"):  # probes and subsamples: rank 0's seed everywhere
             seed = torch.tensor([int(self.seed)], dtype=torch.int64)
             self.seed = int(self.comm.broadcast_(seed, "sharing the optimizer's seed"))
@@ -103,30 +109,56 @@ class _DataParallelOptimizer(FlatOptimizer):
         number of samples this rank's closure averages over (e.g. a short last batch).
         With ``model``/``loss_fn``, pass ``batch=`` on every rank; a rank with
         ``samples=0`` may pass ``batch=None`` (it holds nothing)."""
+        # A bad argument on one rank is raised in the step's first collective (the
+        # closure's evaluation), so that the others stop there too instead of waiting.
+        kept = self.samples
         self._step_error = None
-        try:  # a bad argument on one rank is raised in the step's first collective
+        try:
             if samples is not None:
                 self.samples = _check_samples(samples)
         except ValueError as err:
             self._step_error = err
-        if getattr(self, "model", None) is not None:
-            if kwargs.get("batch") is None and (args == () or args[0] is None):
-                if self.samples == 0:
-                    kwargs["batch"], args = [], ()
-            given = kwargs.get("batch") is not None or (args != () and args[0] is not None)
-            self._uses_batch = 1.0 if given else 0.0
+        args, kwargs, error = self._check_step(args, kwargs)
+        self._step_error = self._step_error or error
+        given = kwargs.get("batch") is not None or (args != () and args[0] is not None)
+        self._uses_batch = 1.0 if given and getattr(self, "model", None) is not None else 0.0
+        self._steps = getattr(self, "_steps", 0) + 1
+        self._evals = 0
         self._sync_parameters()
         # The same on every rank at the start of every step (rank 0's at the first, then
         # the same deterministic update everywhere): the batch operators need not check.
         self.comm.mark_in_sync(self.flat.params)
-        return super().step(closure, *args, **kwargs)
+        try:
+            return super().step(closure, *args, **kwargs)
+        finally:
+            self.samples = kept  # step(samples=n) is for this step only
+
+    def _check_step(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Exception | None]:
+        """Checks of a step's arguments that the local step would raise before its first
+        collective: the error, and arguments with which the local step reaches that
+        collective (where the error is then raised on every rank)."""
+        return args, kwargs, None
+
+    def _operator(self, ev, batch):
+        # A rank without data follows the others: the batch curvature (over an empty
+        # shard) if they passed batches, the closure's curvature (zero here) if not.
+        if self.samples == 0 and self.model is not None:
+            batch = [] if self._batch_everywhere else None
+        return super()._operator(ev, batch)
+
+    def _subsample(self, batch):
+        try:
+            return super()._subsample(batch)
+        except Exception as err:  # raised when the operator is made, on every rank
+            return _Raises(err)
 
     def _evaluate(self, closure: Closure, graph: bool = False) -> Evaluation:
         flat, comm, w = self.flat, self.comm, float(self.samples)
         P = flat.size
         acc = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
-        # [w g, w loss, batch flag]: the flag checks that every rank passes batch= alike.
-        like = torch.zeros(P + 2, dtype=acc, device=flat.device)
+        # [w g, w loss, batch given, holds data]: every rank with data must pass batch=
+        # alike, and a rank without data follows them.
+        like = torch.zeros(P + 3, dtype=acc, device=flat.device)
         holder: list[Evaluation] = []
 
         def compute() -> tuple[Tensor, float]:
@@ -142,17 +174,24 @@ class _DataParallelOptimizer(FlatOptimizer):
                     buf[:P] = ev.g
                     buf[P] = ev.loss
                 buf[: P + 1].mul_(w)
-            buf[P + 1] = self._uses_batch
+                buf[P + 1] = self._uses_batch
+                buf[P + 2] = 1.0
             return buf, w
 
-        total, weight = comm.run_reduced(compute, like, "evaluating the closure")
-        if float(total[P + 1]) not in (0.0, float(comm.world)):
+        # The tag: this step's number and the evaluation's within it (ranks whose
+        # floating-point decisions differed would disagree here, and stop).
+        self._evals = getattr(self, "_evals", 0) + 1
+        tag = (getattr(self, "_steps", 0) % 1024) * 2048 + self._evals % 2048
+        total, weight = comm.run_reduced(compute, like, "evaluating the closure", tag)
+        with_batch, with_data = float(total[P + 1]), float(total[P + 2])
+        if with_batch not in (0.0, with_data):
             if holder:
                 holder[0].release()
             raise ValueError(
-                "step(closure, batch=...) must be given a batch on every rank or on none "
-                "(a rank with samples=0 may pass batch=None)"
+                "step(closure, batch=...) must be given a batch on every rank that holds "
+                "data, or on none (a rank with samples=0 may pass anything)"
             )
+        self._batch_everywhere = with_batch > 0
         if weight == 0:
             raise ValueError("no rank holds any data: samples is 0 on every rank")
         total = total[: P + 1].div_(weight).to(flat.dtype)
@@ -179,6 +218,17 @@ class _DataParallelOptimizer(FlatOptimizer):
             params=self.flat.params,
             group=self.comm,  # one Communicator: its counters see all of the step
         )
+
+
+class _Raises:
+    """Stands for data whose preparation failed: the operator's constructor raises the
+    error when it reads the data, inside the collective that carries it to the others."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __iter__(self):
+        raise self.error
 
 
 def _check_samples(samples: object) -> int:
@@ -245,6 +295,20 @@ class Sophia(_DataParallelOptimizer, optim.Sophia):
     squared, so the estimate is :math:`B\\, \\hat g \\odot \\hat g` over all ``B`` samples.
 """
     )
+
+    def _check_step(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Exception | None]:
+        outputs_fn = kwargs.get("outputs_fn", args[0] if args else None)
+        refresh = int(self._global()["step"]) % self.update_each == 0
+        if self.estimator == "gnb" and refresh and outputs_fn is None:
+            error = ValueError(
+                "estimator='gnb' needs step(closure, outputs_fn=...) on refresh steps"
+            )
+
+            def outputs_fn():  # never called: the step stops at its first collective
+                raise error
+
+            return (), {**kwargs, "outputs_fn": outputs_fn}, error
+        return args, kwargs, None
 
     def _gnb(self, outputs_fn) -> list[Tensor]:
         flat, comm = self.flat, self.comm

@@ -234,8 +234,9 @@ def power_iteration(
         raise ValueError(f"tol must be positive, got {tol!r}")
     max_iter = check_positive_int(max_iter, "max_iter")
     n, dtype, device = op.shape[0], op.dtype, op.device
+    gen = make_generator(seed, generator, device, op)  # always: ranks must do the same
     if v0 is None:
-        v = gaussian(n, 1, dtype, device, make_generator(seed, generator, device, op))[:, 0]
+        v = gaussian(n, 1, dtype, device, gen)[:, 0]
     else:
         v = v0.to(dtype=dtype, device=device).clone()
     v = v / torch.linalg.vector_norm(v)
