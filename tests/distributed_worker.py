@@ -76,6 +76,8 @@ def operators(rank, world, out):
     # Each rank asks for a different seed: the probes must still be rank 0's.
     out["eig"] = hesse.eigenvalues(H, k=2, which="both", seed=rank, tol=1e-8).eigenvalues
     out["trace"] = hesse.trace(G, "hutchinson", 20, seed=rank).estimate
+    out["xtrace"] = hesse.trace(H, "xtrace", 20, seed=rank).estimate
+    out["hutchpp"] = hesse.trace(H, "hutch++", 21, seed=rank).estimate
     out["density"] = hesse.spectral_density(H, num_probes=3, steps=20, grid=50, seed=rank).density
     out["cg"] = hesse.linalg.cg(G.damped(0.1), V[:, 1], rtol=1e-12).x
     out["diag"] = hesse.diagonal(G, "xdiag", 30, seed=rank).estimate
@@ -90,6 +92,8 @@ def operators(rank, world, out):
         Gf = hesse.GGNOperator(model, loss_fn, full)
         out["ref_eig"] = hesse.eigenvalues(Hf, k=2, which="both", seed=0, tol=1e-8).eigenvalues
         out["ref_trace"] = hesse.trace(Gf, "hutchinson", 20, seed=0).estimate
+        out["ref_xtrace"] = hesse.trace(Hf, "xtrace", 20, seed=0).estimate
+        out["ref_hutchpp"] = hesse.trace(Hf, "hutch++", 21, seed=0).estimate
         out["ref_density"] = hesse.spectral_density(
             Hf, num_probes=3, steps=20, grid=50, seed=0
         ).density

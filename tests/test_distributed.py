@@ -105,7 +105,9 @@ def test_gradient_matches_one_process(operator_run):
         torch.testing.assert_close(res["grad"], ref["ref_grad"], rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("what", ["eig", "trace", "density", "cg", "diag", "nystrom"])
+@pytest.mark.parametrize(
+    "what", ["eig", "trace", "xtrace", "hutchpp", "density", "cg", "diag", "nystrom"]
+)
 def test_estimates_match_one_process(operator_run, what):
     """Each rank asked for its own seed; every rank must draw rank 0's probes, so all
     agree exactly with each other and with one process seeded as rank 0."""
