@@ -18,7 +18,10 @@ Configurations, each its own set of processes of one thread (``OMP_NUM_THREADS=1
 * ``dist x1``: ``hesse.distributed`` on a world of one rank (what the data-parallel code
   costs by itself);
 * ``dist x2`` (and ``x4`` with ``--ranks 1 2 4`` on a bigger machine): the data split
-  over the ranks.
+  over the ranks;
+* ``indep x2``: two plain processes at the same time, each on its half alone, with no
+  communication at all: what this machine allows (both cores busy share caches, memory
+  bandwidth and clock boost), against which ``dist x2``'s own overhead is measured.
 
 Each process does ``--warmup`` (1) untimed run of both tasks (the first products of a
 process, and gloo's first collectives, are slow), then ``--repeats`` (3) timed ones; the
@@ -79,7 +82,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{rank}")
-    plain = args.config == "plain"
+    plain = args.config in ("plain", "indep")  # indep: plain hesse on this rank's part
     dist = None
     if not plain:
         import torch.distributed as dist
@@ -222,6 +225,7 @@ def main() -> None:
     if args.quick:
         args.samples, args.rounds, args.repeats = [4096], 1, 2
     configs = [("plain", 1)] + [("dist", w) for w in args.ranks]
+    configs += [("indep", w) for w in args.ranks if w > 1]
     results = {}
     for samples in args.samples:
         run_args = argparse.Namespace(**{**vars(args), "samples": samples})
@@ -266,7 +270,12 @@ def summarize(runs: dict[str, list[list[dict]]]) -> dict:
                 [[r for r in rank["rows"] if r["task"] == task] for rank in ranks]
                 for ranks in launches
             ]
-            seconds = [row["seconds"] for ranks in per_launch for row in ranks[0]]
+            # the slowest rank's time of each run (for dist, every rank holds it already)
+            seconds = [
+                max(rank[i]["seconds"] for rank in ranks)
+                for ranks in per_launch
+                for i in range(len(ranks[0]))
+            ]
             comm = [
                 statistics.median(rank[i]["comm_seconds"] for rank in ranks)
                 for ranks in per_launch
@@ -281,13 +290,17 @@ def summarize(runs: dict[str, list[list[dict]]]) -> dict:
             }
             first = per_launch[0][0][0]
             for k in ("value", "matvecs", "loss_after", "cg_iterations"):
-                if k in first:
+                if k in first and not key.startswith("indep"):  # indep: half the data
                     entry[k] = first[k]
             table.setdefault(task, {})[key] = entry
     for task, rows in table.items():
         base = rows["plain x1"]
         for key, row in rows.items():
             row["speedup"] = base["seconds"] / row["seconds"]
+            ceiling = rows.get(key.replace("dist", "indep"))
+            if key.startswith("dist") and ceiling is not None:
+                # the share of the machine's ceiling that hesse.distributed reaches
+                row["of_ceiling"] = ceiling["seconds"] / row["seconds"]
             if "value" in row:
                 rel = abs(row["value"] - base["value"]) / abs(base["value"])
                 assert rel < 1e-4, (task, key, row["value"], base["value"])
@@ -305,11 +318,14 @@ def report(table: dict, samples: int, device: str) -> None:
     )
     for task, rows in table.items():
         for key, row in rows.items():
-            ans = (
-                f"lambda={row['value']:.6g} ({row['matvecs']} products)"
-                if "value" in row
-                else f"loss {row['loss_after']:.6f} ({row['cg_iterations']} CG its)"
-            )
+            if "value" in row:
+                ans = f"lambda={row['value']:.6g} ({row['matvecs']} products)"
+            elif "loss_after" in row:
+                ans = f"loss {row['loss_after']:.6f} ({row['cg_iterations']} CG its)"
+            else:
+                ans = "(each process on its own part: the machine's ceiling)"
+            if "of_ceiling" in row:
+                ans += f"; {row['of_ceiling']:.0%} of the ceiling"
             lo, hi = row["quartiles"]
             print(
                 f"{task:<18} {key:<9} {row['seconds']:8.3f} {lo:7.3f}-{hi:<7.3f} "
