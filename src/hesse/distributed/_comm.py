@@ -225,25 +225,34 @@ class Communicator:
         known = getattr(self, "_in_sync", {})
         return all(known.get(id(t)) == t._version for t in tensors)
 
-    def agree(
+    def attempt(
         self,
-        error: BaseException | None,
+        local: Callable[[], T],
         what: str,
         *,
-        params: list[Tensor] | None = None,
-        flatten: Callable[[], Tensor] | None = None,
-    ) -> None:
-        """A barrier that carries failures: a rank passes the error its local step raised
-        (or None); that rank re-raises it, every other rank raises :class:`RankError`.
+        params: Callable[[T], list[Tensor]] | None = None,
+        flatten: Callable[[T], Tensor] | None = None,
+    ) -> T:
+        """Run this rank's ``local()`` and return its result, after a barrier that carries
+        failures: a rank whose ``local()`` raised re-raises its error there, every other
+        rank raises :class:`RankError` naming it (nobody waits for a rank that has gone).
 
-        With ``params`` (and ``flatten()``, their values as one vector), the same
+        With ``params(out)`` (and ``flatten(out)``, their values as one vector; ``out`` is
+        what ``local()`` returned), the same
         collective also says whether each rank knows them to be in sync
         (:meth:`mark_in_sync`); if any rank does not, every rank checks them
         (:meth:`check_same`). The decision is the same everywhere."""
-        unsynced = 0.0 if params is None or error is not None or self.is_in_sync(params) else 1.0
+        try:
+            out, error = local(), None
+        except Exception as err:
+            out, error = None, err
+        unsynced = 0.0
+        if error is None and params is not None and not self.is_in_sync(params(out)):
+            unsynced = 1.0
         total, _ = self.sum_weighted(torch.tensor([unsynced]), 0.0, error, what)
         if float(total) > 0 and flatten is not None:
-            self.check_same(flatten(), "the model's parameters")
+            self.check_same(flatten(out), "the model's parameters")
+        return out  # type: ignore[return-value]
 
     def check_size(self, n: int, what: str) -> None:
         """Raise (on every rank alike) unless ``n`` is the same on every rank: before a

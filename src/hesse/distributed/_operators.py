@@ -30,16 +30,11 @@ class _DataParallel(ModelCurvature):
         (an optimizer of :mod:`hesse.distributed` has just synchronised them); if any does
         not, every rank checks that the parameters agree."""
         self.comm = as_communicator(group, timeout)
-        try:
-            init()
-            error = None
-        except Exception as err:
-            error = err
-        self.comm.agree(
-            error,
+        self.comm.attempt(
+            init,
             f"making a {type(self).__name__}",
-            params=None if error else self.fn._selected,
-            flatten=lambda: self.space.flatten(self.fn.params()),
+            params=lambda _: self.fn._selected,
+            flatten=lambda _: self.space.flatten(self.fn.params()),
         )
 
     def _combine(self, parts, V: Tensor) -> Tensor:
@@ -64,12 +59,9 @@ class _DataParallel(ModelCurvature):
         """As :meth:`ModelCurvature.linearize`; a rank that fails to build its graphs tells
         the others at once (one small collective) instead of leaving them waiting in the
         first product."""
-        try:
-            lin, error = LinearizedCurvature(self), None
-        except Exception as err:
-            lin, error = None, err
-        self.comm.agree(error, f"{type(self).__name__}.linearize()")
-        return lin
+        return self.comm.attempt(
+            lambda: LinearizedCurvature(self), f"{type(self).__name__}.linearize()"
+        )
 
 
 _ARGS_DOC = """
@@ -182,17 +174,12 @@ def loss_and_gradient(
     :class:`hesse.distributed.HessianOperator`.
     """
     comm = as_communicator(group, timeout)
-    try:  # a rank that cannot start tells the others (the sizes of the sums must agree)
-        fn = ModelLoss(model, loss_fn, params)
-        batches = _check_data(data, empty_ok=True)
-        error = None
-    except Exception as err:
-        error = err
-    comm.agree(
-        error,
+    # A rank that cannot start tells the others (the sizes of the sums must agree).
+    fn, batches = comm.attempt(
+        lambda: (ModelLoss(model, loss_fn, params), _check_data(data, empty_ok=True)),
         "loss_and_gradient()",
-        params=None if error else fn._selected,
-        flatten=lambda: fn.space.flatten(fn.params()),
+        params=lambda made: made[0]._selected,
+        flatten=lambda made: made[0].space.flatten(made[0].params()),
     )
     mean = getattr(loss_fn, "reduction", "mean") == "mean"
     size = fn.size

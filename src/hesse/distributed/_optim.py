@@ -68,21 +68,22 @@ class _DataParallelOptimizer(FlatOptimizer):
         timeout: float | None = None,
         **kwargs,
     ):
-        if isinstance(kwargs.get("model"), torch.nn.parallel.DistributedDataParallel):
-            raise ValueError(
-                "hesse.distributed's optimizers reduce gradients and curvature themselves: "
-                "pass the plain model (ddp.module), and call it, not the "
-                "DistributedDataParallel wrapper, in the closure (DDP would average the "
-                "gradients a second time, unweighted, and does not support double backward)"
-            )
         self.comm = as_communicator(group, timeout)
-        try:  # a rank whose construction fails tells the others at once
-            super().__init__(params, *args, **kwargs)
+
+        def make() -> None:  # a rank whose construction fails tells the others at once
+            if isinstance(kwargs.get("model"), torch.nn.parallel.DistributedDataParallel):
+                raise ValueError(
+                    "hesse.distributed's optimizers reduce gradients and curvature "
+                    "themselves: pass the plain model (ddp.module), and call it, not the "
+                    "DistributedDataParallel wrapper, in the closure (DDP would average the "
+                    "gradients a second time, unweighted, and does not support double "
+                    "backward)"
+                )
+            super(_DataParallelOptimizer, self).__init__(params, *args, **kwargs)
             self.samples = _check_samples(samples)
-            error = None
-        except Exception as err:
-            error = err
-        self.comm.agree(error, f"making a {type(self).__name__}")
+
+        self.comm.attempt(make, f"making a {type(self).__name__}")
+        self._steps = self._evals = 0  # the tag of each evaluation: (step, evaluation)
         self._synced = False
         self._step_error: Exception | None = None
         self._uses_batch = 0.0
@@ -122,7 +123,7 @@ class _DataParallelOptimizer(FlatOptimizer):
         self._step_error = self._step_error or error
         given = kwargs.get("batch") is not None or (args != () and args[0] is not None)
         self._uses_batch = 1.0 if given and getattr(self, "model", None) is not None else 0.0
-        self._steps = getattr(self, "_steps", 0) + 1
+        self._steps += 1
         self._evals = 0
         self._sync_parameters()
         # The same on every rank at the start of every step (rank 0's at the first, then
@@ -180,8 +181,8 @@ class _DataParallelOptimizer(FlatOptimizer):
 
         # The tag: this step's number and the evaluation's within it (ranks whose
         # floating-point decisions differed would disagree here, and stop).
-        self._evals = getattr(self, "_evals", 0) + 1
-        tag = (getattr(self, "_steps", 0) % 1024) * 2048 + self._evals % 2048
+        self._evals += 1
+        tag = (self._steps % 1024) * 2048 + self._evals % 2048
         total, weight = comm.run_reduced(compute, like, "evaluating the closure", tag)
         with_batch, with_data = float(total[P + 1]), float(total[P + 2])
         if with_batch not in (0.0, with_data):
@@ -333,4 +334,4 @@ class Sophia(_DataParallelOptimizer, optim.Sophia):
         if b == 0:
             raise ValueError("no rank holds any data: every outputs_fn() returned 0 rows")
         g = total.div_(b)
-        return [(b * t * t).to(flat.dtype) for t in flat.split(g)]
+        return [d.to(flat.dtype) for d in self._gnb_estimate(flat.split(g), b)]

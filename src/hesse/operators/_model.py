@@ -117,7 +117,7 @@ class ModelCurvature(CurvatureOperator):
         cols = space.unflatten_columns(V)
         mean = self.reduction == "mean"
         acc = torch.float32 if V.dtype in (torch.float16, torch.bfloat16) else V.dtype
-        total = torch.zeros(V.shape, dtype=acc, device=V.device)
+        total: Tensor | None = None
         n_total = count = 0
         first_weight = 1.0
         for product, n in parts:
@@ -131,6 +131,8 @@ class ModelCurvature(CurvatureOperator):
                 total.add_(out, alpha=weight)
             n_total += n
             count += 1
+        if total is None:  # no batch here (a data-parallel rank with an empty shard)
+            total = torch.zeros(V.shape, dtype=acc, device=V.device)
         return total, n_total, count > 1 or not mean
 
     def _combine(self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor) -> Tensor:

@@ -213,6 +213,12 @@ class Sophia(_DiagonalCurvature):
 
     def _gnb(self, outputs_fn: Callable[[], Tensor]) -> list[Tensor]:
         grads, b = self._gnb_gradient(outputs_fn, self._generator(torch.device("cpu")))
+        return self._gnb_estimate(grads, b)
+
+    @staticmethod
+    def _gnb_estimate(grads: list[Tensor], b: float) -> list[Tensor]:
+        r"""The Gauss-Newton-Bartlett diagonal :math:`B\, \hat g \odot \hat g` from the
+        sampled-label gradient of a batch of ``B`` samples."""
         return [b * g * g for g in grads]
 
     def _gnb_gradient(
