@@ -7,9 +7,9 @@ from hesse.operators._base import (
     ScaledOperator,
     SumOperator,
 )
+from hesse.operators._finite import FiniteDifferenceHessian
 from hesse.operators._function import FunctionHessian
 from hesse.operators._model import (
-    FiniteDifferenceHessian,
     FisherOperator,
     GGNOperator,
     HessianOperator,

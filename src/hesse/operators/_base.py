@@ -26,6 +26,11 @@ class CurvatureOperator:
     psd: bool = False
     #: Most columns applied at once (memory grows with the columns of one chunk).
     chunk_size: int = 32
+    #: Relative accuracy of a product, ``|computed - exact| <= product_rtol * |A| |v|`` as
+    #: far as the operator knows: 0 for exact (autograd) products; a finite-difference
+    #: operator raises it as it measures its own error. Algorithms do not certify results
+    #: finer than this.
+    product_rtol: float = 0.0
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
         self.shape: tuple[int, int] = (int(size), int(size))
