@@ -21,7 +21,16 @@ from hesse.analysis import (
     spectral_density,
     trace,
 )
-from hesse.func import fd_hvp, fisher_vp, ggn_vp, hessian, hvp, linearize_hvp
+from hesse.func import (
+    ModelIO,
+    fd_hvp,
+    fisher_vp,
+    ggn_vp,
+    hessian,
+    hvp,
+    linearize_hvp,
+    second_order,
+)
 from hesse.linalg import InverseOperator, Status, low_rank
 from hesse.operators import (
     CurvatureOperator,
@@ -47,6 +56,9 @@ __all__ = [
     "hessian",
     "hvp",
     "linearize_hvp",
+    # models: batches, outputs, the second-order context
+    "ModelIO",
+    "second_order",
     # curvature operators
     "CurvatureOperator",
     "DenseOperator",

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hesse._core import all_finite, check_scalar
 from hesse.func import fd_step
+from hesse.func._context import second_order
 from hesse.func._engine import _grad
 from hesse.operators import CurvatureOperator
 
@@ -87,7 +88,8 @@ class Objective:
             return pt
         with torch.enable_grad():
             xl = x.detach().requires_grad_()
-            value = check_scalar(self.fun(self._shaped(xl)), "fun(x)")
+            with second_order():  # its graph may be differentiated twice
+                value = check_scalar(self.fun(self._shaped(xl)), "fun(x)")
             detached = value.detach()
             pt = Point(x, float(detached), detached)
             if not math.isfinite(pt.f):

@@ -11,7 +11,7 @@ from torch.func import grad_and_value
 from hesse import operators
 from hesse._core import check_finite
 from hesse.distributed._comm import as_communicator
-from hesse.func._model import ModelLoss, batch_size
+from hesse.func._model import ModelLoss
 from hesse.operators._model import LinearizedCurvature, ModelCurvature, _check_data
 
 
@@ -82,10 +82,12 @@ _ARGS_DOC = """
 
 
 class HessianOperator(_DataParallel, operators.HessianOperator):
-    def __init__(self, model, loss_fn, data, params=None, *, mode=None, group=None, timeout=None):
+    def __init__(
+        self, model, loss_fn, data, params=None, *, mode=None, io=None, group=None, timeout=None
+    ):
         self._construct(
             lambda: operators.HessianOperator.__init__(
-                self, model, loss_fn, data, params, mode=mode
+                self, model, loss_fn, data, params, mode=mode, io=io
             ),
             group,
             timeout,
@@ -93,9 +95,9 @@ class HessianOperator(_DataParallel, operators.HessianOperator):
 
 
 class GGNOperator(_DataParallel, operators.GGNOperator):
-    def __init__(self, model, loss_fn, data, params=None, *, group=None, timeout=None):
+    def __init__(self, model, loss_fn, data, params=None, *, io=None, group=None, timeout=None):
         self._construct(
-            lambda: operators.GGNOperator.__init__(self, model, loss_fn, data, params),
+            lambda: operators.GGNOperator.__init__(self, model, loss_fn, data, params, io=io),
             group,
             timeout,
         )
@@ -112,6 +114,7 @@ class FisherOperator(_DataParallel, operators.FisherOperator):
         kind: str = "empirical",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        io=None,
         group=None,
         timeout=None,
     ):
@@ -125,6 +128,7 @@ class FisherOperator(_DataParallel, operators.FisherOperator):
                 kind=kind,
                 mc_samples=mc_samples,
                 generator=generator,
+                io=io,
             ),
             group,
             timeout,
@@ -163,20 +167,25 @@ def loss_and_gradient(
     data: Any,
     params=None,
     *,
+    io=None,
     group: Any = None,
     timeout: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The mean loss over the union of every rank's shard and its gradient (flat, in the
     order of the operators' vectors), the same on every rank.
 
-    Each rank sums its batches' losses and gradients weighted by batch size; one
+    Each rank sums its batches' losses and gradients weighted by their weights
+    (:meth:`hesse.func.ModelLoss.weight`: samples, or counted tokens); one
     all-reduce carries the sums and the sample counts. Arguments as
     :class:`hesse.distributed.HessianOperator`.
     """
     comm = as_communicator(group, timeout)
     # A rank that cannot start tells the others (the sizes of the sums must agree).
     fn, batches = comm.attempt(
-        lambda: (ModelLoss(model, loss_fn, params), _check_data(data, empty_ok=True)),
+        lambda: (
+            made := ModelLoss(model, loss_fn, params, io),
+            _check_data(data, empty_ok=True, io=made.io),
+        ),
         "loss_and_gradient()",
         params=lambda made: made[0]._selected,
         flatten=lambda made: made[0].space.flatten(made[0].params()),
@@ -191,7 +200,7 @@ def loss_and_gradient(
         ps = fn.params()
         total, n_total = torch.zeros_like(like), 0
         for batch in batches:
-            n = batch_size(batch)
+            n = fn.weight(batch)
             if n == 0:
                 continue
             g, value = grad_and_value(lambda p, b=batch: fn.loss(p, b))(ps)

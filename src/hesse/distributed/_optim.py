@@ -217,6 +217,7 @@ class _DataParallelOptimizer(FlatOptimizer):
             self.loss_fn,
             data,
             params=self.flat.params,
+            io=self.io,
             group=self.comm,  # one Communicator: its counters see all of the step
         )
 

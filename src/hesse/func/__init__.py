@@ -1,5 +1,7 @@
 """Layer 2: derivative primitives built on :mod:`torch.func`."""
 
+from hesse.func._context import second_order
+from hesse.func._io import ModelIO
 from hesse.func._model import ModelLoss
 from hesse.func._output import OutputCurvature, output_curvature
 from hesse.func._tensor import (
@@ -16,6 +18,7 @@ from hesse.func._vp import fisher_vp, ggn_vp
 __all__ = [
     "DEFAULT_HVP_MODE",
     "HVP_MODES",
+    "ModelIO",
     "ModelLoss",
     "OutputCurvature",
     "fd_hvp",
@@ -26,4 +29,5 @@ __all__ = [
     "hvp",
     "linearize_hvp",
     "output_curvature",
+    "second_order",
 ]

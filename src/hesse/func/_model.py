@@ -7,55 +7,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from hesse._core import ParamSpace, check_scalar
+from hesse.func._context import second_order
+from hesse.func._io import ModelIO
 
-Batch = Any  # a pair (inputs, targets)
+Batch = Any  # a pair (inputs, targets), or one dict holding the targets (see ModelIO)
+
+_DEFAULT_IO = ModelIO()
 
 
 def split_batch(batch: object) -> tuple[Any, Any]:
-    """Return ``(inputs, targets)`` of a batch, or raise a clear error."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(
-            "each batch must be a pair (inputs, targets), got "
-            + (
-                f"a {type(batch).__name__} of length {len(batch)}"
-                if isinstance(batch, (tuple, list))
-                else type(batch).__name__
-            )
-        )
-    return batch[0], batch[1]
-
-
-def _first_tensor(x: object) -> Tensor | None:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (tuple, list)):
-        for item in x:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
+    """Return ``(inputs, targets)`` of a batch under the default :class:`ModelIO`."""
+    return _DEFAULT_IO.split(batch)
 
 
 def batch_size(batch: Batch) -> int:
     """Number of samples in a batch: the leading dimension of its first input tensor."""
-    inputs, _ = split_batch(batch)
-    t = _first_tensor(inputs)
-    if t is None or t.dim() == 0:
-        raise TypeError("the inputs of a batch must hold a tensor with a leading batch dimension")
-    return int(t.shape[0])
-
-
-def _call(model: nn.Module, state: dict[str, Tensor], inputs: object) -> Tensor:
-    if isinstance(inputs, dict):
-        return functional_call(model, state, args=(), kwargs=inputs)
-    if isinstance(inputs, (tuple, list)):
-        return functional_call(model, state, tuple(inputs))
-    return functional_call(model, state, (inputs,))
+    return _DEFAULT_IO.samples(batch)
 
 
 class ModelLoss:
@@ -72,7 +41,15 @@ class ModelLoss:
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
         params: the parameters that span the flat vector, as tensors of the model or their
             names; by default every parameter that requires grad, in ``model.parameters()``
-            order.
+            order. A tied parameter (one tensor under several names, such as GPT-2's
+            ``lm_head.weight`` and ``transformer.wte.weight``) appears once, under the
+            name ``model.named_parameters()`` gives it; any of its names selects it.
+        io: how batches reach the model and which output the loss sees
+            (:class:`ModelIO`; the defaults cover tensors, tuples, dicts, Hugging Face
+            batches and ``ModelOutput``).
+
+    Every forward pass runs in :func:`~hesse.func.second_order` (attention kernels with
+    double backward), so any graph it records can be differentiated twice.
     """
 
     def __init__(
@@ -80,7 +57,11 @@ class ModelLoss:
         model: nn.Module,
         loss_fn: Callable[[Tensor, Any], Tensor],
         params: Sequence[Tensor | str] | None = None,
+        io: ModelIO | None = None,
     ):
+        if io is not None and not isinstance(io, ModelIO):
+            raise TypeError(f"io must be a hesse.ModelIO, got {type(io).__name__}")
+        self.io = io if io is not None else ModelIO()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -97,7 +78,7 @@ class ModelLoss:
                     "the model has no parameter that requires grad; pass params= to choose some"
                 )
         else:
-            names = self._resolve(named, params)
+            names = self._resolve(model, named, params)
         self.model = model
         self.loss_fn = loss_fn
         self.names: tuple[str, ...] = tuple(names)
@@ -117,18 +98,22 @@ class ModelLoss:
             )
 
     @staticmethod
-    def _resolve(named: dict[str, Tensor], params: Sequence[Tensor | str]) -> list[str]:
+    def _resolve(
+        model: nn.Module, named: dict[str, Tensor], params: Sequence[Tensor | str]
+    ) -> list[str]:
         if isinstance(params, (Tensor, str)):
             params = [params]
         by_id = {id(p): n for n, p in named.items()}
+        # every name of a tied parameter leads to its canonical (first) name
+        alias = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         names: list[str] = []
         for p in params:
             if isinstance(p, str):
-                if p not in named:
+                if p not in alias:
                     raise ValueError(
                         f"the model has no parameter named {p!r}; it has {list(named)}"
                     )
-                names.append(p)
+                names.append(alias[p])
             elif isinstance(p, Tensor):
                 if id(p) not in by_id:
                     raise ValueError(
@@ -144,7 +129,7 @@ class ModelLoss:
         if not names:
             raise ValueError("params is empty: select at least one parameter")
         if len(set(names)) != len(names):
-            raise ValueError(f"params names a parameter twice: {names}")
+            raise ValueError(f"params names a parameter twice (tied names count as one): {names}")
         return names
 
     @property
@@ -173,14 +158,20 @@ class ModelLoss:
             state[n] = b.clone() if training else b
         return state
 
+    def forward(self, params: Sequence[Tensor], inputs: object) -> Any:
+        """The model's raw output at ``params`` for ``inputs``, recorded in the
+        second-order context."""
+        with second_order():
+            return self.io.forward(self.model, self._state(params), inputs)
+
     def outputs(self, params: Sequence[Tensor], inputs: object) -> Tensor:
-        """The model's outputs at ``params`` for ``inputs``."""
+        """The output tensor the loss sees (``io.select``) at ``params`` for ``inputs``."""
         if self._randomness_checked:
-            return _call(self.model, self._state(params), inputs)
+            return self.io.select(self.forward(params, inputs))
         devices = {p.device for p in self._selected if p.device.type == "cuda"}
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-        out = _call(self.model, self._state(params), inputs)
+        out = self.forward(params, inputs)
         changed = not torch.equal(cpu_state, torch.get_rng_state()) or any(
             not torch.equal(s, torch.cuda.get_rng_state(d)) for s, d in zip(cuda_states, devices)
         )
@@ -191,9 +182,31 @@ class ModelLoss:
                 "mode or remove the random layers"
             )
         self._randomness_checked = True
-        return out
+        return self.io.select(out)
+
+    def split(self, batch: Batch) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of a batch."""
+        return self.io.split(batch)
+
+    def weight(self, batch: Batch) -> float:
+        """The weight of a batch in an operator over several batches: ``io.weight`` if
+        given, else the number the loss's mean divides by when the loss tells it (counted
+        tokens), else the number of samples."""
+        if self.io.weight is not None:
+            return float(self.io.weight(batch))
+        return self.io.samples(batch)
 
     def loss(self, params: Sequence[Tensor], batch: Batch) -> Tensor:
         """The scalar loss at ``params`` on ``batch``."""
-        inputs, targets = split_batch(batch)
-        return check_scalar(self.loss_fn(self.outputs(params, inputs), targets), "loss_fn(...)")
+        inputs, targets = self.io.split(batch)
+        out = self.outputs(params, inputs)
+        try:
+            value = self.loss_fn(out, targets)
+        except AttributeError as err:
+            raise TypeError(
+                f"loss_fn failed on the model's output ({err}): hesse passes loss_fn the "
+                f"output tensor that io.output={self.io.output!r} selects (for a Hugging "
+                "Face model, the logits), not the whole model output; write the loss on "
+                "that tensor, or choose the tensor with io=hesse.ModelIO(output=...)"
+            ) from err
+        return check_scalar(value, "loss_fn(...)")

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from hesse._core import check_finite, check_scalar
+from hesse.func._context import second_order
 from hesse.func._engine import hvp_product
 
 HVP_MODES = ("forward-over-reverse", "reverse-over-reverse")
@@ -53,7 +54,8 @@ def as_directions(x: Tensor, v: object) -> tuple[Tensor, bool]:
 
 def _scalar_fn(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     def wrapped(x: Tensor) -> Tensor:
-        return check_scalar(f(x), "f(x)")
+        with second_order():  # kernels whose backward can be differentiated
+            return check_scalar(f(x), "f(x)")
 
     return wrapped
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from hesse.func._engine import hvp_product, jmj_product
-from hesse.func._model import Batch, ModelLoss, batch_size, split_batch
+from hesse.func._io import ModelIO
+from hesse.func._model import _DEFAULT_IO, Batch, ModelLoss
 from hesse.func._output import FISHER_KINDS, OutputCurvature, fisher_mm
 from hesse.func._tensor import DEFAULT_HVP_MODE, HVP_MODES
 from hesse.operators._base import CurvatureOperator
@@ -20,21 +21,17 @@ Columns = tuple[Tensor, ...]  # one tensor (k, *param.shape) per parameter
 BatchProduct = Callable[[Columns], Columns]
 
 
-def _is_single_batch(data: object) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and not isinstance(data[1], (tuple, list))
-    )
+def _is_single_batch(data: object, io: ModelIO | None = None) -> bool:
+    return (io or _DEFAULT_IO).is_batch(data)
 
 
-def _check_data(data: object, empty_ok: bool = False) -> Iterable[Batch]:
-    if _is_single_batch(data):
+def _check_data(data: object, empty_ok: bool = False, io: ModelIO | None = None) -> Iterable[Batch]:
+    if _is_single_batch(data, io):
         return [data]
     if not isinstance(data, Iterable):
         raise TypeError(
-            "data must be one batch (inputs, targets) or an iterable of such batches "
-            f"(a list, a DataLoader), got {type(data).__name__}"
+            "data must be one batch (inputs, targets) or a dict holding the targets, or an "
+            f"iterable of such batches (a list, a DataLoader), got {type(data).__name__}"
         )
     if iter(data) is data:
         raise TypeError(
@@ -50,7 +47,9 @@ class ModelCurvature(CurvatureOperator):
     """Base of the curvature operators of ``loss_fn(model(inputs), targets)`` over data.
 
     The operator is the curvature of the mean loss over all samples of ``data`` (batches
-    weighted by their size), or of the sum over batches when ``loss_fn.reduction == "sum"``.
+    weighted by :meth:`ModelLoss.weight`: their number of samples, or of counted tokens for
+    a loss that averages over tokens), or of the sum over batches when
+    ``loss_fn.reduction == "sum"``.
     Subclasses implement ``_batch_product(params, batch, index)``, which returns the
     product for one batch as a function of the columns.
     """
@@ -61,10 +60,11 @@ class ModelCurvature(CurvatureOperator):
         loss_fn: Callable[[Tensor, Any], Tensor],
         data: Any,
         params: Sequence[Tensor | str] | None = None,
+        io: ModelIO | None = None,
     ):
-        self.fn = ModelLoss(model, loss_fn, params)
+        self.fn = ModelLoss(model, loss_fn, params, io)
         super().__init__(self.fn.size, self.fn.space.dtype, self.fn.space.device)
-        self.data = _check_data(data, self._empty_ok)
+        self.data = _check_data(data, self._empty_ok, self.fn.io)
         reduction = getattr(loss_fn, "reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise ValueError(
@@ -93,7 +93,7 @@ class ModelCurvature(CurvatureOperator):
         params = self.fn.params()
         found = False
         for index, batch in enumerate(self.data):
-            n = batch_size(batch)
+            n = self.fn.weight(batch)
             if n == 0:  # a batch without samples adds nothing (a mean over it is NaN)
                 continue
             found = True
@@ -187,12 +187,19 @@ class HessianOperator(ModelCurvature):
 
     Args:
         model: the network; its mode, parameters and buffers are never changed.
-        loss_fn: ``loss_fn(outputs, targets)``, a scalar (reduction ``"mean"`` or ``"sum"``).
-        data: one batch ``(inputs, targets)`` or a re-iterable of batches (a DataLoader).
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar (reduction ``"mean"`` or ``"sum"``);
+            ``outputs`` is the output tensor ``io`` selects (a Hugging Face model's logits).
+        data: one batch ``(inputs, targets)`` or a dict holding the targets under
+            ``"labels"``, or a re-iterable of batches (a list, a DataLoader).
         params: parameters (tensors of the model, or names) spanning the flat vector; by
-            default all that require grad. A subset gives a diagonal block of the Hessian.
+            default all that require grad (frozen ones are not unknowns). A subset gives a
+            diagonal block of the Hessian. Tied parameters count once.
         mode: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``; by default
             :data:`hesse.func.DEFAULT_HVP_MODE`.
+        io: a :class:`hesse.ModelIO` for models and batches the defaults do not cover.
+
+    Attention and RNN kernels without double backward are replaced for hesse's own forward
+    passes (:func:`hesse.func.second_order`); the model needs no change.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -205,8 +212,8 @@ class HessianOperator(ModelCurvature):
         True
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, mode: str | None = None):
-        super().__init__(model, loss_fn, data, params)
+    def __init__(self, model, loss_fn, data, params=None, *, mode: str | None = None, io=None):
+        super().__init__(model, loss_fn, data, params, io)
         mode = mode or DEFAULT_HVP_MODE
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
@@ -248,8 +255,8 @@ class _OutputSpaceCurvature(ModelCurvature):
 
     psd = True
 
-    def __init__(self, model, loss_fn, data, params=None):
-        super().__init__(model, loss_fn, data, params)
+    def __init__(self, model, loss_fn, data, params=None, io=None):
+        super().__init__(model, loss_fn, data, params, io)
         self.curvature = OutputCurvature(loss_fn)
 
     def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
@@ -258,7 +265,7 @@ class _OutputSpaceCurvature(ModelCurvature):
     def _batch_product(
         self, params: Columns, batch: Batch, index: int, reuse: bool
     ) -> BatchProduct:
-        inputs, targets = split_batch(batch)
+        inputs, targets = self.fn.split(batch)
         return jmj_product(
             lambda ps: self.fn.outputs(ps, inputs), params, self._out_mm(targets, index), reuse
         )
@@ -301,8 +308,9 @@ class FisherOperator(_OutputSpaceCurvature):
         kind: str = "empirical",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        io=None,
     ):
-        super().__init__(model, loss_fn, data, params)
+        super().__init__(model, loss_fn, data, params, io)
         if kind not in FISHER_KINDS:
             raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hesse._core import all_finite
+from hesse.func._context import second_order
 from hesse.func._engine import _grad
 from hesse.operators import CurvatureOperator
 
@@ -66,13 +67,22 @@ def check_int(value: object, name: str, minimum: int = 1) -> int:
 
 
 class FlatParams:
-    """The parameters of all groups of an optimizer as one flat vector."""
+    """The trainable parameters of all groups of an optimizer as one flat vector.
+
+    A parameter that does not require grad (a frozen layer) is not part of the vector: as
+    in :mod:`torch.optim`, it is never moved, and no derivative is asked of it.
+    ``groups[i]`` holds the trainable parameters of ``optimizer.param_groups[i]``, in order.
+    """
 
     def __init__(self, optimizer: Optimizer):
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.group_of = [
-            i for i, group in enumerate(optimizer.param_groups) for _ in group["params"]
-        ]
+        self.groups = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups]
+        self.params = [p for group in self.groups for p in group]
+        if not self.params:
+            raise ValueError(
+                "no parameter of this optimizer requires grad: every one is frozen, "
+                "there is nothing to optimise"
+            )
+        self.group_of = [i for i, group in enumerate(self.groups) for _ in group]
         self.numels = [p.numel() for p in self.params]
         self.size = sum(self.numels)
         first = self.params[0]
@@ -154,7 +164,11 @@ def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluat
     attributes are then detached again, so no graph outlives the step through them."""
     if closure is None:
         raise RuntimeError("this optimizer re-evaluates the loss: pass step(closure)")
-    with torch.enable_grad(), create_graph() if graph else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        if graph:  # a graph to differentiate again: kernels with double backward
+            stack.enter_context(create_graph())
+            stack.enter_context(second_order())
         loss = closure()
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise TypeError(

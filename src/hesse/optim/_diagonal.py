@@ -121,9 +121,9 @@ class AdaHessian(_DiagonalCurvature):
         state["step"] += 1
         t = state["step"]
         i = 0
-        for group in self.param_groups:  # foreach: one kernel per operation per group
+        # foreach: one kernel per operation per group; frozen parameters are not in flat
+        for group, ps in zip(self.param_groups, self.flat.groups):
             b1, b2 = group["betas"]
-            ps = group["params"]
             gs = ev.grads[i : i + len(ps)]
             i += len(ps)
             states = [self.state[p] for p in ps]
@@ -250,9 +250,9 @@ class Sophia(_DiagonalCurvature):
             diag = self._probe(ev, 1) if self.estimator == "hutchinson" else self._gnb(outputs_fn)
         ev.release()
         i = 0
-        for group in self.param_groups:  # foreach: one kernel per operation per group
+        # foreach: one kernel per operation per group; frozen parameters are not in flat
+        for group, ps in zip(self.param_groups, self.flat.groups):
             b1, b2 = group["betas"]
-            ps = group["params"]
             gs = ev.grads[i : i + len(ps)]
             states = [self.state[p] for p in ps]
             for p, st in zip(ps, states):

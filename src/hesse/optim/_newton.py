@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from hesse._core import NonFiniteError
+from hesse.func._io import ModelIO, map_tensors
 from hesse.linalg import cg
 from hesse.operators import GGNOperator, HessianOperator, IdentityOperator
-from hesse.operators._model import _is_single_batch
 from hesse.optim._base import (
     Closure,
     FlatOptimizer,
@@ -64,8 +64,11 @@ class _TruncatedNewton(FlatOptimizer):
         preconditioner: str | None,
         seed: int,
         l2: float = 0.0,
+        io: ModelIO | None = None,
     ):
         lr = check_float(lr, "lr", open_lo=True)
+        if io is not None and not isinstance(io, ModelIO):
+            raise TypeError(f"io must be a hesse.ModelIO, got {type(io).__name__}")
         self.l2 = check_float(l2, "l2")
         damping = check_float(damping, "damping")
         if (model is None) != (loss_fn is None):
@@ -103,6 +106,7 @@ class _TruncatedNewton(FlatOptimizer):
         super().__init__(params, defaults)
         self.curvature, self.model, self.loss_fn = curvature, model, loss_fn
         self.subsample, self.preconditioner = subsample, preconditioner
+        self.io = io if io is not None else ModelIO()
         self.seed = int(seed)
 
     # -- state -------------------------------------------------------------------------
@@ -132,23 +136,26 @@ class _TruncatedNewton(FlatOptimizer):
     def _batch_curvature(self, data):
         """The curvature operator on a batch (data-parallel optimizers reduce it)."""
         cls = GGNOperator if self.curvature == "ggn" else HessianOperator
-        return cls(self.model, self.loss_fn, data, params=self.flat.params)
+        return cls(self.model, self.loss_fn, data, params=self.flat.params, io=self.io)
 
     #: Added to the subsample's seed (data-parallel ranks draw different positions).
     _seed_offset = 0
 
     def _subsample(self, batch):
-        if self.subsample is None or not _is_single_batch(batch):
+        if self.subsample is None or not self.io.is_batch(batch):
             return batch
-        inputs, targets = batch
-        n = inputs.shape[0]
+        n = self.io.samples(batch)
         k = self.subsample if isinstance(self.subsample, int) else max(1, round(self.subsample * n))
         if k >= n:
             return batch
         state = self._global()
         gen = torch.Generator().manual_seed(self.seed + 7919 * state["step"] + self._seed_offset)
-        idx = torch.randperm(n, generator=gen)[:k].to(inputs.device)
-        return inputs[idx], targets[idx]
+        idx = torch.randperm(n, generator=gen)[:k]
+        # every tensor of the batch with the samples along its first dimension (inputs of
+        # any layout, dict batches, sequence targets) is indexed alike
+        return map_tensors(
+            batch, lambda t: t[idx.to(t.device)] if t.dim() > 0 and t.shape[0] == n else t
+        )
 
     def _diag_preconditioner(self, op, damping: float, state: dict):
         if self.preconditioner is None:
@@ -322,6 +329,8 @@ class HessianFree(_TruncatedNewton):
             :math:`\tfrac{l_2}{2}\|\theta\|^2` that the closure adds to the loss; its
             curvature :math:`l_2 I` is added to the batch curvature, which does not see it.
         seed: for subsamples and probes.
+        io: with ``model``: a :class:`hesse.ModelIO` for batches and outputs the defaults
+            do not cover (dict batches and Hugging Face outputs are covered).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -357,6 +366,7 @@ class HessianFree(_TruncatedNewton):
         preconditioner: str | None = "hutchinson",
         l2: float = 0.0,
         seed: int = 0,
+        io: ModelIO | None = None,
     ):
         super().__init__(
             params,
@@ -373,6 +383,7 @@ class HessianFree(_TruncatedNewton):
             preconditioner=preconditioner,
             seed=seed,
             l2=l2,
+            io=io,
         )
 
 
@@ -417,6 +428,7 @@ class SubsampledNewton(_TruncatedNewton):
         cg_rtol: float | None = None,
         l2: float = 0.0,
         seed: int = 0,
+        io: ModelIO | None = None,
     ):
         super().__init__(
             params,
@@ -433,6 +445,7 @@ class SubsampledNewton(_TruncatedNewton):
             preconditioner=None,
             seed=seed,
             l2=l2,
+            io=io,
         )
 
 
