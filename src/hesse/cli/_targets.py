@@ -16,11 +16,13 @@ from torch import Tensor, nn
 import hesse
 from hesse.analysis import parameter_blocks
 from hesse.cli._common import UserError, parse_device, parse_dtype
+from hesse.func._io import map_tensors
 from hesse.problems import FUNCTIONS, PROBLEMS, Problem, classic_function, load_into, problem
 
 USER_FILE_HELP = (
     "a Python file that defines model (an nn.Module), loss_fn (outputs, targets -> scalar) "
-    "and data (a batch (inputs, targets) or a list or DataLoader of batches)"
+    "and data (a batch (inputs, targets) or a dict holding 'labels', or a list or DataLoader "
+    "of batches), and optionally io (a hesse.ModelIO)"
 )
 
 #: How a problem's optimum is found for ``--at optimum`` (the same run the tests repeat).
@@ -38,6 +40,7 @@ class Target:
             start), ``"optimum"`` (found by :func:`hesse.minimize`) or ``"given"`` (a
             user's file: the model as the file leaves it).
         model, loss_fn, data: The model target (``None`` for a function).
+        io: How its batches reach the model (:class:`hesse.ModelIO`; ``None``: defaults).
         fun, x: The objective as a function of one flat vector and the point, for convex
             problems (whose penalty a model's loss does not hold) and classic functions.
         problem: The built-in problem, if any.
@@ -49,6 +52,7 @@ class Target:
     model: nn.Module | None = None
     loss_fn: Callable[[Tensor, Any], Tensor] | None = None
     data: Any = None
+    io: hesse.ModelIO | None = None
     fun: Callable[[Tensor], Tensor] | None = None
     x: Tensor | None = None
     problem: Problem | None = None
@@ -68,7 +72,7 @@ class Target:
         """The Hessian at the point, as a lazy operator."""
         if self.fun is not None:
             return hesse.FunctionHessian(self.fun, self.x)
-        return hesse.HessianOperator(self.model, self.loss_fn, self.data)
+        return hesse.HessianOperator(self.model, self.loss_fn, self.data, io=self.io)
 
     def blocks(self) -> dict[str, list[str]]:
         """The parameter blocks of ``--per-layer`` (one per module that owns parameters)."""
@@ -107,8 +111,8 @@ def resolve(name: str, args: argparse.Namespace, ui: Any) -> Target:
                 f"--at applies to the built-in problems; {name} is your file, whose model is "
                 "analysed as it is: drop --at (or load trained weights in the file)"
             )
-        model, loss_fn, data = load_user_file(name, device, dtype, args.device != "cpu")
-        return Target(name, "file", "given", model, loss_fn, data)
+        model, loss_fn, data, io = load_user_file(name, device, dtype, args.device != "cpu")
+        return Target(name, "file", "given", model, loss_fn, data, io)
     if name in PROBLEMS:
         p = problem(name, dtype, device)
         torch.manual_seed(args.seed)
@@ -154,8 +158,9 @@ def _minimum(target: Target, ui: Any) -> Tensor:
 
 def load_user_file(
     path: str, device: torch.device, dtype: torch.dtype | None, moved: bool
-) -> tuple[nn.Module, Callable, Any]:
-    """Run the user's file and take its ``model``, ``loss_fn`` and ``data``.
+) -> tuple[nn.Module, Callable, Any, hesse.ModelIO | None]:
+    """Run the user's file and take its ``model``, ``loss_fn``, ``data`` and, if it defines
+    one, ``io``.
 
     Args:
         path: The file.
@@ -187,23 +192,18 @@ def load_user_file(
         )
     if not callable(loss_fn):
         raise UserError(f"loss_fn in {path} must be callable (outputs, targets) -> scalar")
+    io = namespace.get("io")
+    if io is not None and not isinstance(io, hesse.ModelIO):
+        raise UserError(f"io in {path} must be a hesse.ModelIO, but it is a {type(io).__name__}")
     if dtype is not None or moved:
-        if not _is_batch(data):
+        if not (io or hesse.ModelIO()).is_batch(data):
             raise UserError(
-                "--device and --dtype move data given as one batch (inputs, targets) of "
-                f"tensors; {path} gives a {type(data).__name__}: move it in the file instead"
+                "--device and --dtype move data given as one batch ((inputs, targets) or a "
+                f"dict); {path} gives a {type(data).__name__}: move it in the file instead"
             )
         model = model.to(device=device, dtype=dtype)
-        data = tuple(_move(t, device, dtype) for t in data)
-    return model, loss_fn, data
-
-
-def _is_batch(data: Any) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-    )
+        data = map_tensors(data, lambda t: _move(t, device, dtype))
+    return model, loss_fn, data, io
 
 
 def _move(t: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:

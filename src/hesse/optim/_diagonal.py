@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hesse.func._model import _DEFAULT_IO
 from hesse.optim._base import Closure, FlatOptimizer, check_betas, check_float, check_int
 from hesse.solvers import hutchinson_diagonal_probe
 
@@ -168,7 +169,9 @@ class Sophia(_DiagonalCurvature):
     (Gauss-Newton-Bartlett, :math:`B\, \hat g \odot \hat g` with :math:`\hat g` the
     gradient of the cross-entropy of the model's outputs against labels *sampled* from
     them): pass ``step(closure, outputs_fn=...)`` with ``outputs_fn()`` returning the
-    logits of the batch, shape ``(B, classes)``, on the steps that refresh.
+    logits of the batch, shape ``(B, classes)``, on the steps that refresh. Sequence
+    logits ``(B, T, classes)`` count as ``B T`` rows (the mean cross-entropy over tokens),
+    and a Hugging Face ``ModelOutput`` gives its ``logits``.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -227,9 +230,15 @@ class Sophia(_DiagonalCurvature):
         """The gradient of the mean cross-entropy of the outputs against labels sampled
         from them (labels drawn from ``cpu``), and the batch size."""
         with torch.enable_grad():
-            logits = outputs_fn()
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                raise ValueError("outputs_fn must return the batch's logits, shape (B, classes)")
+            # a model's raw output (a Hugging Face ModelOutput) gives its logits; a sequence
+            # model's (B, T, classes) are B*T rows of logits
+            logits = _DEFAULT_IO.select(outputs_fn())
+            if logits.dim() < 2:
+                raise ValueError(
+                    "outputs_fn must return the batch's logits, shape (B, classes) or "
+                    f"(B, ..., classes), got shape {tuple(logits.shape)}"
+                )
+            logits = logits.reshape(-1, logits.shape[-1])
             if logits.shape[0] == 0:  # no samples: nothing to estimate from
                 return [torch.zeros_like(p) for p in self.flat.params], 0
             probs = torch.softmax(logits.detach().float().cpu(), dim=-1)
