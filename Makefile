@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hesse-installed
 
-.PHONY: test demo lint bench bench-deps clean
+.PHONY: test demo lint bench bench-deps gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ bench-deps: $(STAMP)
 
 bench: bench-deps
 	OMP_NUM_THREADS=2 $(PY) benchmarks/hvp_cost.py
+
+# On a machine with a CUDA GPU and a CUDA build of torch (GPU_PY): the CUDA tests (fused
+# attention and cuDNN RNN kernels, products on the device, bf16) and the GPU benchmark of a
+# transformer's Hessian-vector product. Figures go to benchmarks/results/.
+GPU_PY ?= python3
+gpu-check:
+	PYTHONPATH=src $(GPU_PY) -m pytest -q -p no:cacheprovider -k "cuda" tests
+	PYTHONPATH=src $(GPU_PY) benchmarks/transformer_hvp.py --device cuda
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -526,3 +526,60 @@ def test_the_cli_on_a_hugging_face_users_file(capsys, tmp_path):
     H = hesse.HessianOperator(case.model, case.loss_fn, case.data)
     ref = hesse.eigenvalues(H, k=1, seed=0, max_iter=80)
     assert top == pytest.approx(float(ref.eigenvalues[0]), rel=1e-3)
+
+
+# -- CUDA: fused attention kernels and cuDNN RNNs (run by `make gpu-check`) ---------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_CASES = ["gpt2-as-is-hf-batch", "bert-padded-hf-batch", "llama-as-is-hf-batch", "lstm",
+              "gru", "resnet-bn-train", "transformer-encoder-eval"]  # fmt: skip
+
+
+def _on_cuda(case: Case) -> Case:
+    model = copy.deepcopy(case.model).cuda()
+    data = map_tensors(case.data, lambda t: t.cuda())
+    return Case(case.name, model, case.loss_fn, data, case.ref_loss, case.io, case.frozen)
+
+
+@cuda
+@pytest.mark.parametrize("name", CUDA_CASES)
+def test_cuda_products_match_the_float64_reference(name):
+    case = CASES[name]
+    on = _on_cuda(case)
+    vs = _directions(sum(p.numel() for p in _trainable(case.model)))
+    ref = reference_hvp(case, vs)  # on the CPU, float64
+    H = hesse.HessianOperator(on.model, on.loss_fn, on.data, io=on.io)
+    out = H @ vs.float().cuda()
+    assert out.device.type == "cuda"
+    _close(out.cpu(), ref, rtol=1e-3)  # TF32 may be on for matmuls
+    G = hesse.GGNOperator(on.model, on.loss_fn, on.data, io=on.io)
+    _close((G @ vs.float().cuda()).cpu(), reference_ggn(case, vs), rtol=1e-3)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["lstm", "gpt2-as-is-hf-batch"])
+def test_cuda_closure_optimizers_differentiate_cudnn_and_fused_attention(name):
+    on = _on_cuda(CASES[name])
+    batch = on.batches()[0]
+    for make in (OPTIMIZERS["adahessian"], OPTIMIZERS["newton-cg"]):
+        opt = make(on, on.model.parameters())
+        closure = _closure(on, opt, batch)
+        first = float(closure().detach())
+        for _ in range(2):
+            assert torch.isfinite(opt.step(closure))
+        assert float(closure().detach()) < first + 1e-6
+    assert torch.backends.cudnn.enabled  # the user's setting is back
+
+
+@cuda
+def test_cuda_bf16_gpt2_products_and_analysis():
+    case = CASES["gpt2-as-is-hf-batch"]
+    model = copy.deepcopy(case.model).cuda().to(torch.bfloat16)
+    data = map_tensors(case.data, lambda t: t.cuda())
+    H = hesse.HessianOperator(model, case.loss_fn, data)
+    assert H.dtype == torch.bfloat16
+    vs = _directions(H.shape[0])
+    ref = reference_hvp(case, vs)
+    _close((H @ vs.to(device="cuda", dtype=torch.bfloat16)).cpu(), ref, rtol=0.1)
+    top = hesse.eigenvalues(H, k=1, seed=0, max_iter=30)
+    assert torch.isfinite(top.eigenvalues).all()
