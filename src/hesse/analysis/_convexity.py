@@ -8,12 +8,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from hesse.linalg import ConvergenceWarning, lanczos
-from hesse.linalg._common import as_operator, make_generator
+from hesse.linalg._common import as_operator, error_floor, make_generator, promote
 from hesse.operators import CurvatureOperator, FunctionHessian
 from hesse.operators._function import gradient
 
@@ -63,12 +64,18 @@ class ConvexityReport:
         residuals: Lanczos residuals of the two extreme eigenvalues (certificates).
         certified: the verdict is backed by the evidence: exact eigenvalues, or a Ritz value
             of the right sign (which proves curvature of that sign), or a converged
-            bottom (top) end for a (negative) semidefinite verdict. When not, a
-            :class:`~hesse.linalg.ConvergenceWarning` is raised too.
+            bottom (top) end for a (negative) semidefinite verdict; and it holds for every
+            eigenvalue within ``error_floor`` (and, at a converged end, the residual) of
+            those found, so a sign closer to zero than the products' error is not
+            certified. When not, a :class:`~hesse.linalg.ConvergenceWarning` is raised too.
         points: the number of points examined.
         share_nonconvex: over a set, the share of points with negative curvature.
         worst_point: over a set, the point of most negative curvature.
         reports: over a set, the report of each point.
+        error_floor: the error of the eigenvalues that the products' precision leaves,
+            ``max(product_rtol, 4 eps(dtype)) * max|lambda|`` (over a set, the largest).
+        dtype: the dtype the products (or the dense matrix) were computed in; the
+            eigenvalue problem runs in float32 for float16 and bfloat16.
     """
 
     verdict: Verdict
@@ -86,6 +93,8 @@ class ConvexityReport:
     share_nonconvex: float | None = None
     worst_point: Tensor | None = None
     reports: list[ConvexityReport] = field(default_factory=list, repr=False)
+    error_floor: float = 0.0
+    dtype: torch.dtype | None = None
 
     @property
     def is_convex(self) -> bool:
@@ -93,15 +102,39 @@ class ConvexityReport:
         return self.verdict in (Verdict.POSITIVE_DEFINITE, Verdict.POSITIVE_SEMIDEFINITE)
 
 
+class _Ends(NamedTuple):
+    """The evidence for a verdict: the extreme eigenvalues and how sure they are."""
+
+    lo: float
+    hi: float
+    vec: Tensor  # the eigenvector of lo
+    exact: bool
+    matvecs: int
+    residuals: tuple[float, float]
+    converged: tuple[bool, bool]
+    error_floor: float
+    dtype: torch.dtype
+
+
 def _extremes(
-    op: CurvatureOperator, dense_limit: int, tol: float, seed: int | None, max_iter: int | None
-):
+    op: CurvatureOperator,
+    dense_limit: int,
+    tol: float,
+    seed: int | None,
+    max_iter: int | None,
+    dense: Tensor | None = None,
+) -> _Ends:
+    """Both ends of the spectrum: by ``eigh`` of ``dense`` (``op`` formed densely when not
+    given) up to ``dense_limit`` unknowns, by Lanczos beyond."""
     n = op.shape[0]
     if n <= dense_limit:
-        lam, vecs = torch.linalg.eigh(op.to_dense())
-        return (float(lam[0]), float(lam[-1]), vecs[:, 0], True, 0, (0.0, 0.0), (True, True))
+        D = promote(op).to_dense() if dense is None else dense
+        lam, vecs = torch.linalg.eigh(D)
+        lo, hi = float(lam[0]), float(lam[-1])
+        floor = error_floor(op, max(abs(lo), abs(hi)))
+        return _Ends(lo, hi, vecs[:, 0], True, 0, (0.0, 0.0), (True, True), floor, op.dtype)
     r = lanczos(op, k=1, which="both", tol=tol, seed=seed, max_iter=max_iter or min(n, 200))
-    return (
+    return _Ends(
         float(r.eigenvalues[0]),
         float(r.eigenvalues[-1]),
         r.eigenvectors[:, 0],
@@ -109,7 +142,30 @@ def _extremes(
         r.matvecs,
         (float(r.residuals[0]), float(r.residuals[-1])),
         (bool(r.converged[0]), bool(r.converged[-1])),
+        r.error_floor,
+        r.dtype,
     )
+
+
+#: A verdict also holds when the truth is the stronger one next to it.
+_IMPLIES = {
+    Verdict.POSITIVE_SEMIDEFINITE: (Verdict.POSITIVE_DEFINITE,),
+    Verdict.NEGATIVE_SEMIDEFINITE: (Verdict.NEGATIVE_DEFINITE,),
+}
+
+
+def _certified(v: Verdict, ends: _Ends, threshold: float) -> bool:
+    r"""Whether the verdict ``v`` holds for every pair of extreme eigenvalues the evidence
+    allows. A Ritz value lies inside the spectrum of the computed operator, which is
+    within ``error_floor`` of the true one: :math:`\lambda_{\min} \le lo + e` and
+    :math:`\lambda_{\max} \ge hi - e`. A converged end bounds the other side too,
+    :math:`\lambda_{\min} \ge lo - r - e`; an unconverged one does not. The verdict is a
+    monotone function of the two, so the corners of that box decide."""
+    e, (r_lo, r_hi), (c_lo, c_hi) = ends.error_floor, ends.residuals, ends.converged
+    los = (ends.lo - r_lo - e if c_lo else -math.inf, ends.lo + e)
+    his = (ends.hi - e, ends.hi + r_hi + e if c_hi else math.inf)
+    ok = (v, *_IMPLIES.get(v, ()))
+    return all(verdict(a, b, threshold) in ok for a in los for b in his)
 
 
 def _report_operator(
@@ -124,30 +180,47 @@ def _report_operator(
     grad_norm=None,
     gtol=None,
     warn=True,
+    dense=None,
 ) -> ConvexityReport:
-    lo, hi, vec, exact, mv, res, conv = _extremes(op, dense_limit, lanczos_tol, seed, max_iter)
+    ends = _extremes(op, dense_limit, lanczos_tol, seed, max_iter, dense)
+    lo, hi = ends.lo, ends.hi
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("the Hessian has non-finite entries at this point")
     threshold = max(atol, rtol * max(abs(lo), abs(hi)))
     v = verdict(lo, hi, threshold)
-    # Ritz values lie inside the spectrum: a negative (positive) one proves negative
-    # (positive) curvature, but "no negative curvature" needs the bottom end converged.
-    certified = (
-        v == Verdict.INDEFINITE
-        or (v in (Verdict.POSITIVE_DEFINITE, Verdict.POSITIVE_SEMIDEFINITE) and conv[0])
-        or (v in (Verdict.NEGATIVE_DEFINITE, Verdict.NEGATIVE_SEMIDEFINITE) and conv[1])
-    )
+    certified = _certified(v, ends, threshold)
     if not certified and warn:
-        warnings.warn(
-            f"convexity: the verdict {v} is not certified: Lanczos did not converge at the "
-            f"end it rests on in {mv} products; raise max_iter or dense_limit",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    direction = vec / torch.linalg.vector_norm(vec) if lo < -threshold else None
+        warnings.warn(_uncertified(v, ends), ConvergenceWarning, stacklevel=3)
+    direction = ends.vec / torch.linalg.vector_norm(ends.vec) if lo < -threshold else None
     saddle = v == Verdict.INDEFINITE and grad_norm is not None and grad_norm <= gtol
     return ConvexityReport(
-        v, lo, hi, threshold, direction, grad_norm, saddle, exact, mv, res, certified=certified
+        v,
+        lo,
+        hi,
+        threshold,
+        direction,
+        grad_norm,
+        saddle,
+        ends.exact,
+        ends.matvecs,
+        ends.residuals,
+        certified=certified,
+        error_floor=ends.error_floor,
+        dtype=ends.dtype,
+    )
+
+
+def _uncertified(v: Verdict, ends: _Ends) -> str:
+    """Why the verdict ``v`` is not certified, and what to change."""
+    if all(ends.converged):
+        return (
+            f"convexity: the verdict {v} is not certified: an eigenvalue it rests on is "
+            f"within the products' error ({ends.error_floor:.2g}, {ends.dtype} products) "
+            "of the threshold; compute the products in a wider dtype"
+        )
+    return (
+        f"convexity: the verdict {v} is not certified: Lanczos did not converge at the "
+        f"end it rests on in {ends.matvecs} products; raise max_iter or dense_limit"
     )
 
 
@@ -180,7 +253,10 @@ def convexity(
       of the smallest and largest eigenvalue over all of them.
 
     Eigenvalues come from a dense ``eigh`` up to ``dense_limit`` unknowns, from Lanczos
-    (both ends, relative residual ``lanczos_tol``) beyond.
+    (both ends, relative residual ``lanczos_tol``) beyond. For a float16 or bfloat16
+    operator the products run in its dtype and the eigenvalue problem in float32; the
+    verdict is certified only where it survives the products' error (``error_floor``):
+    in bfloat16 an eigenvalue within about 3% of the largest from zero has no sign.
 
     Example:
         >>> convexity(lambda z: z[0] ** 2 - z[1] ** 2, torch.zeros(2)).is_saddle
@@ -266,4 +342,6 @@ def _aggregate(reports, pts, rtol, atol) -> ConvexityReport:
         share_nonconvex=nonconvex / len(reports),
         worst_point=pts[worst],
         reports=reports,
+        error_floor=max(r.error_floor for r in reports),
+        dtype=reports[0].dtype,
     )

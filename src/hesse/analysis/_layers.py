@@ -6,11 +6,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hesse.analysis._convexity import Verdict, _report_operator
+from hesse.func import ModelIO
 from hesse.linalg import xtrace
-from hesse.operators import DenseOperator, HessianOperator
+from hesse.linalg._common import promote
+from hesse.operators import HessianOperator
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class LayerRow:
     verdict: Verdict
     matvecs: int
     converged: bool  # the verdict is certified (exact, or backed by converged Lanczos ends)
+    error_floor: float  # the eigenvalues' error the products' precision leaves
+    dtype: torch.dtype  # of the products (the eigenvalue problem: float32 for half types)
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,11 @@ class LayerReport:
     rows: list[LayerRow]
 
     def as_dicts(self) -> list[dict[str, Any]]:
-        return [{**asdict(r), "verdict": str(r.verdict)} for r in self.rows]
+        """The rows as plain values (verdict and dtype as strings: ready for JSON)."""
+        return [
+            {**asdict(r), "verdict": str(r.verdict), "dtype": str(r.dtype).removeprefix("torch.")}
+            for r in self.rows
+        ]
 
     def to_table(self) -> str:
         head = (
@@ -45,20 +54,40 @@ class LayerReport:
             lines.append(
                 f"{r.name:24s} {r.size:8d} {r.top_eigenvalue:11.4g} "
                 f"{r.min_eigenvalue:11.4g} {r.trace:11.4g}  {r.verdict}"
-                + ("" if r.converged else " (not certified: raise max_iter)")
+                + ("" if r.converged else f" (not certified: {_why(r)})")
             )
         return "\n".join(lines)
 
 
+def _why(row: LayerRow) -> str:
+    """The likely reason a row's verdict is not certified: an end within the products'
+    error of zero, or an end that Lanczos did not converge."""
+    if min(abs(row.top_eigenvalue), abs(row.min_eigenvalue)) <= 2 * row.error_floor:
+        return f"an eigenvalue is within the error of {row.dtype} products"
+    return "raise max_iter"
+
+
 def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
-    """The parameters (that require grad) of each module that owns some directly."""
+    """The parameters (that require grad) of each module that owns some directly, each
+    once, under its name in ``model.named_parameters()``: a tied parameter belongs to the
+    first module that owns it, and a module whose parameters are all tied to earlier ones
+    has no block.
+
+    Example:
+        >>> m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        >>> m[1].weight = m[0].weight  # tied, as a language model's head and embedding
+        >>> parameter_blocks(m)
+        {'0': ['0.weight']}
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    seen: set[int] = set()
     blocks: dict[str, list[str]] = {}
     for mod_name, module in model.named_modules():
-        names = [
-            f"{mod_name}.{n}" if mod_name else n
-            for n, p in module.named_parameters(recurse=False)
-            if p.requires_grad
-        ]
+        names = []
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                names.append(canonical[id(p)])
         if names:
             blocks[mod_name or "(root)"] = names
     return blocks
@@ -76,12 +105,13 @@ def layer_report(
     exact_limit: int = 256,
     rtol: float = 1e-6,
     seed: int | None = 0,
+    io: ModelIO | None = None,
     _operator: Callable[..., Any] = HessianOperator,
 ) -> LayerReport:
     """Top and bottom eigenvalue, trace and definiteness of each layer's Hessian block.
 
     Args:
-        model, loss_fn, data: as for :class:`hesse.HessianOperator`.
+        model, loss_fn, data, io: as for :class:`hesse.HessianOperator`.
         blocks: ``{name: [parameter names]}``; by default one block per module that owns
             parameters.
         tol, max_iter: Lanczos tolerance and steps for the extreme eigenvalues.
@@ -89,22 +119,28 @@ def layer_report(
             ``exact_limit``; a smaller block is formed densely (``P`` products), which
             gives its eigenvalues and trace exactly.
         rtol: eigenvalues below ``rtol * max|lambda|`` in magnitude count as zero.
+
+    For a float16 or bfloat16 model the products run in its dtype and the rest (the dense
+    block, its eigenvalues, Lanczos) in float32; each row's ``error_floor`` says how far
+    its eigenvalues can be trusted, and its verdict is certified only beyond it.
     """
     blocks = dict(blocks) if blocks is not None else parameter_blocks(model)
     rows = []
     for name, params in blocks.items():
-        H = _operator(model, loss_fn, data, params=list(params)).linearize()
+        H = _operator(model, loss_fn, data, params=list(params), io=io).linearize()
         n = H.shape[0]
+        dense = None
         if n <= exact_limit:
             # P products give the whole block: exact eigenvalues and trace, no estimates
-            dense = H.to_dense()
-            target, tr, err, mv = DenseOperator(dense), float(dense.trace()), 0.0, n
+            dense = promote(H).to_dense()
+            tr, err, mv = float(dense.trace()), 0.0, n
         else:
             t = xtrace(H, trace_matvecs, seed=seed)
-            target, tr, err, mv = H, t.estimate, t.stderr, t.matvecs
+            tr, err, mv = t.estimate, t.stderr, t.matvecs
         # the same verdict, with the same certification, as hesse.convexity
         rep = _report_operator(
-            target,
+            H,
+            dense=dense,
             rtol=rtol,
             atol=0.0,
             dense_limit=exact_limit,
@@ -124,6 +160,8 @@ def layer_report(
                 rep.verdict,
                 mv + rep.matvecs,
                 rep.certified,
+                rep.error_floor,
+                H.dtype,
             )
         )
     return LayerReport(rows)

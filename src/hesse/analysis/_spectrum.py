@@ -119,7 +119,11 @@ def spectral_density(
 @dataclass(frozen=True)
 class ConditionResult(Result):
     """``value = largest / smallest`` eigenvalue; ``inf`` when the smallest is not positive
-    (then the operator is singular or indefinite and has no finite condition number)."""
+    (then the operator is singular or indefinite and has no finite condition number).
+
+    ``status`` is ``"precision"`` when the smallest eigenvalue is within its residual plus
+    ``error_floor`` (the products' error, see :class:`hesse.linalg.EigenResult`) of zero:
+    its sign, and so the condition number, is not resolved by products in ``dtype``."""
 
     value: float
     largest: float
@@ -127,11 +131,19 @@ class ConditionResult(Result):
     residuals: Tensor
     matvecs: int
     status: Status
+    error_floor: float
+    dtype: torch.dtype
 
     @property
     def message(self) -> str:
         if self.success:
             return f"condition number {self.value:.4g} from {self.matvecs} products"
+        if self.status == Status.PRECISION:
+            return (
+                f"the smallest eigenvalue {self.smallest:.3g} is within the error of "
+                f"{self.dtype} products ({self.error_floor:.2g}) of zero: the condition "
+                "number is not resolved; compute the products in a wider dtype"
+            )
         return (
             f"the extreme eigenvalues did not converge ({self.status}) after {self.matvecs} "
             "products; raise max_iter (the bottom of a Hessian converges slowly) or tol"
@@ -148,10 +160,14 @@ def condition_number(
 ) -> ConditionResult:
     r"""The 2-norm condition number :math:`\lambda_{\max}/\lambda_{\min}` of a symmetric
     positive definite operator, from both ends of one Lanczos run. The bottom of a Hessian
-    converges slowly: raise ``max_iter`` (default ``min(P, 200)``) if ``status`` says so."""
+    converges slowly: raise ``max_iter`` (default ``min(P, 200)``) if ``status`` says so,
+    and products in a wider dtype if it says ``"precision"``."""
     op = maybe_linearize(as_operator(A), linearize)
     n = op.shape[0]
     r = lanczos(op, 1, "both", tol=tol, max_iter=max_iter or min(n, 200), seed=seed)
     lo, hi = float(r.eigenvalues[0]), float(r.eigenvalues[-1])
     value = hi / lo if lo > 0 else math.inf
-    return ConditionResult(value, hi, lo, r.residuals, r.matvecs, r.status)
+    status = r.status
+    if r.success and abs(lo) <= float(r.residuals[0]) + r.error_floor:
+        status = Status.PRECISION  # the sign of the smallest eigenvalue is unresolved
+    return ConditionResult(value, hi, lo, r.residuals, r.matvecs, status, r.error_floor, r.dtype)

@@ -136,6 +136,7 @@ def layers(
             target.model,
             target.loss_fn,
             target.data,
+            io=target.io,
             blocks=blocks,
             tol=args.tol,
             max_iter=args.max_iter or 60,

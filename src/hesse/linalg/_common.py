@@ -1,4 +1,5 @@
-"""Shared pieces of the matrix-free algorithms: operands, random probes, statuses."""
+"""Shared pieces of the matrix-free algorithms: operands, random probes, statuses, and the
+precision they work in."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Status(str, Enum):
     BREAKDOWN = "breakdown"
     NON_FINITE = "non_finite"
     BUDGET = "budget"  # a fixed budget of products was spent (estimators: not a failure)
+    PRECISION = "precision"  # the answer is below what the products' accuracy resolves
 
     def __str__(self) -> str:
         return self.value
@@ -62,6 +64,61 @@ def as_operator(A: object) -> CurvatureOperator:
         "A must be a hesse operator (HessianOperator, GGNOperator, ...) or a square "
         f"torch.Tensor, got {type(A).__name__}"
     )
+
+
+# -- precision ---------------------------------------------------------------------------
+#: Half types: products run in them, the algorithms' small dense algebra does not (CPU has
+#: no eigh or QR for them, and their eps is too coarse to keep a basis orthogonal).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: A product in dtype ``d`` is taken to be accurate to ``PRODUCT_EPS * eps(d) * |A| |v|``
+#: at best (the rounding of the operand alone costs one eps).
+PRODUCT_EPS = 4.0
+
+
+def algebra_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the dense algebra of an algorithm runs in when its products are in
+    ``dtype``: float32 for float16 and bfloat16, ``dtype`` itself otherwise."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+class PromotedOperator(CurvatureOperator):
+    """``op`` (float16 or bfloat16) seen in :func:`algebra_dtype`: each operand is cast to
+    ``op.dtype`` for the product, which runs there, and the product is cast back."""
+
+    def __init__(self, op: CurvatureOperator):
+        super().__init__(op.shape[0], algebra_dtype(op.dtype), op.device)
+        self.op, self.product_dtype = op, op.dtype
+        self.symmetric, self.psd, self.chunk_size = op.symmetric, op.psd, op.chunk_size
+
+    @property
+    def product_rtol(self) -> float:  # type: ignore[override]  # the live value: it may grow
+        return self.op.product_rtol
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return (self.op @ V.to(self.product_dtype)).to(self.dtype)
+
+    def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
+        return self.op.synchronize_generator(generator)
+
+
+def promote(op: CurvatureOperator) -> CurvatureOperator:
+    """``op`` itself when its dtype is the algebra's (no copy on the float32/float64 path),
+    else a :class:`PromotedOperator` around it."""
+    return op if algebra_dtype(op.dtype) == op.dtype else PromotedOperator(op)
+
+
+def product_dtype(op: CurvatureOperator) -> torch.dtype:
+    """The dtype ``op``'s products are computed in (through a :func:`promote`)."""
+    return op.product_dtype if isinstance(op, PromotedOperator) else op.dtype
+
+
+def error_floor(op: CurvatureOperator, scale: float) -> float:
+    r"""The absolute error of a product with a unit vector that ``op`` cannot rule out,
+    :math:`\max(\text{product\_rtol}, 4\,\epsilon_{\text{dtype}})\cdot\text{scale}` with
+    ``scale`` an estimate of :math:`\|A\|`: a residual or an eigenvalue finer than it
+    proves nothing. Read after the products (``product_rtol`` may grow as they are made)."""
+    eps = torch.finfo(product_dtype(op)).eps
+    return max(float(op.product_rtol), PRODUCT_EPS * eps) * float(scale)
 
 
 def maybe_linearize(A: CurvatureOperator, linearize: bool) -> CurvatureOperator:

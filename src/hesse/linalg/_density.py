@@ -13,6 +13,8 @@ from hesse.linalg._common import (
     as_operator,
     check_positive_int,
     make_generator,
+    product_dtype,
+    promote,
     rademacher,
 )
 
@@ -30,6 +32,9 @@ class DensityResult:
         sigma: the width of the Gaussian kernel that smooths the nodes.
         matvecs: products with the operator (``num_probes * steps``, done in batches).
         status: ``"budget"``, or ``"non_finite"``.
+        dtype: the dtype the products were computed in (the operator's). For float16 and
+            bfloat16 the Lanczos recurrences and quadrature run in float32, and ``grid``,
+            ``density``, ``nodes`` and ``weights`` are float32.
     """
 
     grid: Tensor
@@ -39,6 +44,7 @@ class DensityResult:
     sigma: float
     matvecs: int
     status: Status
+    dtype: torch.dtype
 
     def moments(self, power: int) -> float:
         r"""The quadrature estimate of :math:`\frac1P \operatorname{tr}(A^p)`."""
@@ -74,8 +80,9 @@ def slq_nodes(
     r"""Lanczos from ``num_probes`` random sign vectors at once (one batched product per
     step, full re-orthogonalisation per probe): the eigenvalues :math:`\theta` of each
     tridiagonal and the squared first components :math:`\tau^2` of its eigenvectors, the
-    nodes and weights of the Gauss quadrature of :math:`v^\top f(A) v` (Golub & Meurant)."""
-    op = as_operator(A)
+    nodes and weights of the Gauss quadrature of :math:`v^\top f(A) v` (Golub & Meurant).
+    Float32 for a float16 or bfloat16 operator (the products run in its dtype)."""
+    op = promote(as_operator(A))
     n = op.shape[0]
     steps = min(steps, n)
     V = rademacher(n, num_probes, op.dtype, op.device, generator) / math.sqrt(n)
@@ -128,7 +135,7 @@ def spectral_density(
         sigma: the kernel width; by default 1% of the span of the nodes.
         seed, generator: for the probes.
     """
-    op = as_operator(A)
+    op = promote(as_operator(A))
     if not op.symmetric:
         raise ValueError("spectral_density needs a symmetric operator")
     num_probes = check_positive_int(num_probes, "num_probes")
@@ -137,7 +144,9 @@ def spectral_density(
     nodes, weights, matvecs = slq_nodes(op, num_probes, steps, gen)
     if not bool(torch.isfinite(nodes).all()):
         empty = torch.zeros(0, dtype=op.dtype, device=op.device)
-        return DensityResult(empty, empty, nodes, weights, math.nan, matvecs, Status.NON_FINITE)
+        return DensityResult(
+            empty, empty, nodes, weights, math.nan, matvecs, Status.NON_FINITE, product_dtype(op)
+        )
     lo, hi = float(nodes.min()), float(nodes.max())
     span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
     if sigma is None:
@@ -158,4 +167,6 @@ def spectral_density(
     area = torch.trapezoid(density, grid)
     if float(area) > 0:
         density = density / area
-    return DensityResult(grid, density, nodes, weights, float(sigma), matvecs, Status.BUDGET)
+    return DensityResult(
+        grid, density, nodes, weights, float(sigma), matvecs, Status.BUDGET, product_dtype(op)
+    )

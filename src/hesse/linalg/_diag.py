@@ -1,7 +1,8 @@
 r"""Diagonal estimators: exact (``P`` products), Bekas-Kokiopoulou-Saad and XDiag.
 
 Each returns a :class:`DiagonalResult` with the estimate of :math:`\operatorname{diag}(A)`
-as a tensor of the operator's dtype and device.
+as a tensor on the operator's device, of its dtype (float32 for a float16 or bfloat16
+operator, whose products run in its dtype and the rest in float32).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hesse._core import NonFiniteError
-from hesse.linalg._common import Result, Status, as_operator
+from hesse.linalg._common import Result, Status, as_operator, product_dtype, promote
 from hesse.linalg._trace import apply, check_budget, leave_one_out_basis, prepare, rank_deficient
 from hesse.linalg._trace import signs as sign_probes
 from hesse.operators import CurvatureOperator
@@ -33,6 +34,8 @@ class DiagonalResult(Result):
         status: ``Status.CONVERGED`` for the exact diagonal, ``Status.BUDGET`` when an
             estimator spent its budget normally, ``Status.NON_FINITE`` when a product or the
             estimate was not finite.
+        dtype: the dtype the products were computed in (the operator's); ``estimate`` and
+            ``stderr`` are float32 when it is float16 or bfloat16, else of this dtype.
     """
 
     OK = (Status.BUDGET, Status.CONVERGED)
@@ -42,6 +45,7 @@ class DiagonalResult(Result):
     matvecs: int
     method: str
     status: Status
+    dtype: torch.dtype
 
     @property
     def message(self) -> str:
@@ -65,8 +69,8 @@ def _finish(
     parts = [t for t in (estimate, stderr) if t is not None]
     if estimate is None or not all(bool(torch.isfinite(t).all()) for t in parts):
         nan = torch.full((op.shape[0],), math.nan, dtype=op.dtype, device=op.device)
-        return DiagonalResult(nan, None, matvecs, method, Status.NON_FINITE)
-    return DiagonalResult(estimate, stderr, matvecs, method, status)
+        return DiagonalResult(nan, None, matvecs, method, Status.NON_FINITE, product_dtype(op))
+    return DiagonalResult(estimate, stderr, matvecs, method, status, product_dtype(op))
 
 
 def exact_diagonal(A: object) -> DiagonalResult:
@@ -86,7 +90,7 @@ def exact_diagonal(A: object) -> DiagonalResult:
         >>> exact_diagonal(A).estimate
         tensor([2., 3.])
     """
-    op = as_operator(A)
+    op = promote(as_operator(A))
     n = op.shape[0]
     parts: list[Tensor] = []
     try:
@@ -223,7 +227,7 @@ def xdiag(
     except NonFiniteError:
         return _finish(op, "xdiag", None, None, m)
     dQZ = (Q * Z).sum(1)  # diag(Q Qᵀ A)
-    if m == n or rank_deficient(R):
+    if m == n or rank_deficient(R, op):
         return _finish(op, "xdiag", dQZ, torch.zeros_like(dQZ), 2 * m)
     E = xdiag_estimates(Om, Y, Q, R, Z, dQZ)
     return _finish(op, "xdiag", E.mean(1), E.std(1) / math.sqrt(m), 2 * m)

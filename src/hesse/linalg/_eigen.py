@@ -14,8 +14,11 @@ from hesse.linalg._common import (
     as_operator,
     check_choice,
     check_positive_int,
+    error_floor,
     gaussian,
     make_generator,
+    product_dtype,
+    promote,
 )
 
 WHICH = ("largest", "smallest", "both", "magnitude")
@@ -31,10 +34,19 @@ class EigenResult(Result):
             (decreasing).
         eigenvectors: ``(P, k)``, orthonormal columns.
         residuals: ``(k,)``, :math:`\\|A y - \\theta y\\|` of each pair: a certificate, since
-            an eigenvalue of ``A`` lies within that distance of each :math:`\\theta`.
+            an eigenvalue of ``A`` lies within ``residual + error_floor`` of each
+            :math:`\\theta`.
         matvecs: products with ``A``.
-        converged: ``(k,)`` booleans, residual within the tolerance.
+        converged: ``(k,)`` booleans, residual within ``max(tol * |theta|, error_floor)``.
         status: ``"converged"`` when every wanted pair converged, else why it stopped.
+        tol: the relative tolerance asked for.
+        error_floor: the absolute accuracy the products allow,
+            ``max(A.product_rtol, 4 eps(dtype)) * max|theta|``: no residual finer than it
+            proves anything, so a pair counts as converged once its residual is below it,
+            whatever ``tol``; the eigenvalues are certain to within it, not to ``tol``.
+        dtype: the dtype the products were computed in (the operator's). For float16 and
+            bfloat16 the algebra runs in float32, and ``eigenvalues``, ``eigenvectors`` and
+            ``residuals`` are float32; otherwise they have the operator's dtype.
     """
 
     eigenvalues: Tensor
@@ -44,11 +56,16 @@ class EigenResult(Result):
     converged: Tensor
     status: Status
     tol: float
+    error_floor: float
+    dtype: torch.dtype
 
     @property
     def message(self) -> str:
         if self.success:
-            return f"{self.eigenvalues.numel()} eigenpair(s) converged in {self.matvecs} products"
+            msg = f"{self.eigenvalues.numel()} eigenpair(s) converged in {self.matvecs} products"
+            if bool((self.error_floor > self.tol * self.eigenvalues.abs()).any()):
+                msg += f", to {self.error_floor:.2g}: the accuracy of {self.dtype} products"
+            return msg
         done = int(self.converged.sum())
         return (
             f"{done} of {self.converged.numel()} eigenpair(s) converged to rtol={self.tol} "
@@ -91,6 +108,12 @@ def lanczos(
     as soon as each wanted pair has residual :math:`\le \mathrm{tol}\cdot|\theta|` (then an
     eigenvalue of :math:`A` lies within :math:`\mathrm{tol}\,|\theta|` of :math:`\theta`).
 
+    Products are only as accurate as their dtype and ``A.product_rtol`` allow: a residual
+    below the result's ``error_floor`` (``max(product_rtol, 4 eps) * max|theta|``) counts
+    as converged, and the eigenvalues are then certain to that floor, not to ``tol`` (in
+    bfloat16, about 3% of the largest eigenvalue). For a float16 or bfloat16 operator the
+    products run in its dtype and the rest (basis, tridiagonal eigenproblem) in float32.
+
     Args:
         A: a symmetric hesse operator or a square tensor.
         k: the number of eigenpairs (per end for ``"both"``).
@@ -103,6 +126,7 @@ def lanczos(
 
     Returns:
         An :class:`EigenResult`; it does not raise when not converged (see ``status``).
+        Float32 for a float16 or bfloat16 operator, else in the operator's dtype.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
@@ -110,7 +134,7 @@ def lanczos(
         >>> r.eigenvalues.round(decimals=10), r.status
         (tensor([10.,  9.], dtype=torch.float64), <Status.CONVERGED: 'converged'>)
     """
-    op = as_operator(A)
+    op = promote(as_operator(A))
     if not op.symmetric:
         raise ValueError(f"lanczos needs a symmetric operator; {type(op).__name__} is not")
     k = check_positive_int(k, "k")
@@ -136,7 +160,7 @@ def lanczos(
     beta = torch.zeros((), dtype=dtype, device=device)
     # An eigenvalue near 0 cannot meet a relative test; like ARPACK, measure it against
     # eps^(2/3) of the largest Ritz value instead.
-    floor = torch.finfo(dtype).eps ** (2.0 / 3.0)
+    zero_scale = torch.finfo(dtype).eps ** (2.0 / 3.0)
     last_breakdown: Tensor | None = None
     for j in range(m_max):
         Q[j] = q
@@ -154,12 +178,14 @@ def lanczos(
             break
         idx = _select(theta, k, which)
         res = (beta * S[-1, idx]).abs()
-        scale = theta[idx].abs().clamp_min(floor * theta.abs().max())
-        done = bool((res <= tol * scale).all()) and idx.numel() == _wanted(k, which, n)
+        top = theta.abs().max()
+        noise = error_floor(op, top)  # read after each product: product_rtol may grow
+        limit = (tol * theta[idx].abs().clamp_min(zero_scale * top)).clamp_min(noise)
+        done = bool((res <= limit).all()) and idx.numel() == _wanted(k, which, n)
         if j + 1 == n:
             status = Status.CONVERGED  # the whole space: the Ritz values are the spectrum
             break
-        if float(beta) <= math.sqrt(torch.finfo(dtype).eps) * float(theta.abs().max()):
+        if float(beta) <= math.sqrt(torch.finfo(dtype).eps) * float(top):
             # An invariant subspace: its Ritz values are exact, but a repeated eigenvalue
             # shows only once in it. Continue from a new random vector orthogonal to the
             # basis (T gets a zero off-diagonal), which finds further copies; stop only
@@ -169,11 +195,7 @@ def lanczos(
                 done
                 and last_breakdown is not None
                 and last_breakdown.shape == values.shape
-                and bool(
-                    torch.allclose(
-                        values, last_breakdown, rtol=tol, atol=tol * float(theta.abs().max())
-                    )
-                )
+                and bool(torch.allclose(values, last_breakdown, rtol=tol, atol=tol * float(top)))
             ):
                 status = Status.CONVERGED
                 break
@@ -194,9 +216,11 @@ def lanczos(
         eigenvectors=vecs,
         residuals=res,
         matvecs=m,
-        converged=res <= tol * scale,
+        converged=res <= limit,
         status=status,
         tol=tol,
+        error_floor=noise,
+        dtype=product_dtype(op),
     )
 
 
@@ -227,9 +251,10 @@ def power_iteration(
     :func:`lanczos`, which needs far fewer products).
 
     Stops when the residual :math:`\|A v - \theta v\| \le \mathrm{tol}\,|\theta|`, with
-    :math:`\theta = v^\top A v` the Rayleigh quotient.
+    :math:`\theta = v^\top A v` the Rayleigh quotient, or below the products' error floor
+    (as for :func:`lanczos`, whose precision rules it follows).
     """
-    op = as_operator(A)
+    op = promote(as_operator(A))
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     max_iter = check_positive_int(max_iter, "max_iter")
@@ -245,11 +270,15 @@ def power_iteration(
     theta = torch.dot(v, w)
     res = torch.linalg.vector_norm(w - theta * v)
     it = 1
+
+    def limit() -> float:
+        return max(tol * abs(float(theta)), error_floor(op, abs(float(theta))))
+
     while it < max_iter:
         if not bool(torch.isfinite(res)):
             status = Status.NON_FINITE
             break
-        if float(res) <= tol * abs(float(theta)):
+        if float(res) <= limit():
             status = Status.CONVERGED
             break
         norm = torch.linalg.vector_norm(w)
@@ -262,14 +291,16 @@ def power_iteration(
         theta = torch.dot(v, w)
         res = torch.linalg.vector_norm(w - theta * v)
     else:
-        if float(res) <= tol * abs(float(theta)):
+        if float(res) <= limit():
             status = Status.CONVERGED
     return EigenResult(
         eigenvalues=theta.reshape(1),
         eigenvectors=v.reshape(-1, 1),
         residuals=res.reshape(1),
         matvecs=it,
-        converged=(res <= tol * theta.abs()).reshape(1),
+        converged=(res <= limit()).reshape(1),
         status=status,
         tol=tol,
+        error_floor=error_floor(op, abs(float(theta))),
+        dtype=product_dtype(op),
     )

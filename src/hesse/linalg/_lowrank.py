@@ -13,6 +13,7 @@ from hesse.linalg._common import (
     check_positive_int,
     gaussian,
     make_generator,
+    promote,
 )
 from hesse.linalg._eigen import lanczos
 from hesse.linalg._solve import SolveResult, cg
@@ -41,6 +42,10 @@ def low_rank(
     of a positive semidefinite ``A`` from ``rank + oversample`` products done in one
     batch (Tropp, Yurtsever, Udell, Cevher 2017, stabilised by a shift), truncated to
     ``rank``.
+
+    The result has the operator's dtype, so that it combines with it (``A - low_rank(A,
+    r)``); for a float16 or bfloat16 operator only the products run in that dtype, the
+    factorisations in float32, and the factors are rounded to it at the end.
     """
     op = as_operator(A)
     rank = check_positive_int(rank, "rank")
@@ -55,24 +60,30 @@ def low_rank(
             generator=generator,
             max_iter=min(op.shape[0], max(3 * rank + 20, 30)),
         )
-        return LowRankOperator(r.eigenvectors, r.eigenvalues)
+        return _in_dtype(r.eigenvectors, r.eigenvalues, op.dtype)
     if not op.psd:
         raise ValueError(
             "the Nyström approximation needs a positive semidefinite operator (tag psd=True, "
             f"e.g. GGNOperator); {type(op).__name__} is not: use method='eigen'"
         )
-    n = op.shape[0]
+    n, dtype, work = op.shape[0], op.dtype, promote(op)
     ell = min(n, rank + check_positive_int(oversample, "oversample", 0))
-    omega = gaussian(n, ell, op.dtype, op.device, make_generator(seed, generator, op.device, op))
+    gen = make_generator(seed, generator, op.device, op)
+    omega = gaussian(n, ell, work.dtype, op.device, gen)
     omega, _ = torch.linalg.qr(omega)
-    Y = op @ omega
-    nu = torch.finfo(op.dtype).eps * torch.linalg.matrix_norm(Y)
+    Y = work @ omega
+    nu = torch.finfo(dtype).eps * torch.linalg.matrix_norm(Y)  # the shift: products' eps
     Y_nu = Y + nu * omega
     C = torch.linalg.cholesky(_sym(omega.T @ Y_nu))
     B = torch.linalg.solve_triangular(C, Y_nu.T, upper=False).T  # Y_nu C^{-T}
     U, sig, _ = torch.linalg.svd(B, full_matrices=False)
     lam = (sig**2 - nu).clamp_min(0)
-    return LowRankOperator(U[:, :rank], lam[:rank])
+    return _in_dtype(U[:, :rank], lam[:rank], dtype)
+
+
+def _in_dtype(U: Tensor, s: Tensor, dtype: torch.dtype) -> LowRankOperator:
+    """``U diag(s) Uᵀ`` as an operator of ``dtype`` (a no-op when the factors have it)."""
+    return LowRankOperator(U.to(dtype), s.to(dtype))
 
 
 def _sym(M: Tensor) -> Tensor:

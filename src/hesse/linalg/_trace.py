@@ -20,6 +20,8 @@ from hesse.linalg._common import (
     check_choice,
     check_positive_int,
     make_generator,
+    product_dtype,
+    promote,
     rademacher,
 )
 from hesse.operators import CurvatureOperator
@@ -39,6 +41,9 @@ class TraceResult(Result):
         method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         status: ``Status.BUDGET`` when the budget was spent normally, ``Status.NON_FINITE``
             when a product or the estimate was not finite.
+        dtype: the dtype the products were computed in (the operator's; for float16 and
+            bfloat16 the probes are cast to it for each product and the rest of the
+            estimator runs in float32).
     """
 
     OK = (Status.BUDGET,)
@@ -48,6 +53,7 @@ class TraceResult(Result):
     matvecs: int
     method: str
     status: Status
+    dtype: torch.dtype
 
     @property
     def message(self) -> str:
@@ -73,8 +79,9 @@ def check_budget(value: object, minimum: int, method: str, why: str) -> int:
 def prepare(
     A: object, seed: int | None, generator: torch.Generator | None, batch_size: int | None
 ) -> tuple[CurvatureOperator, torch.Generator, int]:
-    """The operator, the probe generator and the number of columns per product."""
-    op = as_operator(A)
+    """The operator (promoted: see :func:`~hesse.linalg._common.promote`), the probe
+    generator and the number of columns per product."""
+    op = promote(as_operator(A))
     if op.shape[0] == 0:
         raise ValueError("the operator is empty (P=0); there is nothing to estimate")
     batch = op.chunk_size if batch_size is None else check_positive_int(batch_size, "batch_size")
@@ -94,16 +101,18 @@ def apply(op: CurvatureOperator, V: Tensor, batch: int) -> Tensor:
     return torch.cat([op @ c for c in torch.split(V, batch, dim=1)], dim=1)
 
 
-def failed(method: str, matvecs: int) -> TraceResult:
-    return TraceResult(math.nan, math.nan, matvecs, method, Status.NON_FINITE)
+def failed(op: CurvatureOperator, method: str, matvecs: int) -> TraceResult:
+    return TraceResult(math.nan, math.nan, matvecs, method, Status.NON_FINITE, product_dtype(op))
 
 
-def finish(method: str, estimate: Tensor, stderr: Tensor | float, matvecs: int) -> TraceResult:
+def finish(
+    op: CurvatureOperator, method: str, estimate: Tensor, stderr: Tensor | float, matvecs: int
+) -> TraceResult:
     """A result with status ``BUDGET``, or ``NON_FINITE`` if the numbers are not finite."""
     est, err = float(estimate), float(stderr)
     if not (math.isfinite(est) and math.isfinite(err)):
-        return failed(method, matvecs)
-    return TraceResult(est, err, matvecs, method, Status.BUDGET)
+        return failed(op, method, matvecs)
+    return TraceResult(est, err, matvecs, method, Status.BUDGET, product_dtype(op))
 
 
 # -- Girard-Hutchinson -------------------------------------------------------------------
@@ -155,9 +164,9 @@ def hutchinson_trace(
         try:
             values.append((Z * (op @ Z)).sum(0))
         except NonFiniteError:
-            return failed("hutchinson", used)
+            return failed(op, "hutchinson", used)
     v = torch.cat(values)
-    return finish("hutchinson", v.mean(), v.std() / math.sqrt(m), m)
+    return finish(op, "hutchinson", v.mean(), v.std() / math.sqrt(m), m)
 
 
 # -- Hutch++ -----------------------------------------------------------------------------
@@ -217,15 +226,15 @@ def hutchpp_trace(
         used += k
         exact = torch.trace(Q.T @ apply(op, Q, batch))
         if k == n:  # Q spans everything: the trace is exact
-            return finish("hutch++", exact, 0.0, used)
+            return finish(op, "hutch++", exact, 0.0, used)
         G = signs(n, m - 2 * k, op, g)
         G = G - Q @ (Q.T @ G)
         used += G.shape[1]
         AG = apply(op, G, batch)
     except NonFiniteError:
-        return failed("hutch++", used)
+        return failed(op, "hutch++", used)
     v = (G * (AG - Q @ (Q.T @ AG))).sum(0)
-    return finish("hutch++", exact + v.mean(), v.std() / math.sqrt(v.numel()), used)
+    return finish(op, "hutch++", exact + v.mean(), v.std() / math.sqrt(v.numel()), used)
 
 
 # -- XTrace ------------------------------------------------------------------------------
@@ -293,12 +302,12 @@ def xtrace(
         Q, R = torch.linalg.qr(Y)
         Z = apply(op, Q, batch)
     except NonFiniteError:
-        return failed("xtrace", m)
+        return failed(op, "xtrace", m)
     H = Q.T @ Z
-    if m == n or rank_deficient(R):
-        return finish("xtrace", torch.trace(H), 0.0, 2 * m)
+    if m == n or rank_deficient(R, op):
+        return finish(op, "xtrace", torch.trace(H), 0.0, 2 * m)
     ests = xtrace_estimates(Om, Q, R, Z, H, improved=probes == "improved")
-    return finish("xtrace", ests.mean(), ests.std() / math.sqrt(m), 2 * m)
+    return finish(op, "xtrace", ests.mean(), ests.std() / math.sqrt(m), 2 * m)
 
 
 def xtrace_probes(n: int, m: int, probes: str, op: CurvatureOperator, g: torch.Generator) -> Tensor:
@@ -309,10 +318,11 @@ def xtrace_probes(n: int, m: int, probes: str, op: CurvatureOperator, g: torch.G
     return Om * (math.sqrt(n) / torch.linalg.vector_norm(Om, dim=0))
 
 
-def rank_deficient(R: Tensor) -> bool:
-    """Whether the triangular factor ``R`` of ``AΩ = QR`` is numerically singular."""
+def rank_deficient(R: Tensor, op: CurvatureOperator) -> bool:
+    """Whether the triangular factor ``R`` of ``AΩ = QR`` is singular to the precision of
+    ``op``'s products."""
     d = R.diagonal().abs()
-    return bool(d.min() <= torch.finfo(R.dtype).eps * d.max())
+    return bool(d.min() <= torch.finfo(product_dtype(op)).eps * d.max())
 
 
 def leave_one_out_basis(R: Tensor) -> Tensor:
