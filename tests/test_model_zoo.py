@@ -10,6 +10,7 @@ attention kernel (the test's own double backward).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,14 @@ class Case:
     io: hesse.ModelIO | None = None
     frozen: list[str] = field(default_factory=list)  # names of frozen parameters
     fisher: bool = True  # per-sample losses are the samples' own (no batch statistics)
+    weight: Callable[[Any], float] | None = None  # the reference's batch weights (tokens)
+    single: bool = False  # forward takes a dict of inputs as one argument
+
+    def call(self, model: nn.Module, inputs: Any) -> Any:
+        """The model on these inputs, as the user calls it."""
+        if isinstance(inputs, dict) and not self.single:
+            return model(**inputs)
+        return model(inputs)
 
     def batches(self) -> list:
         io = self.io or hesse.ModelIO()
@@ -217,12 +226,52 @@ def cases() -> list[Case]:
              lambda m, b: ce(m(**b[0]), b[1])),
         Case("dict-inputs-single", DictSingle(), ce, {"x": x, "mask": mask, "y": y},
              lambda m, b: ce(m({"x": b["x"], "mask": b["mask"]}), b["y"]),
-             io=hesse.ModelIO(targets="y")),
+             io=hesse.ModelIO(targets="y"), single=True),
         Case("tied-weights", tied(), seq_ce, (ids, _ids(4, 9)),
              lambda m, b: seq_ce(m(b[0]), b[1])),
         Case("frozen-layer", frozen_mlp(), ce, (x, y), lambda m, b: ce(m(b[0]), b[1]),
              frozen=["2.weight", "2.bias"]),
+        # sequence cross-entropy with ignored tokens, batches with different numbers of them:
+        # the operator is the curvature of the mean over every counted token
+        Case("gpt2-ignore-index-module", VocabSecond(gpt2()), ce_ignore, padded,
+             lambda m, b: ce_ignore(m(b[0]), b[1]), fisher=False,
+             weight=lambda b: float((b[1] != -100).sum())),
+        Case("gpt2-ignore-index-function", gpt2(), lm_loss, padded_hf,
+             lambda m, b: lm_loss(m(input_ids=b["input_ids"]).logits, b["labels"]),
+             io=hesse.ModelIO(weight=shifted_tokens), fisher=False, weight=shifted_tokens),
     ]  # fmt: skip
+
+
+class VocabSecond(nn.Module):
+    """Logits as (N, V, T), the layout nn.CrossEntropyLoss takes for sequences."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, ids):
+        return self.hf(input_ids=ids).logits.transpose(1, 2)
+
+
+ce_ignore = nn.CrossEntropyLoss(ignore_index=-100)
+
+
+def _padded_labels(ids: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Labels with every position at or past ``keep[i]`` of row i ignored (-100)."""
+    labels = ids.clone()
+    for i, k in enumerate(keep):
+        labels[i, k:] = -100
+    return labels
+
+
+def shifted_tokens(batch: dict) -> float:
+    """Tokens the causal LM loss counts: labels[:, 1:] other than -100."""
+    return float((batch["labels"][:, 1:] != -100).sum())
+
+
+_a, _b = _ids(3, 12), _ids(2, 13)
+padded = [(_a, _padded_labels(_a, [6, 2, 4])), (_b, _padded_labels(_b, [1, 6]))]
+padded_hf = [{"input_ids": ids, "labels": lab} for ids, lab in padded]
 
 
 CASES = {c.name: c for c in cases()}
@@ -245,7 +294,8 @@ def _double(case: Case) -> tuple[nn.Module, list]:
 
 def _weights(case: Case) -> list[float]:
     io = case.io or hesse.ModelIO()
-    return [float(io.samples(b)) for b in case.batches()]
+    weight = case.weight or io.samples
+    return [float(weight(b)) for b in case.batches()]
 
 
 def reference_loss(case: Case, m64: nn.Module, batches: list) -> torch.Tensor:
@@ -280,8 +330,7 @@ def reference_ggn(case: Case, vs: torch.Tensor) -> torch.Tensor:
     for wi, b in zip(w, batches):
         inputs, targets = io.split(b)
         with sdpa_kernel([SDPBackend.MATH]):
-            raw = m64(**inputs) if isinstance(inputs, dict) and case.io is None else m64(inputs)
-            o = io.select(raw)
+            o = io.select(case.call(m64, inputs))
             u = torch.zeros_like(o, requires_grad=True)
             jtu = torch.autograd.grad(o, params, u, create_graph=True)
             oo = o.detach().requires_grad_()
@@ -453,9 +502,7 @@ def _outputs_fn(case: Case, batch) -> Callable[[], Any]:
     """The model's raw output on the batch, as a user writes it (a ModelOutput for HF)."""
     io = case.io or hesse.ModelIO()
     inputs, _ = io.split(batch)
-    if isinstance(inputs, dict) and case.io is None:
-        return lambda: case.model(**inputs)
-    return lambda: case.model(inputs)
+    return lambda: case.call(case.model, inputs)
 
 
 ZOO_FOR_OPTIMIZERS = ["gpt2-as-is-hf-batch", "bert-padded-hf-batch", "lstm", "frozen-layer",
@@ -538,7 +585,7 @@ CUDA_CASES = ["gpt2-as-is-hf-batch", "bert-padded-hf-batch", "llama-as-is-hf-bat
 def _on_cuda(case: Case) -> Case:
     model = copy.deepcopy(case.model).cuda()
     data = map_tensors(case.data, lambda t: t.cuda())
-    return Case(case.name, model, case.loss_fn, data, case.ref_loss, case.io, case.frozen)
+    return dataclasses.replace(case, model=model, data=data)
 
 
 @cuda

@@ -3,7 +3,7 @@
 from hesse.func._context import second_order
 from hesse.func._io import ModelIO
 from hesse.func._model import ModelLoss
-from hesse.func._output import OutputCurvature, output_curvature
+from hesse.func._output import LIKELIHOODS, OutputCurvature, loss_normalizer, output_curvature
 from hesse.func._tensor import (
     DEFAULT_HVP_MODE,
     HVP_MODES,
@@ -18,6 +18,7 @@ from hesse.func._vp import fisher_vp, ggn_vp
 __all__ = [
     "DEFAULT_HVP_MODE",
     "HVP_MODES",
+    "LIKELIHOODS",
     "ModelIO",
     "ModelLoss",
     "OutputCurvature",
@@ -28,6 +29,7 @@ __all__ = [
     "hessian",
     "hvp",
     "linearize_hvp",
+    "loss_normalizer",
     "output_curvature",
     "second_order",
 ]

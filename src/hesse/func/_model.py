@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from hesse._core import ParamSpace, check_scalar
 from hesse.func._context import second_order
 from hesse.func._io import ModelIO
+from hesse.func._output import OutputCurvature
 
 Batch = Any  # a pair (inputs, targets), or one dict holding the targets (see ModelIO)
 
@@ -81,6 +83,10 @@ class ModelLoss:
             names = self._resolve(model, named, params)
         self.model = model
         self.loss_fn = loss_fn
+        reduction = getattr(loss_fn, "reduction", "mean")
+        self._normalizer = (
+            OutputCurvature(loss_fn).normalizer if reduction in ("mean", "sum") else None
+        )
         self.names: tuple[str, ...] = tuple(names)
         self._selected = [named[n] for n in names]
         self.space = ParamSpace(self._selected, names)
@@ -190,10 +196,20 @@ class ModelLoss:
 
     def weight(self, batch: Batch) -> float:
         """The weight of a batch in an operator over several batches: ``io.weight`` if
-        given, else the number the loss's mean divides by when the loss tells it (counted
-        tokens), else the number of samples."""
+        given, else the number the loss's mean divides by where the loss module tells it
+        (:func:`~hesse.func.loss_normalizer`: targets other than ``ignore_index`` of a
+        cross-entropy, elements of an elementwise mean), else the number of samples. A
+        loss written as a function that averages over tokens needs ``io.weight``."""
         if self.io.weight is not None:
-            return float(self.io.weight(batch))
+            w = self.io.weight(batch)
+            w = float(w.item() if isinstance(w, Tensor) else w)
+            if not (w >= 0 and math.isfinite(w)):
+                raise ValueError(f"io.weight(batch) must be a finite number >= 0, got {w}")
+            return w
+        if self._normalizer is not None:
+            w = self._normalizer(self.io.split(batch)[1])
+            if w is not None:
+                return w
         return self.io.samples(batch)
 
     def loss(self, params: Sequence[Tensor], batch: Batch) -> Tensor:

@@ -1,22 +1,55 @@
 r"""The loss as a function of the model's outputs: its Hessian and its Fisher factors.
 
-For ``MSELoss``, ``CrossEntropyLoss`` and ``BCEWithLogitsLoss`` the Hessian with respect
-to the outputs has a closed form; any other loss gets it from autograd.
+**Output Hessians.** Closed forms for ``MSELoss`` (:math:`2c\,I`), ``BCEWithLogitsLoss``
+(:math:`c\,w\,(y\,p_w + 1 - y)\,\sigma(1-\sigma)` elementwise) and ``CrossEntropyLoss`` on
+logits of any shape :math:`(N, C, d_1, \dots, d_k)`, with class-index targets
+:math:`(N, d_1, \dots, d_k)` or probability targets shaped like the logits. Every position
+of a cross-entropy loss is :math:`-\sum_c \beta_c \log p_c` with :math:`p` the softmax over
+the class dimension, whose Hessian is :math:`(\sum_c \beta_c)(\operatorname{diag} p - p
+p^\top)`; so the output Hessian is block diagonal over positions with blocks
 
-The Fisher is expressed through factors :math:`s` of the loss's negative log-likelihood
-(NLL): a loss is :math:`c \sum_i \mathrm{NLL}_i` (``c = 1/N`` for a mean over ``N``
-samples, ``1/(N D)`` for a mean over all ``N D`` entries of MSE or BCE, ``1`` for a sum), and
+.. math:: H_{pos} = a_{pos}\,(\operatorname{diag} p_{pos} - p_{pos} p_{pos}^\top), \qquad
+    a_{pos} = \frac{[y \ne \text{ignore}]\,\big((1-\varepsilon)\,w_y
+    + \tfrac{\varepsilon}{C}\textstyle\sum_c w_c\big)}{\sum_{pos'} [y' \ne \text{ignore}]\,w_{y'}}
 
-.. math:: F = c \sum_i J_i^\top \Big(\tfrac{1}{M}\sum_m s_{im} s_{im}^\top\Big) J_i
+for class indices (weights :math:`w`, label smoothing :math:`\varepsilon`; ``reduction="sum"``
+drops the denominator) and :math:`a = \sum_c w_c q'_c / (N d_1 \cdots d_k)` with
+:math:`q' = (1-\varepsilon) q + \varepsilon / C` for probability targets :math:`q`. Any other
+loss gets its output Hessian from autograd.
+
+**Fisher factors.** A loss is :math:`\sum_i c_i \mathrm{NLL}_i` over the samples :math:`i`
+(the leading dimension) of a likelihood, and
+
+.. math:: F = \sum_i c_i\, J_i^\top \Big(\tfrac{1}{M}\sum_m s_{im} s_{im}^\top\Big) J_i
 
 with :math:`s_{im} = \nabla_{o_i}\mathrm{NLL}_i(o_i, y)` at the true target (empirical
-Fisher, ``M = 1``) or at targets drawn from the model's predictive distribution
-(Monte-Carlo Fisher), whose expectation is the GGN. For MSE the likelihood is the Gaussian
-with variance 1/2, whose NLL is :math:`\|o - y\|^2`.
+Fisher, ``M = 1``; the block of sample :math:`i` is :math:`g_i g_i^\top / c_i` with
+:math:`g_i = \nabla_{o_i} \ell`) or at targets :math:`\hat y` drawn from the model's
+predictive distribution (Monte-Carlo Fisher). :math:`\mathrm{NLL}_i` sums over the
+sample's positions: :math:`c_i = 1/N_{tok}` for a loss averaged over :math:`N_{tok}` counted
+tokens or entries (``MSELoss``, ``BCEWithLogitsLoss``, a sequence cross-entropy), so the
+Fisher of several batches, each weighted by its :func:`loss_normalizer`, is the Fisher of
+the loss over all of them. Positions are independent given the outputs and
+:math:`\mathbb{E}[s_{pos}] = 0`, so :math:`\mathbb{E}_{\hat y}[c_i\, s_i s_i^\top]` is block
+diagonal with blocks :math:`a_{pos}\,\mathrm{Cov}(s_{pos}) = H_{pos}`: the MC Fisher is an
+unbiased estimate of the GGN. Where :math:`a_{pos}` varies within a sample, the factors
+carry :math:`\sqrt{a_{pos}/c_i}`.
+
+**Named likelihoods.** A loss written as a function names its likelihood with
+``likelihood=``: ``"categorical"`` (logits with the classes in the *last* dimension,
+class-index targets; positions whose target is not in :math:`[0, C)` are ignored),
+``"gaussian"`` (NLL :math:`\|o - y\|^2`, variance 1/2) or ``"bernoulli"`` (logits). The MC
+Fisher then draws :math:`\hat y`, computes :math:`g = \nabla_o \ell(o, \hat y)` by autograd,
+and recovers each position's scale from :math:`g_{pos} = a_{pos}\, s_{pos}` as
+:math:`a_{pos} = \langle g_{pos}, s_{pos}\rangle / \langle s_{pos}, s_{pos}\rangle`
+(:math:`s = p - e_{\hat y}`, :math:`\sigma(o) - \hat y`, :math:`2(o - \hat y)`), checking the
+residual; this holds for any loss :math:`\sum_{pos} a_{pos} \mathrm{NLL}_{pos}` whose
+scales do not depend on the targets (a mean over the counted tokens, a sum, fixed weights).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,10 +59,46 @@ from torch.func import grad, vjp, vmap
 from torch.nn import functional as F
 
 FISHER_KINDS = ("empirical", "mc")
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
+
+_KIND_LIKELIHOOD = {"mse": "gaussian", "cross_entropy": "categorical", "bce_logits": "bernoulli"}
+# Losses whose mean is over every element of the (broadcast) outputs and targets.
+_ELEMENTWISE_MEAN = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.SoftMarginLoss,
+    nn.PoissonNLLLoss,
+    nn.KLDivLoss,
+)
 
 
 def _reduction(loss_fn: object) -> str:
     return getattr(loss_fn, "reduction", "mean")
+
+
+def _valid_classes(targets: Any, out_shape: torch.Size, class_dim: int, what: str) -> Tensor:
+    """``targets`` in ``[0, C)`` for class-index targets of outputs ``out_shape``."""
+    pos_shape = list(out_shape)
+    num_classes = pos_shape.pop(class_dim)
+    if (
+        not isinstance(targets, Tensor)
+        or targets.dtype != torch.long
+        or list(targets.shape) != pos_shape
+    ):
+        got = (
+            f"{targets.dtype} targets of shape {tuple(targets.shape)}"
+            if isinstance(targets, Tensor)
+            else type(targets).__name__
+        )
+        raise ValueError(
+            f"{what} needs class-index (long) targets of shape {tuple(pos_shape)} for outputs "
+            f"of shape {tuple(out_shape)} (classes in dim {class_dim}); got {got}"
+        )
+    return (targets >= 0) & (targets < num_classes)
 
 
 class OutputCurvature:
@@ -37,11 +106,22 @@ class OutputCurvature:
 
     Args:
         loss_fn: the loss; closed forms are used for :class:`torch.nn.MSELoss`,
-            :class:`torch.nn.CrossEntropyLoss` and :class:`torch.nn.BCEWithLogitsLoss`
-            where their options allow, autograd otherwise.
+            :class:`torch.nn.CrossEntropyLoss` (logits ``(N, C, d1, ...)``) and
+            :class:`torch.nn.BCEWithLogitsLoss`, autograd otherwise.
+        likelihood: the likelihood whose NLL the loss is, needed by the Monte-Carlo Fisher
+            of a loss written as a function: ``"categorical"`` (classes in the last
+            dimension of the outputs, class-index targets; targets outside ``[0, C)`` are
+            ignored), ``"gaussian"`` or ``"bernoulli"`` (on logits). For the three losses
+            above it is known, and a different one is an error.
+
+    Example:
+        >>> curv = OutputCurvature(lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten()),
+        ...                        likelihood="categorical")
+        >>> curv.normalizer(torch.tensor([[0, 2, -100]]))
+        2.0
     """
 
-    def __init__(self, loss_fn: Callable[[Tensor, Any], Tensor]):
+    def __init__(self, loss_fn: Callable[[Tensor, Any], Tensor], likelihood: str | None = None):
         self.loss_fn = loss_fn
         self.reduction = _reduction(loss_fn)
         if self.reduction not in ("mean", "sum"):
@@ -57,6 +137,61 @@ class OutputCurvature:
             self.kind = "bce_logits"
         else:
             self.kind = "generic"
+        if likelihood is not None and likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be None or one of {LIKELIHOODS}, got {likelihood!r}")
+        known = _KIND_LIKELIHOOD.get(self.kind)
+        if likelihood is not None and known is not None and likelihood != known:
+            raise ValueError(
+                f"loss_fn is a {type(loss_fn).__name__}, whose likelihood is {known!r}; "
+                f"got likelihood={likelihood!r}"
+            )
+        if likelihood is not None and isinstance(loss_fn, nn.NLLLoss):
+            raise ValueError(
+                "likelihood= is not supported for NLLLoss (it takes log-probabilities, not "
+                "logits): use CrossEntropyLoss on the logits"
+            )
+        self.likelihood = likelihood or known
+        #: The class dimension of the outputs for a categorical likelihood.
+        self.class_dim = 1 if self.kind == "cross_entropy" else -1
+
+    def check_fisher(self, kind: str) -> None:
+        """Raise a ``ValueError`` if the Fisher of this ``kind`` cannot be formed."""
+        if kind not in FISHER_KINDS:
+            raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
+        if kind == "mc" and self.likelihood is None:
+            raise ValueError(
+                "kind='mc' needs the likelihood behind the loss; it is known for MSELoss, "
+                "CrossEntropyLoss and BCEWithLogitsLoss, and for a loss written as a function "
+                f"({type(self.loss_fn).__name__} here) pass likelihood='categorical' "
+                "(classes in the last dim), 'gaussian' or 'bernoulli'; or use "
+                "kind='empirical' or the GGN"
+            )
+
+    # -- the normaliser of a mean loss ---------------------------------------------------
+    def normalizer(self, targets: Any, out_shape: tuple[int, ...] | None = None) -> float | None:
+        """What the loss's mean divides by for these targets (see :func:`loss_normalizer`)."""
+        if self.reduction == "sum" or not isinstance(targets, Tensor):
+            return None
+        lf = self.loss_fn
+        if isinstance(lf, (nn.CrossEntropyLoss, nn.NLLLoss)):
+            if targets.is_floating_point():  # probabilities (N, C, d...): a mean over positions
+                return float(targets.numel() // targets.shape[1]) if targets.dim() > 1 else 1.0
+            valid = targets != lf.ignore_index
+            if lf.weight is None:
+                return float(valid.sum())
+            w = lf.weight[targets.clamp(0, lf.weight.numel() - 1)]
+            return float((w * valid).sum())
+        if isinstance(lf, _ELEMENTWISE_MEAN) or self.likelihood in ("gaussian", "bernoulli"):
+            shape = targets.shape
+            if out_shape is not None:
+                shape = torch.broadcast_shapes(tuple(out_shape), shape)
+            return float(math.prod(shape))
+        if self.likelihood == "categorical":
+            valid = targets >= 0
+            if out_shape is not None:
+                valid &= targets < out_shape[self.class_dim]
+            return float(valid.sum())
+        return None
 
     # -- which cases have closed forms ---------------------------------------------------
     def _closed_form(self, out: Tensor, targets: Any) -> bool:
@@ -65,43 +200,55 @@ class OutputCurvature:
         if self.kind == "mse":
             return targets.shape == out.shape
         if self.kind == "cross_entropy":
-            lf = self.loss_fn
-            if out.dim() != 2:
+            if out.dim() < 2:
                 return False
-            if targets.dtype == torch.long and targets.shape == out.shape[:1]:
-                return lf.weight is None or lf.label_smoothing == 0.0
-            return (
-                targets.shape == out.shape
-                and targets.is_floating_point()
-                and (lf.label_smoothing == 0.0)
-            )
+            if targets.dtype == torch.long:
+                return targets.shape == out.shape[:1] + out.shape[2:]
+            return targets.shape == out.shape and targets.is_floating_point()
         if self.kind == "bce_logits":
-            lf = self.loss_fn
-            return lf.weight is None and lf.pos_weight is None and targets.shape == out.shape
+            return targets.shape == out.shape
         return False
 
-    def _ce_sample_weights(self, out: Tensor, targets: Tensor) -> Tensor:
-        """Per-sample factors ``c_i`` with ``loss = sum_i c_i * NLL_i`` for cross-entropy."""
-        lf = self.loss_fn
-        n = out.shape[0]
+    def _ce_scales(self, out: Tensor, targets: Tensor, hessian: bool) -> Tensor:
+        r"""Per-position scales of a cross-entropy loss, shaped ``(N, 1, d1, ...)``: the
+        factors :math:`a_{pos}` of the output Hessian (``hessian=True``, see the module),
+        or the NLL scales :math:`c_{pos}` of ``loss = sum c_pos NLL_pos`` with
+        :math:`\mathrm{NLL}_{pos}` the unweighted NLL at a class-index target, the weighted
+        one for probabilities."""
+        lf, n_cls = self.loss_fn, out.shape[1]
+        eps = lf.label_smoothing
+        w = None if lf.weight is None else lf.weight.to(out.dtype)
         if targets.dtype == torch.long:
             valid = (targets != lf.ignore_index).to(out.dtype)
-            w = (
-                valid
-                if lf.weight is None
-                else lf.weight.to(out.dtype)[targets.clamp(0, out.shape[1] - 1)] * valid
-            )
+            wy = valid if w is None else w[targets.clamp(0, n_cls - 1)] * valid
+            a = wy
+            if hessian and eps:
+                total = float(n_cls) if w is None else w.sum()
+                a = valid * ((1 - eps) * wy + eps / n_cls * total)
             if self.reduction == "mean":
-                w = w / w.sum().clamp_min(torch.finfo(out.dtype).tiny)
-            return w
-        # probability targets: the Hessian of -sum_c w_c q_c log p_c is
-        # (sum_c w_c q_c) (diag p - p p^T)
-        w = targets.sum(1) if lf.weight is None else targets @ lf.weight.to(out.dtype)
-        return w / n if self.reduction == "mean" else w
+                a = a / wy.sum().clamp_min(torch.finfo(out.dtype).tiny)
+            return a.unsqueeze(1)
+        if hessian:
+            q = targets.to(out.dtype)
+            if eps:
+                q = (1 - eps) * q + eps / n_cls
+            a = (q.sum(1) if w is None else torch.einsum("nc...,c->n...", q, w)).unsqueeze(1)
+        else:
+            a = torch.ones_like(out[:, :1])
+        return a / (targets.numel() // n_cls) if self.reduction == "mean" else a
 
-    def _scale(self, out: Tensor) -> float:
-        """``c`` of ``loss = c * sum NLL`` for MSE and BCE."""
-        return 1.0 / out.numel() if self.reduction == "mean" else 1.0
+    def _bce_scales(self, out: Tensor, targets: Tensor, hessian: bool) -> Tensor:
+        r"""Elementwise scales of ``BCEWithLogitsLoss``: of the output Hessian
+        :math:`w (p_w y + 1 - y) / \text{numel}` or of the NLL, :math:`1/\text{numel}`."""
+        lf = self.loss_fn
+        a = torch.ones_like(out)
+        if hessian:
+            if lf.weight is not None:
+                a = a * lf.weight.to(out.dtype)
+            if lf.pos_weight is not None:
+                y = targets.to(out.dtype)
+                a = a * (lf.pos_weight.to(out.dtype) * y + 1 - y)
+        return a / out.numel() if self.reduction == "mean" else a
 
     # -- Hessian with respect to the outputs ---------------------------------------------
     def hessian_mm(self, out: Tensor, targets: Any, U: Tensor) -> Tensor:
@@ -109,14 +256,13 @@ class OutputCurvature:
         out = out.detach()
         if self._closed_form(out, targets):
             if self.kind == "mse":
-                return (2.0 * self._scale(out)) * U
+                return (2.0 / out.numel() if self.reduction == "mean" else 2.0) * U
             if self.kind == "bce_logits":
                 s = torch.sigmoid(out)
-                return (self._scale(out) * s * (1 - s)) * U
+                return self._bce_scales(out, targets, True) * s * (1 - s) * U
             p = torch.softmax(out, dim=1)
-            c = self._ce_sample_weights(out, targets)
-            pu = (p * U).sum(-1, keepdim=True)
-            return c[:, None] * p * (U - pu)
+            a = self._ce_scales(out, targets, hessian=True)
+            return a * p * (U - (p * U).sum(2, keepdim=True))
         return self._autograd_hessian_mm(out, targets, U)
 
     def _autograd_hessian_mm(self, out: Tensor, targets: Any, U: Tensor) -> Tensor:
@@ -139,67 +285,130 @@ class OutputCurvature:
         """Return ``(S, c)``: factors ``S`` of shape ``(M, *out.shape)`` and per-sample
         scales ``c`` of shape ``(N,)`` so that the output-space Fisher block of sample ``i``
         is ``c_i / M * sum_m S[m, i] S[m, i]^T``."""
+        self.check_fisher(kind)
         out = out.detach()
-        n = out.shape[0]
         if kind == "empirical":
-            c = self._nll_scales(out, targets)
+            c = self._fold(self._nll_scales(out, targets))
             with torch.enable_grad():
                 g = grad(lambda o: self.loss_fn(o, targets))(out)
             # s_i = g_i / c_i, the gradient of sample i's NLL; samples with c_i = 0 add nothing.
             safe = torch.where(c == 0, torch.ones_like(c), c)
-            s = g / safe.reshape(n, *([1] * (out.dim() - 1)))
-            return s.unsqueeze(0), c
-        if kind != "mc":
-            raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
-        if self.kind == "generic" or (self.kind != "mse" and not self._closed_form(out, targets)):
+            return (g / safe.reshape(-1, *[1] * (out.dim() - 1))).unsqueeze(0), c
+        if self._closed_form(out, targets) or self.kind == "mse":
+            s = self._draw(out, mc_samples, generator)[0]
+            if self.kind == "cross_entropy":
+                a = self._ce_scales(out, targets, hessian=True)
+            elif self.kind == "bce_logits":
+                a = self._bce_scales(out, targets, hessian=True)
+            else:
+                a = torch.full_like(out, 1.0 / out.numel() if self.reduction == "mean" else 1.0)
+            return self._factors(s, a.unsqueeze(0))
+        if self.kind == "cross_entropy":
             raise ValueError(
-                "kind='mc' needs the likelihood behind the loss: it supports MSELoss, "
-                "CrossEntropyLoss (2-d logits, no class weights with label smoothing) and "
-                f"BCEWithLogitsLoss (no weights); got {type(self.loss_fn).__name__}; "
-                "use kind='empirical' or GGNOperator"
+                "kind='mc' with CrossEntropyLoss needs logits (N, C, d1, ...) and class-index "
+                "targets (N, d1, ...) or probabilities shaped like the logits; got outputs "
+                f"{tuple(out.shape)} and targets {getattr(targets, 'shape', type(targets))}"
             )
-        if self.kind == "cross_entropy" and self.loss_fn.weight is not None:
-            raise ValueError("kind='mc' does not support CrossEntropyLoss with class weights")
-        if self.kind == "mse":
+        return self._recovered_factors(out, targets, mc_samples, generator)
+
+    def _draw(
+        self, out: Tensor, m: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """``m`` draws from the predictive distribution at ``out``: the NLL gradients ``s``
+        at the draws and the draws ``y`` (class indices for a categorical), each ``(m, ...)``."""
+        if self.likelihood == "gaussian":  # y ~ N(o, 1/2): s = 2 (o - y) = -sqrt(2) z
             z = torch.randn(
-                (mc_samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device
+                (m, *out.shape), generator=generator, dtype=out.dtype, device=out.device
             )
-            return (2.0**0.5) * z, torch.full(
-                (n,), self._scale(out), dtype=out.dtype, device=out.device
-            )
-        if self.kind == "bce_logits":
-            p = torch.sigmoid(out).expand(mc_samples, *out.shape)
+            return -(2.0**0.5) * z, out + z * 0.5**0.5
+        if self.likelihood == "bernoulli":
+            p = torch.sigmoid(out).expand(m, *out.shape)
             y = torch.bernoulli(p, generator=generator)
-            return p - y, torch.full((n,), self._scale(out), dtype=out.dtype, device=out.device)
-        p = torch.softmax(out, dim=1)
-        idx = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # (N, M)
-        onehot = F.one_hot(idx.T, out.shape[1]).to(out.dtype)  # (M, N, C)
-        c = (
-            self._ce_sample_weights(out, targets)
-            if targets.dtype == torch.long
-            else torch.full(
-                (n,),
-                1.0 / n if self.reduction == "mean" else 1.0,
-                dtype=out.dtype,
-                device=out.device,
+            return p - y, y
+        cd = self.class_dim % out.dim()
+        p = torch.softmax(out, dim=cd)
+        p_last = p.movedim(cd, -1)
+        idx = torch.multinomial(p_last.reshape(-1, p.shape[cd]), m, True, generator=generator)
+        y = idx.T.reshape(m, *p_last.shape[:-1])  # (m, N, d1, ...)
+        onehot = F.one_hot(y, p.shape[cd]).to(out.dtype).movedim(-1, cd + 1)
+        return p.unsqueeze(0) - onehot, y
+
+    def _recovered_factors(
+        self, out: Tensor, targets: Any, m: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """MC factors of a loss with a named likelihood but no closed form: per-position
+        scales recovered from the loss's gradient at the draws (see the module)."""
+        s, y = self._draw(out, m, generator)
+        categorical = self.likelihood == "categorical"
+        if categorical:
+            cd = self.class_dim % out.dim()
+            valid = _valid_classes(targets, out.shape, cd, "likelihood='categorical'")
+            y = torch.where(valid, y, targets)  # the loss ignores what the user's targets do
+        elif isinstance(targets, Tensor) and targets.is_floating_point():
+            y = y.to(targets.dtype)
+        g = self._draw_gradients(out, y)
+        if categorical:
+            gss, sss = (g * s).sum(cd + 1, keepdim=True), (s * s).sum(cd + 1, keepdim=True)
+        else:
+            gss, sss = g * s, s * s
+        a = torch.where(sss > 0, gss / torch.where(sss > 0, sss, 1), 0)
+        resid, scale = (g - a * s).norm(), g.norm()
+        tol = max(1e-3, 30 * torch.finfo(out.dtype).eps)
+        if resid > tol * scale:
+            where = f"classes in dim {self.class_dim}, " if categorical else ""
+            raise ValueError(
+                f"loss_fn's gradient is not a per-position multiple of the {self.likelihood} "
+                f"NLL's gradient (relative residual {float(resid / scale):.2g}): "
+                f"likelihood={self.likelihood!r} needs loss_fn(o, y) = sum_pos a_pos "
+                f"NLL(o_pos, y_pos) ({where}no label smoothing)"
             )
-        )
-        return p.unsqueeze(0) - onehot, c
+        if (a < 0).any():
+            raise ValueError(
+                "loss_fn weighs some positions negatively: it is not a likelihood's NLL and "
+                "its Fisher is not defined"
+            )
+        return self._factors(s, a)
+
+    def _draw_gradients(self, out: Tensor, y: Tensor) -> Tensor:
+        """``grad_o loss_fn(o, y[m])`` for each draw, vectorised where the loss allows."""
+        g_of = grad(self.loss_fn)
+        with torch.enable_grad():
+            if y.shape[0] > 1:
+                try:
+                    return vmap(g_of, in_dims=(None, 0))(out, y)
+                except (RuntimeError, ValueError, TypeError, NotImplementedError):
+                    pass  # a loss vmap cannot trace (.item(), data-dependent shapes): one by one
+            return torch.stack([g_of(out, ym) for ym in y])
+
+    def _factors(self, s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Fold per-position scales ``a`` (broadcastable to ``s``, of shape ``(1 or M, N, ...)``)
+        into per-sample ``c_i`` (the mean of the non-zero scales of sample ``i``) and factors
+        ``S = s sqrt(a / c_i)``, so that ``c_i S S^T = a s s^T`` position by position."""
+        c = self._fold(a.movedim(0, 1))
+        safe = torch.where(c > 0, c, 1).reshape(1, -1, *[1] * (a.dim() - 2))
+        return s * (a / safe).sqrt(), c
+
+    @staticmethod
+    def _fold(a: Tensor) -> Tensor:
+        """Per-sample mean of the non-zero entries of ``a`` of shape ``(N, ...)``."""
+        flat = a.reshape(a.shape[0], -1)
+        return flat.sum(1) / (flat != 0).sum(1).clamp_min(1)
 
     def _nll_scales(self, out: Tensor, targets: Any) -> Tensor:
+        """Scales ``c_pos`` of ``loss = sum c_pos NLL_pos``, shaped ``(N, ...)``."""
         n = out.shape[0]
-        if (
-            self.kind == "cross_entropy"
-            and isinstance(targets, Tensor)
-            and targets.dtype == torch.long
-            and targets.shape == out.shape[:1]
-        ):
-            return self._ce_sample_weights(out, targets)
-        if self.kind in ("mse", "bce_logits"):
-            c = self._scale(out)
-        else:
-            c = 1.0 / n if self.reduction == "mean" else 1.0
-        return torch.full((n,), c, dtype=out.dtype, device=out.device)
+        mean = self.reduction == "mean"
+        if self.kind == "cross_entropy" and self._closed_form(out, targets):
+            return self._ce_scales(out, targets, hessian=False)
+        if self.kind in ("mse", "bce_logits") or self.likelihood in ("gaussian", "bernoulli"):
+            c = 1.0 / out.numel() if mean else 1.0
+            return torch.full((n, 1), c, dtype=out.dtype, device=out.device)
+        if self.likelihood == "categorical":
+            cd = self.class_dim % out.dim()
+            valid = _valid_classes(targets, out.shape, cd, "likelihood='categorical'")
+            a = valid.to(out.dtype)
+            return a / a.sum().clamp_min(torch.finfo(out.dtype).tiny) if mean else a
+        return torch.full((n, 1), 1.0 / n if mean else 1.0, dtype=out.dtype, device=out.device)
 
 
 def fisher_mm(S: Tensor, c: Tensor, U: Tensor) -> Tensor:
@@ -211,6 +420,42 @@ def fisher_mm(S: Tensor, c: Tensor, U: Tensor) -> Tensor:
     return torch.einsum("kmn,mnd->knd", coeff, Sf).reshape(U.shape)
 
 
-def output_curvature(loss_fn: Callable[[Tensor, Any], Tensor]) -> OutputCurvature:
+def loss_normalizer(
+    loss_fn: Callable[[Tensor, Any], Tensor],
+    out_shape: tuple[int, ...] | None,
+    targets: Any,
+    likelihood: str | None = None,
+) -> float | None:
+    r"""The number a mean loss divides its sum by, for a batch with these targets.
+
+    A data loop that weights batch :math:`b`'s curvature :math:`C_b` (of its mean loss) by
+    :math:`w_b` and returns :math:`\sum_b w_b C_b / \sum_b w_b` gets the curvature of the
+    loss averaged over every counted token of all batches: the loss over the concatenation
+    is :math:`\sum_b w_b \ell_b / \sum_b w_b`.
+
+    * ``CrossEntropyLoss`` / ``NLLLoss`` with class indices: the number of targets other
+      than ``ignore_index``, or the sum of ``weight[target]`` over them with class weights;
+      with probability targets, the number of positions ``N d1 ... dk``.
+    * Elementwise means (``MSELoss``, ``BCEWithLogitsLoss``, ``L1Loss``, ...) and functions
+      with a ``"gaussian"`` or ``"bernoulli"`` likelihood: the number of elements.
+    * A function with a ``"categorical"`` likelihood (taken to be a mean over its counted
+      positions): the number of targets in ``[0, C)`` (``C = out_shape[-1]``; without
+      ``out_shape``, the non-negative targets).
+
+    Returns:
+        The normaliser, or ``None`` where it cannot be known from the loss and the targets
+        alone (another function, non-tensor targets) or the loss is a sum
+        (``reduction="sum"``: batches are summed, not averaged).
+
+    Example:
+        >>> loss_normalizer(torch.nn.CrossEntropyLoss(), None, torch.tensor([[1, -100, 0]]))
+        2.0
+    """
+    return OutputCurvature(loss_fn, likelihood).normalizer(targets, out_shape)
+
+
+def output_curvature(
+    loss_fn: Callable[[Tensor, Any], Tensor], likelihood: str | None = None
+) -> OutputCurvature:
     """The :class:`OutputCurvature` of a loss."""
-    return OutputCurvature(loss_fn)
+    return OutputCurvature(loss_fn, likelihood)

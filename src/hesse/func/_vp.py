@@ -60,16 +60,21 @@ def fisher_vp(
     kind: str = "empirical",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    likelihood: str | None = None,
 ) -> Tensor:
     r"""Fisher-vector product :math:`J^\top \Phi J v` (see :mod:`hesse.func._output`).
 
     ``kind="empirical"`` uses the gradients of the loss at the true targets;
     ``kind="mc"`` draws ``mc_samples`` targets per sample from the model's predictive
-    distribution (with ``generator``), whose expectation is the GGN.
+    distribution (with ``generator``), whose expectation is the GGN. ``likelihood``
+    (``"categorical"``, ``"gaussian"``, ``"bernoulli"``) names the likelihood of a loss
+    written as a function, which ``kind="mc"`` needs (see
+    :class:`~hesse.func.OutputCurvature`).
     """
     x = _check_point(x)
     V, single = as_directions(x, v)
-    curv = OutputCurvature(loss_fn)
+    curv = OutputCurvature(loss_fn, likelihood)
+    curv.check_fisher(kind)
 
     def make_out_mm(o: Tensor) -> Callable[[Tensor], Tensor]:
         S, c = curv.fisher_factors(o, targets, kind, generator, mc_samples)

@@ -255,9 +255,9 @@ class _OutputSpaceCurvature(ModelCurvature):
 
     psd = True
 
-    def __init__(self, model, loss_fn, data, params=None, io=None):
+    def __init__(self, model, loss_fn, data, params=None, io=None, likelihood=None):
         super().__init__(model, loss_fn, data, params, io)
-        self.curvature = OutputCurvature(loss_fn)
+        self.curvature = OutputCurvature(loss_fn, likelihood)
 
     def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
         raise NotImplementedError
@@ -296,6 +296,13 @@ class FisherOperator(_OutputSpaceCurvature):
     variance 1/2 for MSE); its expectation is the GGN. The draws are fixed when the
     operator is made (seeded from ``generator``), so products are deterministic and the
     operator is linear.
+
+    ``likelihood``: for a loss written as a function, the likelihood it is the negative
+    log of, ``"categorical"`` (classes along the last dimension; targets outside
+    ``[0, classes)``, such as ``-100``, are ignored), ``"gaussian"`` or ``"bernoulli"``;
+    ``kind="mc"`` needs it. Sequence outputs work with either form, e.g.
+    ``FisherOperator(model, lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten()),
+    data, kind="mc", likelihood="categorical")``.
     """
 
     def __init__(
@@ -308,19 +315,15 @@ class FisherOperator(_OutputSpaceCurvature):
         kind: str = "empirical",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        likelihood: str | None = None,
         io=None,
     ):
-        super().__init__(model, loss_fn, data, params, io)
+        super().__init__(model, loss_fn, data, params, io, likelihood)
         if kind not in FISHER_KINDS:
             raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-        if kind == "mc" and self.curvature.kind == "generic":
-            raise ValueError(
-                "kind='mc' needs the likelihood behind the loss: it supports MSELoss, "
-                f"CrossEntropyLoss and BCEWithLogitsLoss, got {type(loss_fn).__name__}; "
-                "use kind='empirical' or GGNOperator"
-            )
+        self.curvature.check_fisher(kind)
         self.kind, self.mc_samples = kind, mc_samples
         # One seed drawn now; batch i then draws from seed + i, the same at every product.
         gen_device = generator.device if generator is not None else "cpu"
