@@ -630,3 +630,24 @@ def test_cuda_bf16_gpt2_products_and_analysis():
     _close((H @ vs.to(device="cuda", dtype=torch.bfloat16)).cpu(), ref, rtol=0.1)
     top = hesse.eigenvalues(H, k=1, seed=0, max_iter=30)
     assert torch.isfinite(top.eigenvalues).all()
+
+
+@pytest.mark.parametrize(
+    "name", ["gpt2-as-is-hf-batch", "llama-as-is-hf-batch", "bert-padded-hf-batch", "lstm"]
+)
+def test_finite_differences_on_smooth_models_are_accurate_and_say_so(name, recwarn):
+    case = CASES[name]
+    fd = hesse.FiniteDifferenceHessian(case.model, case.loss_fn, case.data, io=case.io)
+    vs = _directions(fd.shape[0])
+    _close(fd @ vs.float(), reference_hvp(case, vs), rtol=1e-3)
+    assert 0 < fd.product_rtol < 1e-2  # measured, and small
+    assert not [w for w in recwarn if issubclass(w.category, hesse.FiniteDifferenceWarning)]
+
+
+def test_finite_differences_across_relu_kinks_warn_and_are_not_certified():
+    case = CASES["transformer-encoder-eval"]  # ReLU feed-forward layers
+    fd = hesse.FiniteDifferenceHessian(case.model, case.loss_fn, case.data)
+    with pytest.warns(hesse.FiniteDifferenceWarning):
+        res = hesse.eigenvalues(fd, k=1, seed=0, max_iter=20)
+    assert fd.product_rtol > 1e-2
+    assert res.error_floor >= fd.product_rtol * abs(float(res.eigenvalues[0])) * 0.99

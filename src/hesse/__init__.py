@@ -22,6 +22,7 @@ from hesse.analysis import (
     trace,
 )
 from hesse.func import (
+    FiniteDifferenceWarning,
     ModelIO,
     fd_hvp,
     fisher_vp,
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     # derivatives of a function of one tensor
     "fd_hvp",
+    "FiniteDifferenceWarning",
     "fisher_vp",
     "ggn_vp",
     "hessian",

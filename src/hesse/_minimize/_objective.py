@@ -14,6 +14,7 @@ from hesse._core import all_finite, check_scalar
 from hesse.func import fd_step
 from hesse.func._context import second_order
 from hesse.func._engine import _grad
+from hesse.func._tensor import FDErrorTracker, fd_richardson, fd_scale
 from hesse.operators import CurvatureOperator
 
 
@@ -48,8 +49,8 @@ class Objective:
     """``fun`` of a tensor shaped like ``x0``, seen as a function of flat vectors.
 
     Derivatives come from autograd unless the user gave ``grad`` (then a Hessian-vector
-    product, if not given as ``hvp``, is a central difference of ``grad``, at two gradient
-    evaluations per product).
+    product, if not given as ``hvp``, is a Richardson extrapolation of two central differences
+    of ``grad``, at four gradient evaluations per product: :func:`hesse.fd_hvp`).
     """
 
     def __init__(self, fun, x0: Tensor, grad=None, hvp=None):
@@ -148,21 +149,27 @@ class Objective:
         if self.user_grad is None:
             return None  # autograd: built with the graph instead
 
+        if not hasattr(self, "_fd_errors"):  # one record (and one warning) per minimisation
+            self._fd_errors = FDErrorTracker("hesse.minimize (products by differences of grad)")
+        errors = self._fd_errors
+
         def fd(V: Tensor) -> Tensor:
             cols = [V] if V.dim() == 1 else list(V.T)
             counts.nhvp += len(cols)
-            counts.njev += 2 * len(cols)
-            x_norm = float(torch.linalg.vector_norm(x))
-            out = []
+            out, deltas = [], []
             for v in cols:
-                v_norm = float(torch.linalg.vector_norm(v))
-                if v_norm == 0:
+                h = fd_step(x.dtype) * fd_scale([x], [v.unsqueeze(0)])[0]
+                if h == 0:
                     out.append(torch.zeros_like(v))
+                    deltas.append(torch.zeros_like(v))
                     continue
-                h = fd_step(x.dtype) * (1.0 + x_norm) / v_norm
-                gp = self._check_grad(self.user_grad(self._shaped(x + h * v)))
-                gm = self._check_grad(self.user_grad(self._shaped(x - h * v)))
-                out.append((gp - gm) / (2 * h))
+                counts.njev += 4
+                (hv,), (delta,) = fd_richardson(
+                    lambda s, v=v: [self._check_grad(self.user_grad(self._shaped(x + s * v)))], h
+                )
+                out.append(hv)
+                deltas.append(delta)
+            errors.record(torch.stack(out, 1), torch.stack(deltas, 1), torch.stack(cols, 1))
             return out[0] if V.dim() == 1 else torch.stack(out, dim=1)
 
         return fd

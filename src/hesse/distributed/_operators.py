@@ -143,14 +143,19 @@ class FisherOperator(_DataParallel, operators.FisherOperator):
 
 
 class FiniteDifferenceHessian(_DataParallel, operators.FiniteDifferenceHessian):
-    def __init__(self, model, loss_fn, data, params=None, *, h=None, group=None, timeout=None):
+    def __init__(
+        self, model, loss_fn, data, params=None, *, h=None, io=None, group=None, timeout=None
+    ):
         self._construct(
             lambda: operators.FiniteDifferenceHessian.__init__(
-                self, model, loss_fn, data, params, h=h
+                self, model, loss_fn, data, params, h=h, io=io
             ),
             group,
             timeout,
         )
+
+    # nothing to do once, and the error record stays with the operator
+    linearize = operators.FiniteDifferenceHessian.linearize
 
 
 for _cls in (HessianOperator, GGNOperator, FisherOperator, FiniteDifferenceHessian):

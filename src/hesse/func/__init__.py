@@ -7,6 +7,7 @@ from hesse.func._output import LIKELIHOODS, OutputCurvature, loss_normalizer, ou
 from hesse.func._tensor import (
     DEFAULT_HVP_MODE,
     HVP_MODES,
+    FiniteDifferenceWarning,
     fd_hvp,
     fd_step,
     hessian,
@@ -17,6 +18,7 @@ from hesse.func._vp import fisher_vp, ggn_vp
 
 __all__ = [
     "DEFAULT_HVP_MODE",
+    "FiniteDifferenceWarning",
     "HVP_MODES",
     "LIKELIHOODS",
     "ModelIO",

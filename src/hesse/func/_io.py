@@ -70,6 +70,7 @@ class ModelIO:
             first input tensor.
 
     Example:
+        >>> import torch
         >>> io = ModelIO()
         >>> io.split({"input_ids": torch.ones(2, 3), "labels": torch.zeros(2)})[1]
         tensor([0., 0.])

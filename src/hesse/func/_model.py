@@ -51,7 +51,8 @@ class ModelLoss:
             batches and ``ModelOutput``).
 
     Every forward pass runs in :func:`~hesse.func.second_order` (attention kernels with
-    double backward), so any graph it records can be differentiated twice.
+    double backward), so any graph it records can be differentiated twice; with
+    ``second_order=False`` (first derivatives only) the model's own kernels run.
     """
 
     def __init__(
@@ -60,7 +61,10 @@ class ModelLoss:
         loss_fn: Callable[[Tensor, Any], Tensor],
         params: Sequence[Tensor | str] | None = None,
         io: ModelIO | None = None,
+        *,
+        second_order: bool = True,
     ):
+        self.second_order = bool(second_order)
         if io is not None and not isinstance(io, ModelIO):
             raise TypeError(f"io must be a hesse.ModelIO, got {type(io).__name__}")
         self.io = io if io is not None else ModelIO()
@@ -165,8 +169,10 @@ class ModelLoss:
         return state
 
     def forward(self, params: Sequence[Tensor], inputs: object) -> Any:
-        """The model's raw output at ``params`` for ``inputs``, recorded in the
-        second-order context."""
+        """The model's raw output at ``params`` for ``inputs`` (recorded in the
+        second-order context unless ``second_order=False``)."""
+        if not self.second_order:
+            return self.io.forward(self.model, self._state(params), inputs)
         with second_order():
             return self.io.forward(self.model, self._state(params), inputs)
 

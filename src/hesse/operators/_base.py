@@ -185,6 +185,10 @@ class SumOperator(CurvatureOperator):
     def linearize(self) -> CurvatureOperator:
         return SumOperator([op.linearize() for op in self.ops])
 
+    @property
+    def product_rtol(self) -> float:
+        return max(op.product_rtol for op in self.ops)
+
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         for op in self.ops:
             generator = op.synchronize_generator(generator)
@@ -211,6 +215,10 @@ class ScaledOperator(CurvatureOperator):
 
     def linearize(self) -> CurvatureOperator:
         return ScaledOperator(self.op.linearize(), self.c)
+
+    @property
+    def product_rtol(self) -> float:
+        return self.op.product_rtol
 
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         return self.op.synchronize_generator(generator)

@@ -62,7 +62,7 @@ class ModelCurvature(CurvatureOperator):
         params: Sequence[Tensor | str] | None = None,
         io: ModelIO | None = None,
     ):
-        self.fn = ModelLoss(model, loss_fn, params, io)
+        self.fn = ModelLoss(model, loss_fn, params, io, second_order=self._second_order)
         super().__init__(self.fn.size, self.fn.space.dtype, self.fn.space.device)
         self.data = _check_data(data, self._empty_ok, self.fn.io)
         reduction = getattr(loss_fn, "reduction", "mean")
@@ -103,6 +103,9 @@ class ModelCurvature(CurvatureOperator):
 
     #: Whether this process may hold no batch (a data-parallel rank with an empty shard).
     _empty_ok = False
+    #: Whether forward passes run in :func:`hesse.func.second_order` (their graphs are
+    #: differentiated twice).
+    _second_order = True
 
     def _local_sum(
         self, parts: Iterable[tuple[BatchProduct, int]], V: Tensor
@@ -167,6 +170,10 @@ class LinearizedCurvature(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.op._combine(self._checked_parts(), V)
+
+    @property
+    def product_rtol(self) -> float:
+        return self.op.product_rtol
 
     def _checked_parts(self) -> Iterable[tuple[BatchProduct, int]]:
         # Checked as the parts are read, inside _combine: a data-parallel operator then
