@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hesse
@@ -191,3 +192,20 @@ def test_non_finite_derivatives_are_reported():
             torch.ones(2),
             targets=torch.zeros(2),
         )
+
+
+def test_dense_hessian_through_layer_norm_matches_double_backward():
+    """torch.func.hessian (jacfwd of jacrev) is wrong here in torch 2.13; hesse.hessian is
+    checked against autograd's double backward, row by row."""
+    A = torch.arange(1.0, 13.0).view(3, 4).double()
+
+    def f(th):
+        return (F.layer_norm(th[:4].expand(3, 4) * A, (4,), th[4:]) ** 3).sum()
+
+    th = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = th.clone().requires_grad_()
+    g = torch.autograd.grad(f(x), x, create_graph=True)[0]
+    ref = torch.stack([torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(8)])
+    H = hesse.hessian(f, th)
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(H, H.T, rtol=1e-10, atol=1e-10)

@@ -52,12 +52,23 @@ def _rnn_without_cudnn() -> Callable[[], None]:
     return lambda: [h.remove() for h in handles]
 
 
+def holds_cuda_rnn(model: nn.Module) -> bool:
+    """Whether ``model`` holds an RNN module with parameters on a CUDA device."""
+    return any(
+        isinstance(m, nn.RNNBase) and any(p.is_cuda for p in m.parameters())
+        for m in model.modules()
+    )
+
+
 @contextlib.contextmanager
-def second_order() -> Iterator[None]:
+def second_order(cuda_rnn: bool | None = None) -> Iterator[None]:
     """Run forward passes whose graphs can be differentiated twice.
 
     Attention (``scaled_dot_product_attention``) uses the math kernel; RNN modules on CUDA
-    run without cuDNN. The previous settings are restored on exit. hesse enters this
+    run without cuDNN (through global forward hooks, installed only if ``cuda_rnn`` is
+    ``True``, or ``None`` — not known — and CUDA is available; a caller that knows its model
+    passes :func:`holds_cuda_rnn`, so that other models' module calls pay nothing). The
+    previous settings are restored on exit. hesse enters this
     context itself around every forward pass it differentiates twice (operator products,
     ``linearize()``, the closures of second-order optimizers, ``hesse.hvp`` and friends,
     ``minimize``); users need it only for their own double-backward code.
@@ -72,7 +83,8 @@ def second_order() -> Iterator[None]:
         torch.Size([12, 4])
     """
     cudnn = torch.backends.cudnn.enabled
-    remove = _rnn_without_cudnn() if torch.cuda.is_available() else None
+    hooks = torch.cuda.is_available() if cuda_rnn is None else cuda_rnn
+    remove = _rnn_without_cudnn() if hooks else None
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield

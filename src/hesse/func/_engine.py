@@ -28,8 +28,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from hesse.func._context import second_order
-
 Columns = tuple[Tensor, ...]
 ColumnProduct = Callable[[Columns], Columns]
 
@@ -58,7 +56,7 @@ def hvp_product(
     reuse: bool = False,
 ) -> ColumnProduct:
     """Build ``cols -> H cols`` for the Hessian of ``loss_fn`` at ``params``."""
-    with torch.enable_grad(), second_order():
+    with torch.enable_grad():
         leaves = _leaves(params)
         grads = _grad(loss_fn(leaves), leaves, None, retain=True, create=True)
     # A gradient that does not depend on the parameters (a linear term) has no graph: it

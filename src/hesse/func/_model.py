@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse._core import ParamSpace, check_scalar
-from hesse.func._context import second_order
+from hesse.func._context import holds_cuda_rnn, second_order
 from hesse.func._io import ModelIO
 from hesse.func._output import OutputCurvature
 
@@ -94,6 +94,9 @@ class ModelLoss:
         self.names: tuple[str, ...] = tuple(names)
         self._selected = [named[n] for n in names]
         self.space = ParamSpace(self._selected, names)
+        # whether the second-order context must turn cuDNN off for RNNs (the device is
+        # fixed by the parameter space)
+        self._cuda_rnn = holds_cuda_rnn(model)
         self._randomness_checked = False
         dropouts = [
             name
@@ -173,7 +176,7 @@ class ModelLoss:
         second-order context unless ``second_order=False``)."""
         if not self.second_order:
             return self.io.forward(self.model, self._state(params), inputs)
-        with second_order():
+        with second_order(self._cuda_rnn):
             return self.io.forward(self.model, self._state(params), inputs)
 
     def outputs(self, params: Sequence[Tensor], inputs: object) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from hesse._core import check_scalar
 from hesse.func._engine import hvp_product
-from hesse.func._tensor import _check_point
+from hesse.func._tensor import _check_point, _scalar_fn
 from hesse.operators._base import CurvatureOperator
 
 
@@ -31,8 +31,10 @@ class FunctionHessian(CurvatureOperator):
         self.x = x.detach()
         shape = x.shape
 
+        scalar = _scalar_fn(f)  # checked, in the second-order context
+
         def loss(xs: tuple[Tensor, ...]) -> Tensor:
-            return check_scalar(f(xs[0].reshape(shape)), "f(x)")
+            return scalar(xs[0].reshape(shape))
 
         self._product = hvp_product(loss, (self.x.reshape(-1),), reuse=True)
 

@@ -1,0 +1,436 @@
+"""Hessian-vector products through a Hugging Face transformer: hesse against a hand-written
+double backward, and what the math attention kernel costs in memory.
+
+The model is a tiny GPT-2 from ``transformers`` (``n_embd=64, n_layer=2, n_head=4,
+vocab_size=256``, no dropout, eval mode, the default ``attn_implementation="sdpa"``;
+P = 124,672 parameters for 128 positions), the loss the mean next-token cross-entropy of a
+batch of 8 random sequences, float32. The batch reaches hesse as a Hugging Face dict
+(``{"input_ids": ..., "labels": ...}``) and the model returns a ``ModelOutput``; hesse passes
+its ``logits`` to the loss.
+
+By default ``scaled_dot_product_attention`` picks a fused kernel (flash on CPU, memory-
+efficient for float32 on CUDA) whose backward has no derivative: a plain double backward
+fails. hesse runs its own forward passes under the
+math kernel (:func:`hesse.func.second_order`); the hand-written reference does it by hand
+(``with sdpa_kernel(SDPBackend.MATH)``).
+
+(a) Time, at sequence length 64 (``--time-seq``), interleaved in one run (each round runs
+every method once, in a new random order, after warm-up), median over rounds:
+
+* ``hesse H @ v`` with a new ``HessianOperator`` product at each call (forward, backward
+  with its graph, one backward through it) against the same written by hand (``loss`` ->
+  ``torch.autograd.grad(create_graph=True)`` -> ``torch.autograd.grad(g, params, v)``);
+* ``H.linearize() @ v`` (graph built once) against a hand-written backward through one
+  cached gradient graph;
+* a first-order pass (forward and backward, default kernel) as the unit.
+
+Each hesse product is first checked against a float64 double-backward product (relative
+error below 1e-4). The ratios hesse / hand-written are medians of per-round ratios; the
+target is at most 1.05.
+
+(b) Extra peak memory of one call over what is allocated before it, per sequence length
+(``--seqs``, default 64 128 256; ``n_positions`` is raised to the longest): a first-order
+pass with the default (fused) kernel, a first-order pass with the math kernel, and a
+Hessian-vector product (hesse's and hand-written) with the math kernel. The math kernel
+stores the attention matrix, ``batch * heads * T^2`` per layer, so its extra memory grows
+quadratically with ``T`` while the fused kernels' grows linearly. On CUDA the figure is the
+allocator's peak (``torch.cuda.max_memory_allocated``); on CPU it is the growth of the peak
+resident set size of a fresh process per measurement over 3 calls after one warm-up call
+(coarse: whole pages, and the allocator's caching).
+
+Run (from the repository root)::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/transformer_hvp.py           # ~2 min
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/transformer_hvp.py --quick   # a check
+    .venv/bin/python benchmarks/transformer_hvp.py --device cuda   # the default with CUDA
+
+The figures go to ``benchmarks/results/transformer_hvp.json`` (``transformer_hvp_cuda``
+on CUDA, ``_quick`` appended for ``--quick``). ``--help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import hesse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hvp_cost import cpu_model, cuda_extra_peak, rss_peak_meter, time_calls, version
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOLERANCE = 1e-4
+BATCH = 8
+TARGET = 1.05
+CPU_MEMORY_NOTE = (
+    "CPU memory is RSS-based and coarse: the growth of the peak resident set size of a fresh "
+    "process per measurement over 3 calls after its set-up and one warm-up call (peak reset "
+    "through /proc/self/clear_refs on Linux, else ru_maxrss); it counts whole pages."
+)
+
+warnings.filterwarnings("ignore", message=".*token_id must be.*")
+
+
+# -- the problem ----------------------------------------------------------------------------
+
+
+def make_model(n_positions: int, device: torch.device) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    cfg = GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=256,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).to(device).eval()
+
+
+def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (the labels are the inputs shifted by one)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+@dataclass
+class Problem:
+    model: nn.Module
+    batch: dict[str, Tensor]  # {"input_ids", "labels"}: what hesse gets
+    params: list[Tensor]
+    v: Tensor
+    v_list: list[Tensor]
+
+    def loss(self) -> Tensor:
+        return loss_fn(self.model(input_ids=self.batch["input_ids"]).logits, self.batch["labels"])
+
+
+def make_problem(seq: int, device: torch.device, n_positions: int = 128, seed: int = 0) -> Problem:
+    torch.manual_seed(seed)
+    model = make_model(max(n_positions, seq), device)
+    tokens = torch.randint(0, 256, (BATCH, seq + 1), device=device)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
+    v = torch.randn(sum(p.numel() for p in params), device=device)
+    return Problem(model, batch, params, v, list(hesse.ParamSpace(params).unflatten(v)))
+
+
+def flat(out: Any) -> Tensor:
+    return out.reshape(-1) if isinstance(out, Tensor) else torch.cat([t.reshape(-1) for t in out])
+
+
+def reference(pb: Problem) -> Tensor:
+    """H v in float64 by plain double backward (math kernel) on a copy of the model."""
+    model = copy.deepcopy(pb.model).double()
+    ps = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):
+        logits = model(input_ids=pb.batch["input_ids"]).logits
+        g = torch.autograd.grad(loss_fn(logits, pb.batch["labels"]), ps, create_graph=True)
+        return flat(torch.autograd.grad(g, ps, [t.double() for t in pb.v_list]))
+
+
+# -- methods: each factory does the set-up and returns the call to time ----------------------
+
+Call = Callable[[], Any]
+
+
+def first_order(pb: Problem) -> Call:
+    return lambda: torch.autograd.grad(pb.loss(), pb.params)
+
+
+def first_order_math(pb: Problem) -> Call:
+    def call() -> Any:
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.autograd.grad(pb.loss(), pb.params)
+
+    return call
+
+
+def plain_hvp(pb: Problem) -> Call:
+    def call() -> Any:
+        with sdpa_kernel(SDPBackend.MATH):
+            g = torch.autograd.grad(pb.loss(), pb.params, create_graph=True)
+            return torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list)
+
+    return call
+
+
+def plain_hvp_cached(pb: Problem) -> Call:
+    with sdpa_kernel(SDPBackend.MATH):
+        g = torch.autograd.grad(pb.loss(), pb.params, create_graph=True)
+    return lambda: torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list, retain_graph=True)
+
+
+def hesse_hvp(pb: Problem) -> Call:
+    H = hesse.HessianOperator(pb.model, loss_fn, pb.batch)
+    return lambda: H @ pb.v
+
+
+def hesse_linearized(pb: Problem) -> Call:
+    Hl = hesse.HessianOperator(pb.model, loss_fn, pb.batch).linearize()
+    return lambda: Hl @ pb.v
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    factory: Callable[[Problem], Call]
+    hvp: bool = False  # checked against the float64 product
+
+
+METHODS = [
+    Method("grad", "first order (forward + backward), default", first_order),
+    Method("grad-math", "first order, math kernel", first_order_math),
+    Method("hesse", "hesse H @ v", hesse_hvp, True),
+    Method("plain", "double backward by hand, math kernel", plain_hvp, True),
+    Method("hesse-lin", "hesse H.linearize() @ v", hesse_linearized, True),
+    Method("plain-cached", "by hand, cached gradient graph", plain_hvp_cached, True),
+]
+BY_KEY = {m.key: m for m in METHODS}
+PAIRS = {"hesse": "plain", "hesse-lin": "plain-cached"}  # hesse method -> its hand-written twin
+MEMORY_KEYS = ("grad", "grad-math", "hesse", "plain")
+
+
+# -- (a) time -----------------------------------------------------------------------------------
+
+
+def default_kernel_double_backward(pb: Problem) -> str:
+    """Whether a plain double backward works with the default attention kernel."""
+    try:
+        g = torch.autograd.grad(pb.loss(), pb.params, create_graph=True)
+        torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list)
+    except RuntimeError as err:
+        return f"fails: {str(err).splitlines()[0][:160]}"
+    return "works"
+
+
+def run_time(args: argparse.Namespace, device: torch.device) -> dict:
+    pb = make_problem(args.time_seq, device)
+    ref = reference(pb)
+    plain_default = default_kernel_double_backward(pb)
+    print(f"double backward with the default attention kernel: {plain_default}")
+    rows: dict[str, dict] = {}
+    calls: dict[str, Call] = {}
+    for m in METHODS:
+        call = m.factory(pb)
+        out = call()
+        row = {"key": m.key, "label": m.label, "rel_error": None}
+        if m.hvp:
+            row["rel_error"] = err = float((flat(out).double() - ref).norm() / ref.norm())
+            if not err < TOLERANCE:
+                raise RuntimeError(f"{m.label}: relative error {err:.1e} > {TOLERANCE:g}")
+        rows[m.key], calls[m.key] = row, call
+    times = time_calls(calls, args.rounds, args.warmup, device)
+    for key, ts in times.items():
+        row = rows[key]
+        row["median_ms"] = 1e3 * statistics.median(ts)
+        row["x_first_order"] = statistics.median(t / g for t, g in zip(ts, times["grad"]))
+        row["times_ms"] = [round(1e3 * t, 4) for t in ts]
+        if key in PAIRS:
+            ratios = [t / p for t, p in zip(ts, times[PAIRS[key]])]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            row.update(vs=PAIRS[key], ratio=statistics.median(ratios), ratio_quartiles=[q1, q3])
+    return {
+        "seq": args.time_seq,
+        "batch": BATCH,
+        "params": pb.v.numel(),
+        "default_kernel_double_backward": plain_default,
+        "rows": rows,
+    }
+
+
+def print_time(res: dict, args: argparse.Namespace, device: torch.device) -> None:
+    head = (
+        f"{'method':<40} {'ms':>8} {'x 1st':>6} {'hesse / by hand [quartiles]':>28} {'rel.err':>8}"
+    )
+    print(
+        f"\n(a) time: P = {res['params']}, batch {res['batch']} x {res['seq']} tokens, {device}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds\n{head}\n{'-' * len(head)}"
+    )
+    for row in res["rows"].values():
+        ratio = ""
+        if "ratio" in row:
+            q1, q3 = row["ratio_quartiles"]
+            ratio = f"{row['ratio']:.3f} [{q1:.2f}-{q3:.2f}]"
+        err = "-" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
+        print(
+            f"{row['label']:<40} {row['median_ms']:8.2f} {row['x_first_order']:6.2f} "
+            f"{ratio:>28} {err:>8}"
+        )
+
+
+# -- (b) memory ---------------------------------------------------------------------------------
+
+
+def memory_worker(key: str, seq: int) -> int:
+    """In a fresh process (CPU): set one method up, call it once, then print the growth of
+    the peak RSS over 3 more calls as JSON."""
+    pb = make_problem(seq, torch.device("cpu"))
+    call = BY_KEY[key].factory(pb)
+    call()
+    gc.collect()
+    growth = rss_peak_meter()
+    for _ in range(3):
+        out = call()
+        del out
+    print(json.dumps({"bytes": growth()}))
+    return 0
+
+
+def cpu_extra_peak(key: str, seq: int, threads: int) -> int | None:
+    cmd = [sys.executable, __file__, "--memory-worker", key, "--seqs", str(seq)]
+    cmd += ["--device", "cpu", "--threads", str(threads)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"])
+    except (IndexError, ValueError, KeyError):
+        print(f"  memory worker {key} failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+
+
+def run_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    out = []
+    for seq in args.seqs:
+        if device.type == "cuda":
+            pb = make_problem(seq, device)
+            mem = {k: cuda_extra_peak(BY_KEY[k].factory(pb)) for k in MEMORY_KEYS}
+            del pb
+        else:
+            mem = {k: cpu_extra_peak(k, seq, args.threads) for k in MEMORY_KEYS}
+        # The math kernel's attention probabilities: batch * heads * T^2 floats per layer.
+        attn = BATCH * 4 * seq * seq * 4 * 2
+        out.append({"seq": seq, "bytes": mem, "attention_matrices_bytes": attn})
+    return out
+
+
+def print_memory(res: list[dict], device: torch.device) -> None:
+    def mib(b: int | None) -> str:
+        return "-" if b is None else f"{b / 2**20:.1f}"
+
+    def ratio(a: int | None, b: int | None) -> str:
+        return "-" if a is None or not b else f"{a / b:.2f}"
+
+    head = (
+        f"{'T':>5} {'1st, dflt':>11} {'1st, math':>10} {'hesse Hv':>9} {'by hand Hv':>11} "
+        f"{'Hv/1st dflt':>13} {'1st math/dflt':>15} {'B*h*T^2*L fp32':>15}"
+    )
+    print(f"\n(b) extra peak memory, MiB ({device}; batch {BATCH})\n{head}\n{'-' * len(head)}")
+    for r in res:
+        m = r["bytes"]
+        print(
+            f"{r['seq']:>5} {mib(m['grad']):>11} {mib(m['grad-math']):>10} {mib(m['hesse']):>9} "
+            f"{mib(m['plain']):>11} {ratio(m['hesse'], m['grad']):>13} "
+            f"{ratio(m['grad-math'], m['grad']):>15} {mib(r['attention_matrices_bytes']):>15}"
+        )
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+
+def metadata(device: torch.device, args: argparse.Namespace) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "hesse": hesse.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": "float32 (TF32 off)",
+        "model": "GPT2LMHeadModel(n_embd=64, n_layer=2, n_head=4, vocab_size=256), sdpa",
+        "batch": BATCH,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "tolerance": TOLERANCE,
+        "memory": "CUDA allocator peak" if device.type == "cuda" else CPU_MEMORY_NOTE,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--time-seq", type=int, default=64, help="sequence length timed (64)")
+    p.add_argument("--seqs", type=int, nargs="+", default=[64, 128, 256], help="memory sweep")
+    p.add_argument("--rounds", type=int, default=51, help="timed rounds (default 51)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per method (default 3)")
+    p.add_argument("--quick", action="store_true", help="5 rounds, 1 warm-up, T = 64 and 128")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory sweep")
+    p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
+    p.add_argument("--memory-worker", choices=MEMORY_KEYS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup, args.seqs = 5, 1, [64, 128]
+    if args.out is None:
+        dev = "" if torch.device(args.device).type == "cpu" else "_cuda"
+        args.out = RESULTS / f"transformer_hvp{dev}{'_quick' if args.quick else ''}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args.seqs[0])
+    meta = metadata(device, args)
+    print(
+        f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['cpu']}, "
+        f"{meta['gpu'] or 'no GPU'}, {meta['threads']} threads"
+    )
+    timing = run_time(args, device)
+    print_time(timing, args, device)
+    memory = [] if args.no_memory else run_memory(args, device)
+    if memory:
+        print_memory(memory, device)
+    notes = [
+        "ratio: median over rounds of (hesse time / hand-written time in that round)",
+        "x 1st: median over rounds of (time / first-order time, default kernel, that round)",
+        "memory: extra peak over the allocations before the call; the last column is the "
+        "math kernel's attention probabilities, batch * heads * T^2 * layers float32",
+    ]
+    if device.type == "cpu" and memory:
+        notes.append(CPU_MEMORY_NOTE)
+        print(f"\n{CPU_MEMORY_NOTE}")
+    worst = max(r["ratio"] for r in timing["rows"].values() if "ratio" in r)
+    print(f"hesse / hand-written, worst of the two medians: {worst:.3f} (target <= {TARGET})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"meta": meta, "notes": notes, "time": timing, "memory": memory}
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
