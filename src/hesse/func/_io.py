@@ -163,8 +163,11 @@ class ModelIO:
             self._kwargs_ok[cache] = _dict_call(model, keys)
         return self._kwargs_ok[cache]
 
-    def forward(self, model: nn.Module, state: dict[str, Tensor], inputs: object) -> Any:
-        """``model(inputs)`` with the parameters and buffers of ``state``."""
+    def forward(
+        self, model: nn.Module, state: dict[str, Tensor], inputs: object, tie_weights: bool = True
+    ) -> Any:
+        """``model(inputs)`` with the parameters and buffers of ``state`` (with
+        ``tie_weights=False``, ``state`` names every alias of a tied tensor itself)."""
         call = self.call
         if call == "auto":
             if isinstance(inputs, Mapping):
@@ -176,10 +179,11 @@ class ModelIO:
                 raise TypeError(
                     f"call='kwargs' needs the inputs as a dict, got {type(inputs).__name__}"
                 )
-            return functional_call(model, state, args=(), kwargs=dict(inputs))
-        if call == "args" and isinstance(inputs, (tuple, list)):
-            return functional_call(model, state, tuple(inputs))
-        return functional_call(model, state, (inputs,))
+            return functional_call(
+                model, state, args=(), kwargs=dict(inputs), tie_weights=tie_weights
+            )
+        args = tuple(inputs) if call == "args" and isinstance(inputs, (tuple, list)) else (inputs,)
+        return functional_call(model, state, args, tie_weights=tie_weights)
 
     def select(self, out: Any) -> Tensor:
         """The tensor of the model's output ``out`` that the loss sees."""

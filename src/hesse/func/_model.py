@@ -93,6 +93,12 @@ class ModelLoss:
         )
         self.names: tuple[str, ...] = tuple(names)
         self._selected = [named[n] for n in names]
+        # every name of each parameter (tied ones have several), for _state
+        every = list(model.named_parameters(remove_duplicate=False))
+        chosen = {id(p) for p in self._selected}
+        self._aliases = [[a for a, q in every if q is p] for p in self._selected]
+        self._others = [(a, q) for a, q in every if id(q) not in chosen]
+        self._buffer_owners = [m for m in model.modules() if any(True for _ in m.buffers(False))]
         self.space = ParamSpace(self._selected, names)
         # whether the second-order context must turn cuDNN off for RNNs (the device is
         # fixed by the parameter space)
@@ -161,23 +167,29 @@ class ModelLoss:
         return tuple(t._version for t in (*model.parameters(), *model.buffers()))
 
     def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
-        model = self.model
-        state: dict[str, Tensor] = {n: p.detach() for n, p in model.named_parameters()}
-        state.update(zip(self.names, params))
-        training = any(m.training for m in model.modules())
-        for n, b in model.named_buffers():
+        """What ``functional_call`` swaps in: ``params`` under every name of the selected
+        parameters (tied ones have several), the other parameters detached (no graph
+        towards them), and, in train mode, copies of the buffers. The name lists are made
+        once (in :meth:`__init__`): walking the modules at every forward pass was a
+        measurable share of a product on a launch-bound GPU."""
+        state: dict[str, Tensor] = {n: p.detach() for n, p in self._others if p.requires_grad}
+        for aliases, p in zip(self._aliases, params):
+            for n in aliases:
+                state[n] = p
+        if any(m.training for m in self._buffer_owners):
             # In train mode BatchNorm writes its running statistics in place: give it copies
             # (made inside any torch.func transform, so that writing to them is allowed).
-            state[n] = b.clone() if training else b
+            for n, b in self.model.named_buffers():
+                state[n] = b.clone()
         return state
 
     def forward(self, params: Sequence[Tensor], inputs: object) -> Any:
         """The model's raw output at ``params`` for ``inputs`` (recorded in the
         second-order context unless ``second_order=False``)."""
         if not self.second_order:
-            return self.io.forward(self.model, self._state(params), inputs)
+            return self.io.forward(self.model, self._state(params), inputs, tie_weights=False)
         with second_order(self._cuda_rnn):
-            return self.io.forward(self.model, self._state(params), inputs)
+            return self.io.forward(self.model, self._state(params), inputs, tie_weights=False)
 
     def outputs(self, params: Sequence[Tensor], inputs: object) -> Tensor:
         """The output tensor the loss sees (``io.select``) at ``params`` for ``inputs``."""
