@@ -651,3 +651,24 @@ def test_finite_differences_across_relu_kinks_warn_and_are_not_certified():
         res = hesse.eigenvalues(fd, k=1, seed=0, max_iter=20)
     assert fd.product_rtol > 1e-2
     assert res.error_floor >= fd.product_rtol * abs(float(res.eigenvalues[0])) * 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gpt2_in_float64_and_bfloat16(dtype):
+    """Products in the model's dtype; the analysis says which dtype its products had."""
+    case = CASES["gpt2-as-is-hf-batch"]
+    model = copy.deepcopy(case.model).to(dtype)
+    H = hesse.HessianOperator(model, case.loss_fn, case.data)
+    assert H.dtype == dtype
+    vs = _directions(H.shape[0])
+    ref = reference_hvp(case, vs)  # the float32 model's weights, in float64
+    if dtype == torch.float64:
+        # the float32 weights are exact in float64: the same function, to rounding
+        _close(H @ vs, ref, rtol=1e-10)
+    else:
+        # bf16 rounds the weights (2^-9 relative) and every operation: agreement to a few %
+        _close(H @ vs.to(dtype), ref, rtol=0.1)
+    top = hesse.eigenvalues(H, k=1, seed=0, max_iter=30)
+    assert top.dtype == dtype and torch.isfinite(top.eigenvalues).all()
+    conv = hesse.convexity(H, seed=0, max_iter=30)
+    assert conv.dtype == dtype
