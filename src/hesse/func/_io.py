@@ -110,7 +110,9 @@ class ModelIO:
 
     # -- batches ----------------------------------------------------------------------
     def is_batch(self, data: object) -> bool:
-        """Whether ``data`` is one batch (rather than an iterable of batches)."""
+        """Whether ``data`` is one batch (rather than an iterable of batches): a dict, or a
+        pair whose second element is not a tuple or list. A pair of two dicts is two dict
+        batches; a batch whose targets are a dict goes in a list, ``[(inputs, targets)]``."""
         if isinstance(data, Mapping):
             return True
         return (
