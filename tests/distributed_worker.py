@@ -193,6 +193,15 @@ def raises(rank, world, out):
             hesse.eigenvalues(H, k=1, seed=0, linearize=linearize)
         except Exception as err:
             out[f"eig_error_{linearize}"] = f"{type(err).__name__}: {err}"
+    # rank 1's targets hold a NaN: a squared error's GGN does not see them, its loss does
+    targets = torch.zeros(hi - lo, C)
+    if rank == 1:
+        targets[0, 0] = float("nan")
+    G = hd.GGNOperator(model, torch.nn.MSELoss(), (x[lo:hi], targets))
+    try:
+        G @ torch.ones(G.shape[0])
+    except Exception as err:
+        out["nan_loss_error"] = f"{type(err).__name__}: {err}"
     opt = hd.LBFGS(model.parameters(), samples=hi - lo)
 
     def closure():

@@ -236,11 +236,13 @@ def test_a_rank_that_raises_stops_the_others(tmp_path):
     assert results[1]["opt_error"] == "ValueError: rank 1's closure is broken"
     assert results[1]["make_error"].startswith("ValueError: lr must be")
     assert results[1]["sophia_error"].startswith("ValueError: estimator='gnb' needs")
+    assert results[1]["nan_loss_error"].startswith("NonFiniteError: the loss at the current")
     for res in results:  # rank 1 made one product more: every rank sees it
         assert res["step_error"].startswith("RankError"), res["step_error"]
     assert "out of step" in results[0]["step_error"]
     for r in (0, 2):
-        for key in ("eig_error_False", "eig_error_True", "opt_error", "make_error", "sophia_error"):
+        keys = ("eig_error_False", "eig_error_True", "nan_loss_error", "opt_error", "make_error")
+        for key in (*keys, "sophia_error"):
             msg = results[r][key]
             assert msg.startswith("RankError") and "rank(s) [1]" in msg, msg
 

@@ -205,13 +205,13 @@ def test_nystrom_refuses_an_operator_not_known_to_be_psd():
         low_rank(with_spectrum(SPECTRA["indefinite"]), 3, "nystrom")
 
 
-def test_inverse_operator_solves_and_warns_when_cg_does_not_converge():
+def test_inverse_operator_solves_and_raises_when_cg_does_not_converge():
     A = with_spectrum(torch.logspace(-1, 1, 60, dtype=torch.float64))
     Inv = InverseOperator(A, damping=0.5, rtol=1e-10)
     B = torch.randn(60, 3, dtype=torch.float64)
     torch.testing.assert_close(Inv @ B, torch.linalg.solve(A + 0.5 * torch.eye(60), B))
     starved = InverseOperator(A, max_iter=2)
-    with pytest.warns(hesse.linalg.ConvergenceWarning, match="raise max_iter"):
+    with pytest.raises(NotConvergedError, match="raise max_iter"):
         starved @ B[:, 0]
 
 

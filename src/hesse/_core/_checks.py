@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -91,3 +94,33 @@ def check_operand(
     if v.dim() == 1:
         return v.unsqueeze(1), True
     return v, False
+
+
+def check_real(
+    value: object,
+    name: str,
+    lo: float = 0.0,
+    hi: float = math.inf,
+    *,
+    open_lo: bool = False,
+    open_hi: bool = False,
+) -> float:
+    """Check that ``value`` is a finite real number (not a bool) in the interval from ``lo``
+    to ``hi`` (closed unless ``open_lo`` / ``open_hi``); return it as a float.
+
+    A NaN fails every comparison, so a tolerance of NaN would otherwise pass as "no
+    tolerance" or "any tolerance" silently; it is refused here with the rest.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)  # type: ignore[arg-type]
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+    if not ok:
+        if hi == math.inf:
+            where = f"{'>' if open_lo else '>='} {lo:g}"
+        else:
+            left, right = "(" if open_lo else "[", ")" if open_hi else "]"
+            where = f"in {left}{lo:g}, {hi:g}{right}"
+        raise ValueError(f"{name} must be a finite real number {where}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]

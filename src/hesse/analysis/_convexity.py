@@ -13,9 +13,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_real
 from hesse.linalg import ConvergenceWarning, lanczos
-from hesse.linalg._common import as_operator, error_floor, make_generator, promote
-from hesse.operators import CurvatureOperator, FunctionHessian
+from hesse.linalg._common import (
+    HALF_DTYPES,
+    PRODUCT_EPS,
+    as_operator,
+    check_positive_int,
+    error_floor,
+    make_generator,
+    promote,
+)
+from hesse.operators import CurvatureOperator, DenseOperator, FunctionHessian
 from hesse.operators._function import gradient
 
 
@@ -252,6 +261,14 @@ def convexity(
       (``num_points`` evenly spaced points): every point is examined; the verdict is that
       of the smallest and largest eigenvalue over all of them.
 
+    A square tensor (or :class:`~hesse.operators.DenseOperator`) must be symmetric to
+    within ``max(1e-5, 4 eps(dtype))`` of its largest entry: ``eigh`` reads one triangle
+    only, so a non-symmetric matrix would get the verdict of a matrix it is not. For the
+    quadratic form :math:`x^\top A x` of a non-symmetric ``A``, pass ``(A + A.T) / 2``.
+
+    Tolerances: ``rtol`` in [0, 1), ``atol >= 0``, ``gtol >= 0`` and ``lanczos_tol`` in
+    (0, 1), each a finite real number; anything else is a ``ValueError``.
+
     Eigenvalues come from a dense ``eigh`` up to ``dense_limit`` unknowns, from Lanczos
     (both ends, relative residual ``lanczos_tol``) beyond. For a float16 or bfloat16
     operator the products run in its dtype and the eigenvalue problem in float32; the
@@ -262,6 +279,14 @@ def convexity(
         >>> convexity(lambda z: z[0] ** 2 - z[1] ** 2, torch.zeros(2)).is_saddle
         True
     """
+    rtol = check_real(rtol, "rtol", 0.0, 1.0, open_hi=True)
+    atol = check_real(atol, "atol", 0.0)
+    gtol = check_real(gtol, "gtol", 0.0)
+    lanczos_tol = check_real(lanczos_tol, "lanczos_tol", 0.0, 1.0, open_lo=True, open_hi=True)
+    dense_limit = check_positive_int(dense_limit, "dense_limit", 0)
+    num_points = check_positive_int(num_points, "num_points")
+    if max_iter is not None:
+        max_iter = check_positive_int(max_iter, "max_iter")
     report = functools.partial(
         _report_operator,
         rtol=rtol,
@@ -274,7 +299,9 @@ def convexity(
     if isinstance(target, (CurvatureOperator, Tensor)):
         if x is not None or points is not None or box is not None or segment is not None:
             raise ValueError("an operator has no points: call convexity(A) alone")
-        return report(as_operator(target))
+        op = as_operator(target)
+        sym = _symmetric_part(op)
+        return report(op, dense=sym if op.shape[0] <= dense_limit else None)
     if not callable(target):
         raise TypeError(
             "convexity takes a function f (with x, points, box or segment), an operator or "
@@ -292,6 +319,35 @@ def convexity(
     if len(reports) == 1 and points is None and box is None and segment is None:
         return reports[0]
     return _aggregate(reports, pts, rtol, atol)
+
+
+def _symmetric_part(op: CurvatureOperator) -> Tensor | None:
+    """For a dense matrix: check that it is symmetric to within its dtype's precision and
+    return its (float32 for half dtypes) symmetric part, which ``eigh`` then sees whole
+    instead of one triangle. ``None`` for other operators, which are symmetric by
+    construction (Hessians) or are refused here when tagged ``symmetric=False``."""
+    if not isinstance(op, DenseOperator):
+        if not op.symmetric:
+            raise ValueError(
+                f"convexity needs a symmetric operator; {type(op).__name__} is tagged "
+                "symmetric=False"
+            )
+        return None
+    A = op.A.float() if op.dtype in HALF_DTYPES else op.A
+    # Relative to the largest entry, so that a matrix of tiny entries is judged by its
+    # own scale (torch.allclose's default atol=1e-8 would pass any matrix below 1e-8).
+    tol = max(1e-5, PRODUCT_EPS * torch.finfo(op.dtype).eps)
+    scale = float(A.abs().max()) if A.numel() else 0.0
+    if not torch.allclose(A, A.T, rtol=tol, atol=tol * scale):
+        i, j = divmod(int((A - A.T).abs().argmax()), A.shape[1])
+        raise ValueError(
+            "convexity(A) expected a symmetric matrix (A == A.T to within "
+            f"rtol={tol:.1g} of its largest entry), but got A[{i}, {j}] = "
+            f"{float(A[i, j]):.6g} and A[{j}, {i}] = {float(A[j, i]):.6g}; the definiteness "
+            "of the quadratic form x^T A x is that of its symmetric part: pass "
+            "(A + A.T) / 2"
+        )
+    return (A + A.T) / 2  # in float32 for half dtypes, as promote(op).to_dense() would be
 
 
 def _points(x, points, box, segment, num_points, seed) -> Tensor:

@@ -42,6 +42,7 @@ class _DataParallel(ModelCurvature):
 
         def compute() -> tuple[Tensor, float]:
             total, n, weighted = self._local_sum(parts, V)
+            self._check_losses()  # here, so that a NaN loss is carried to every rank
             if mean and not weighted:  # one batch: its mean, to be weighted by its size
                 total = total * n
             return total, float(n)

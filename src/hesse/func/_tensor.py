@@ -328,7 +328,8 @@ def fd_hvp(
         h: the step of the outer difference; by default :func:`fd_step` of the dtype times
             :func:`fd_scale` (a step that moves ``x`` by about ``eps ** (1/3) / 2`` of its
             root mean square).
-        grad_fn: the gradient of ``f``, if known; by default ``torch.func.grad(f)``.
+        grad_fn: the gradient of ``f``, if known; by default ``torch.func.grad(f)``. It
+            must return a tensor of the shape, dtype and device of ``x`` (checked).
         return_error: also return the estimated relative error (a float).
 
     Example:
@@ -338,7 +339,22 @@ def fd_hvp(
     """
     x = _check_point(x)
     v = _check_direction(x, v)
-    g = grad_fn if grad_fn is not None else grad(_scalar_fn(f))
+    if grad_fn is None:
+        g = grad(_scalar_fn(f))
+    else:
+        # A user's gradient is checked at every call: a wrong shape would broadcast in the
+        # differences (a (1,)-shaped or 0-d result, a silently wrong product).
+        def g(z: Tensor) -> Tensor:
+            out = grad_fn(z)
+            want = f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device} (like x)"
+            if not isinstance(out, Tensor):
+                raise TypeError(f"grad_fn(x) must return {want}, got {type(out).__name__}")
+            if out.shape != x.shape:
+                raise ValueError(f"grad_fn(x) must return {want}, got shape {tuple(out.shape)}")
+            if out.dtype != x.dtype or out.device != x.device:
+                raise TypeError(f"grad_fn(x) must return {want}, got {out.dtype} on {out.device}")
+            return out
+
     if h is None:
         h = fd_step(x.dtype) * fd_scale([x], [v.unsqueeze(0)])[0]
         if h == 0.0:  # v == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
@@ -16,7 +14,7 @@ from hesse.linalg._common import (
     promote,
 )
 from hesse.linalg._eigen import lanczos
-from hesse.linalg._solve import SolveResult, cg
+from hesse.linalg._solve import SolveResult, cg, check_inverse_solve
 from hesse.operators import CurvatureOperator, LowRankOperator
 
 
@@ -94,9 +92,12 @@ class InverseOperator(CurvatureOperator):
     r"""The inverse :math:`(A + \lambda I)^{-1}` of a symmetric positive definite operator,
     applied by conjugate gradients (one solve per column).
 
-    ``last_results`` holds the :class:`SolveResult` of each column of the latest product; a
-    solve that does not converge raises a :class:`ConvergenceWarning` (and the result is
-    the last CG iterate), a non-finite one a :class:`hesse.NonFiniteError`.
+    ``last_results`` holds the :class:`SolveResult` of each column of the latest product.
+    A product cannot return a status, so a solve that does not converge to ``rtol`` in
+    ``max_iter`` iterations, or meets negative curvature (the operator is not positive
+    definite), raises :class:`hesse.linalg.NotConvergedError` saying what to change (see
+    :func:`hesse.linalg._solve.check_inverse_solve`); a non-finite one raises
+    :class:`hesse.NonFiniteError`.
     """
 
     def __init__(
@@ -120,9 +121,8 @@ class InverseOperator(CurvatureOperator):
             cg(self.op, V[:, j].contiguous(), M=self.M, rtol=self.rtol, max_iter=self.max_iter)
             for j in range(V.shape[1])
         ]
-        bad = [r for r in self.last_results if not r.success]
-        if bad:
-            warnings.warn(f"InverseOperator: {bad[0].message}", ConvergenceWarning, stacklevel=3)
+        for j, r in enumerate(self.last_results):
+            check_inverse_solve(r, V[:, j], self.rtol)
         return torch.stack([r.x for r in self.last_results], dim=1)
 
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:

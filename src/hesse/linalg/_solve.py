@@ -10,7 +10,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hesse.linalg._common import Result, Status, as_operator, check_positive_int
+from hesse._core import NonFiniteError
+from hesse.linalg._common import (
+    NotConvergedError,
+    Result,
+    Status,
+    as_operator,
+    check_positive_int,
+)
 from hesse.operators import CurvatureOperator
 
 
@@ -57,6 +64,46 @@ class SolveResult(Result):
             f"{hints[self.status]} after {self.iterations} iterations "
             f"(residual {self.residual_norm:.3e})"
         )
+
+
+def check_inverse_solve(r: SolveResult, b: Tensor, rtol: float, who: str = "InverseOperator"):
+    """Raise unless the CG solve ``r`` of ``A x = b`` inside a product with an inverse
+    operator converged.
+
+    :func:`cg` returns a status; a product ``A^{-1} @ v`` cannot, and its numbers are wrong
+    when CG stopped early: at negative curvature the iterate is not :math:`A^{-1} b` (for
+    ``diag(1, -1, 2)`` and ``b = 1`` it is ``(1.5, 1.5, 1.5)``), and without convergence
+    (a singular ``A``) it can be off by any amount. So the product raises
+    :class:`NotConvergedError` (:class:`hesse.NonFiniteError` for non-finite products)
+    with what to change, rather than warn and return them.
+    """
+    if r.success:
+        return
+    if r.status == Status.NON_FINITE:
+        raise NonFiniteError(f"{who}: a product inside CG's solve is not finite")
+    if r.status == Status.NEGATIVE_CURVATURE:
+        raise NotConvergedError(
+            f"{who}: CG met negative curvature, a direction d with d^T A d / d^T d = "
+            f"{r.curvature:.3g} <= 0, after {r.iterations} iteration(s): the operator is "
+            "not positive definite (indefinite or singular), and CG cannot apply its "
+            "inverse. Damp it "
+            "(InverseOperator(A, damping=lam), or A.damped(lam), with lam above the "
+            "magnitude of its most negative eigenvalue), or, for an indefinite but "
+            "invertible A, solve with hesse.linalg.minres"
+        )
+    if r.status == Status.BREAKDOWN:
+        raise NotConvergedError(
+            f"{who}: CG broke down after {r.iterations} iteration(s): the preconditioner M "
+            "is not positive definite; pass a positive definite M (or none)"
+        )
+    b_norm = float(torch.linalg.vector_norm(b))
+    rel = r.residual_norm / b_norm if b_norm > 0 else math.inf
+    raise NotConvergedError(
+        f"{who}: CG did not converge to rtol={rtol:g} in {r.iterations} iterations "
+        f"(relative residual {rel:.2e}), so the product would be wrong; raise max_iter, "
+        "pass a preconditioner M, or, if the operator is (nearly) singular, damp it "
+        "(damping=lam, or A.damped(lam))"
+    )
 
 
 def _as_preconditioner(M: object, n: int, dtype, device) -> Callable[[Tensor], Tensor]:

@@ -51,12 +51,22 @@ class CurvatureOperator:
             out = torch.cat(
                 [self._matmat(c) for c in torch.split(V, self.chunk_size, dim=1)], dim=1
             )
-        # Operand and result are checked together, after the product: one host sync (a GPU
-        # stall) per product instead of two; a non-finite operand only costs a wasted product.
-        if not all_finite(V, out):
+        # Operand, result and the values the product was computed from (the losses of a
+        # model's batches) are checked together, after the product: one host sync (a GPU
+        # stall) per product; a non-finite operand only costs a wasted product.
+        losses = self._losses_seen()
+        if not all_finite(V, out, *losses):
             check_finite(V, "the vector")
+            for loss in losses:
+                check_finite(loss, NONFINITE_LOSS)
             check_finite(out, f"the product of {type(self).__name__}")
         return out[:, 0] if single else out
+
+    def _losses_seen(self) -> list[Tensor]:
+        """The loss values behind the latest product (a model's batches), to be checked
+        finite with it: a curvature can be finite where the loss is not (NaN targets of a
+        squared error leave its Hessian alone), and then it means nothing."""
+        return []
 
     def matvec(self, v: Tensor) -> Tensor:
         """``self @ v`` for a vector ``v`` of shape ``(P,)``."""
@@ -169,6 +179,13 @@ def _common(ops: Sequence[CurvatureOperator]) -> tuple[int, torch.dtype, torch.d
     return first.shape[0], first.dtype, first.device
 
 
+#: What a non-finite loss behind a product is called in the error.
+NONFINITE_LOSS = (
+    "the loss at the current parameters (a curvature of a non-finite loss means nothing: "
+    "look for NaN or infinity in the parameters, the inputs or the targets)"
+)
+
+
 class SumOperator(CurvatureOperator):
     """The sum of operators of one shape, dtype and device."""
 
@@ -193,6 +210,9 @@ class SumOperator(CurvatureOperator):
         for op in self.ops:
             generator = op.synchronize_generator(generator)
         return generator
+
+    def _losses_seen(self) -> list[Tensor]:
+        return [loss for op in self.ops for loss in op._losses_seen()]
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.ops[0]._matmat(V)
@@ -222,6 +242,9 @@ class ScaledOperator(CurvatureOperator):
 
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         return self.op.synchronize_generator(generator)
+
+    def _losses_seen(self) -> list[Tensor]:
+        return self.op._losses_seen()
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.c * self.op._matmat(V)

@@ -10,12 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
+from hesse._core import all_finite, check_finite
 from hesse.func._engine import hvp_product, jmj_product
 from hesse.func._io import ModelIO
 from hesse.func._model import _DEFAULT_IO, Batch, ModelLoss
 from hesse.func._output import FISHER_KINDS, OutputCurvature, fisher_mm
 from hesse.func._tensor import DEFAULT_HVP_MODE, HVP_MODES
-from hesse.operators._base import CurvatureOperator
+from hesse.operators._base import NONFINITE_LOSS, CurvatureOperator
 
 Columns = tuple[Tensor, ...]  # one tensor (k, *param.shape) per parameter
 BatchProduct = Callable[[Columns], Columns]
@@ -63,6 +64,7 @@ class ModelCurvature(CurvatureOperator):
         io: ModelIO | None = None,
     ):
         self.fn = ModelLoss(model, loss_fn, params, io, second_order=self._second_order)
+        self._losses: list[Tensor] = []  # the batches' losses of the latest product
         super().__init__(self.fn.size, self.fn.space.dtype, self.fn.space.device)
         self.data = _check_data(data, self._empty_ok, self.fn.io)
         reduction = getattr(loss_fn, "reduction", "mean")
@@ -148,7 +150,25 @@ class ModelCurvature(CurvatureOperator):
         return total.to(V.dtype)
 
     def _matmat(self, V: Tensor) -> Tensor:
+        self._losses = []  # the base class checks them with the product
         return self._combine(self._products(), V)
+
+    def _record(self, loss: Tensor) -> Tensor:
+        """Keep a batch's loss value, to be checked finite together with the product."""
+        self._losses.append(loss.detach())
+        return loss
+
+    def _losses_seen(self) -> list[Tensor]:
+        losses, self._losses = self._losses, []
+        return losses
+
+    def _check_losses(self) -> None:
+        """Raise now if a loss behind the products built so far is not finite (one host
+        sync): for work done once (``linearize()``) or before a collective."""
+        losses = self._losses_seen()
+        if losses and not all_finite(*losses):
+            for loss in losses:
+                check_finite(loss, NONFINITE_LOSS)
 
     def linearize(self) -> LinearizedCurvature:
         """Do the expensive part of every batch's product once, for many products at this
@@ -166,7 +186,9 @@ class LinearizedCurvature(CurvatureOperator):
         self.op = op
         self.symmetric, self.psd, self.chunk_size = op.symmetric, op.psd, op.chunk_size
         self._versions = op.fn.versions()
+        op._losses = []
         self._parts = list(op._products(reuse=True))
+        op._check_losses()  # the graphs are built once: their losses are checked once
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.op._combine(self._checked_parts(), V)
@@ -234,6 +256,8 @@ class HessianOperator(ModelCurvature):
         g = grad(lambda ps: self.fn.loss(ps, batch))
         if self.mode == "forward-over-reverse" and not reuse and not self._forward_failed:
             forward = vmap(lambda t: jvp(g, (params,), (t,))[1])
+            with torch.no_grad():  # the loss is inside the transforms: one more forward pass
+                self._record(self.fn.loss(params, batch))
 
             def product(cols: Columns) -> Columns:
                 if not self._forward_failed:
@@ -254,7 +278,7 @@ class HessianOperator(ModelCurvature):
             return product
         # reverse-over-reverse: the gradient's graph is built here, each product is one
         # backward pass through it.
-        return hvp_product(lambda ps: self.fn.loss(ps, batch), params, reuse)
+        return hvp_product(lambda ps: self._record(self.fn.loss(ps, batch)), params, reuse)
 
 
 class _OutputSpaceCurvature(ModelCurvature):
@@ -273,9 +297,13 @@ class _OutputSpaceCurvature(ModelCurvature):
         self, params: Columns, batch: Batch, index: int, reuse: bool
     ) -> BatchProduct:
         inputs, targets = self.fn.split(batch)
-        return jmj_product(
-            lambda ps: self.fn.outputs(ps, inputs), params, self._out_mm(targets, index), reuse
-        )
+        out_mm = self._out_mm(targets, index)
+
+        def make_out_mm(out: Tensor) -> Callable[[Tensor], Tensor]:
+            self._record(self.fn.loss_fn(out, targets))  # cheap: on the outputs
+            return out_mm(out)
+
+        return jmj_product(lambda ps: self.fn.outputs(ps, inputs), params, make_out_mm, reuse)
 
 
 class GGNOperator(_OutputSpaceCurvature):
