@@ -4,6 +4,7 @@ driving the mathematics of :mod:`hesse.solvers`."""
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -114,18 +115,47 @@ def _options(method: str, options: dict | None) -> dict[str, Any]:
         raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {out['line_search']!r}")
     if "correction" in known and out["correction"] not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {out['correction']!r}")
-    if "c1" in known and not 0 < out["c1"] < out["c2"] < 1:
-        raise ValueError(f"need 0 < c1 < c2 < 1, got c1={out['c1']}, c2={out['c2']}")
-    for key in ("initial_radius", "max_radius"):
-        if key in known and not out[key] > 0:
-            raise ValueError(f"{key} must be positive, got {out[key]!r}")
+    if "c1" in known:
+        c1, c2 = (_number(k, out[k], positive=True) for k in ("c1", "c2"))
+        if not c1 < c2 < 1:
+            raise ValueError(f"need 0 < c1 < c2 < 1, got c1={c1!r}, c2={c2!r}")
+    if "initial_radius" in known:
+        r0, r_max = (_number(k, out[k], positive=True) for k in ("initial_radius", "max_radius"))
+        if r0 > r_max:
+            raise ValueError(
+                f"initial_radius must not exceed max_radius, got initial_radius={r0!r} > "
+                f"max_radius={r_max!r}"
+            )
     for key in ("memory", "cg_max_iter", "max_fev"):
-        v = out.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        if out.get(key) is not None:
+            out[key] = _positive_int(key, out[key])
+    for key in ("history", "saddle_check"):
+        v = out[key]
+        if not (isinstance(v, bool) or (v is None and key == "saddle_check")):
+            allowed = "True, False or None" if key == "saddle_check" else "True or False"
+            raise ValueError(f"{key} must be {allowed}, got {v!r}")
+    if out["curvature_tol"] is not None:
+        out["curvature_tol"] = _number("curvature_tol", out["curvature_tol"])
     if out["norm"] not in (2, math.inf):
         raise ValueError(f"norm must be 2 or math.inf, got {out['norm']!r}")
     return out
+
+
+def _number(key: str, v: object, positive: bool = False) -> float:
+    """``v`` as a float if it is a finite real number ``>= 0`` (``> 0`` if ``positive``);
+    else a ``ValueError`` naming the option. ``nan`` and ``inf`` are refused: compared with
+    a threshold, ``nan`` silently turns a test off and ``inf`` makes it vacuous."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not (v > 0 if positive else v >= 0):
+        what = "positive number (finite, > 0)" if positive else "non-negative number (finite)"
+        raise ValueError(f"{key} must be a {what}, got {v!r}")
+    return float(v)
+
+
+def _positive_int(key: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    return int(v)
 
 
 def _tolerances(dtype: torch.dtype, tol: float | None, opts: dict) -> Tolerances:
@@ -137,9 +167,7 @@ def _tolerances(dtype: torch.dtype, tol: float | None, opts: dict) -> Tolerances
         "ftol": d.ftol if opts["ftol"] is None else opts["ftol"],
         "xtol": d.xtol if opts["xtol"] is None else opts["xtol"],
     }
-    for key, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"{key} must be a non-negative number, got {v!r}")
+    values = {key: _number(key, v) for key, v in values.items()}
     return Tolerances(norm=opts["norm"], **values)
 
 
@@ -186,7 +214,9 @@ def minimize(
     reports success with a non-finite ``fun`` and returns the best point it saw.
 
     Args:
-        fun: ``x -> scalar tensor``, differentiable by autograd unless ``grad`` is given.
+        fun: ``x -> scalar tensor``, differentiable by autograd unless ``grad`` is given
+            (a value with no autograd path back to ``x`` at ``x0``, e.g. from ``x.detach()``
+            or numpy, raises a ``ValueError`` rather than reading as a zero gradient).
         x0: the start (any shape; floating point; never modified).
         method: one of the names above (case and ``_``/``-`` do not matter).
         grad: ``x -> gradient`` instead of autograd.
@@ -197,12 +227,17 @@ def minimize(
         callback: called after each iteration with an intermediate
             :class:`OptimizeResult`; returning ``True`` or raising ``StopIteration`` stops.
         options: ``gtol``, ``grad_rtol`` (relative to the start's gradient), ``ftol``,
-            ``xtol``, ``norm`` (``math.inf`` or ``2``), ``max_fev``, ``history``,
-            ``saddle_check``, ``curvature_tol``; line-search methods: ``line_search``
+            ``xtol`` (finite numbers ``>= 0``; 0 stops only on an exact zero), ``norm``
+            (``math.inf`` or ``2``), ``max_fev``, ``history``, ``saddle_check``,
+            ``curvature_tol`` (a finite number ``>= 0``, default :math:`\epsilon^{1/3}`: a
+            stationary point with curvature below ``-curvature_tol`` is a saddle; 0 counts
+            any negative curvature, so rounding at a minimum with a singular Hessian may then
+            end the run as a saddle it cannot leave); line-search methods: ``line_search``
             (``"strong-wolfe"``, ``"wolfe"`` (weak) or ``"armijo"``), ``c1``, ``c2``; trust regions:
-            ``initial_radius``, ``max_radius``; ``correction`` (newton), ``cg_max_iter``
-            (newton-cg, trust-ncg), ``memory`` (l-bfgs). An option of another method warns
-            (:class:`OptimizeWarning`); an unknown one raises.
+            ``initial_radius`` :math:`\le` ``max_radius`` (finite, positive); ``correction``
+            (newton), ``cg_max_iter`` (newton-cg, trust-ncg), ``memory`` (l-bfgs). An option
+            of another method warns (:class:`OptimizeWarning`); an unknown one raises, and so
+            does a value out of range (``nan`` or ``inf`` included).
 
     Returns:
         :class:`OptimizeResult` (``x``, ``fun``, ``jac``, ``nit``, ``nfev``, ``njev``,
@@ -223,17 +258,14 @@ def minimize(
         if f is not None and not callable(f):
             raise TypeError(f"{what} must be callable or None, got {type(f).__name__}")
     n = x0.numel()
-    if max_iter is None:
-        max_iter = max(1000, 200 * n)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if tol is not None and (
-        isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0
-    ):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    max_iter = max(1000, 200 * n) if max_iter is None else _positive_int("max_iter", max_iter)
+    if tol is not None:
+        tol = _number("tol", tol, positive=True)
     tols = _tolerances(x0.dtype, tol, opts)
     saddle = opts["saddle_check"] if opts["saddle_check"] is not None else name in SECOND_ORDER
-    curv_tol = opts["curvature_tol"] or torch.finfo(x0.dtype).eps ** (1.0 / 3.0)
+    curv_tol = opts["curvature_tol"]  # 0 is a real choice, so test for None, not falsiness
+    if curv_tol is None:
+        curv_tol = torch.finfo(x0.dtype).eps ** (1.0 / 3.0)
     obj = Objective(fun, x0, grad, hvp)
     run = Run(
         name,

@@ -17,6 +17,13 @@ from hesse.func._engine import _grad
 from hesse.func._tensor import FDErrorTracker, fd_richardson, fd_scale
 from hesse.operators import CurvatureOperator
 
+_NO_PATH = (
+    "fun(x) does not depend on x through autograd: its value has no gradient path back to "
+    "x (was x detached, converted to numpy or a Python number, or used only through "
+    "non-differentiable operations such as argmax or round?). Keep fun in torch operations "
+    "on x, or pass grad=; if fun is constant there is nothing to minimise"
+)
+
 
 @dataclass
 class Point:
@@ -59,6 +66,9 @@ class Objective:
         self.n = x0.numel()
         self.dtype, self.device = x0.dtype, x0.device
         self.counts = Counts()
+        # Whether fun's graph has been seen to reach x: checked at the first autograd
+        # evaluation only (later points may legitimately sit on a flat piece of fun).
+        self._reaches_x = False
 
     def _shaped(self, x: Tensor) -> Tensor:
         return x.view(self.shape)
@@ -96,11 +106,14 @@ class Objective:
             if not math.isfinite(pt.f):
                 return pt
             c.njev += 1
-            if not value.requires_grad:  # a constant
-                g = torch.zeros_like(x)
-            else:
+            g = None
+            if value.requires_grad:
                 (g,) = torch.autograd.grad(value, xl, create_graph=graph, allow_unused=True)
-                g = torch.zeros_like(x) if g is None else g
+            if g is None:  # no autograd path from x to fun(x) here
+                if not self._reaches_x:
+                    raise ValueError(_NO_PATH)
+                g = torch.zeros_like(x)  # a flat piece of fun, away from the start
+            self._reaches_x = True
         if not all_finite(g.detach()):
             return pt
         pt.g = g.detach()

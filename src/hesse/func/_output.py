@@ -101,6 +101,26 @@ def _valid_classes(targets: Any, out_shape: torch.Size, class_dim: int, what: st
     return (targets >= 0) & (targets < num_classes)
 
 
+def _check_labels(targets: Tensor, num_classes: int | None, ignore_index: int) -> None:
+    """Raise a ``ValueError`` unless every class-index target is in ``[0, num_classes)`` or
+    is ``ignore_index`` (only ``>= 0`` when ``num_classes`` is unknown). One host sync: a
+    label out of range would otherwise be clamped or indexed silently (``CrossEntropyLoss``
+    itself raises)."""
+    bad = targets != ignore_index
+    bad &= targets < 0 if num_classes is None else (targets < 0) | (targets >= num_classes)
+    if bool(bad.any()):
+        labels = torch.unique(targets[bad])
+        shown = ", ".join(str(v) for v in labels[:10].tolist())
+        more = f" (and {labels.numel() - 10} more)" if labels.numel() > 10 else ""
+        classes = "" if num_classes is None else f" for {num_classes} classes"
+        upper = "C" if num_classes is None else str(num_classes)
+        raise ValueError(
+            f"cross-entropy targets must be class indices in [0, {upper}) or ignore_index="
+            f"{ignore_index}; got label(s) {shown}{more}{classes} "
+            f"({int(bad.sum())} of {targets.numel()} targets)"
+        )
+
+
 class OutputCurvature:
     """Curvature of ``loss_fn(outputs, targets)`` with respect to ``outputs``.
 
@@ -153,6 +173,26 @@ class OutputCurvature:
         self.likelihood = likelihood or known
         #: The class dimension of the outputs for a categorical likelihood.
         self.class_dim = 1 if self.kind == "cross_entropy" else -1
+        self._checked: tuple[Tensor, int] | None = None  # see check_targets
+
+    def check_targets(self, out: Tensor, targets: Any) -> None:
+        """Raise a ``ValueError`` if class-index targets of a ``CrossEntropyLoss`` lie
+        outside ``[0, C)`` (``C = out.shape[1]``) and are not its ``ignore_index``.
+
+        The closed forms below call it; a caller that evaluates the loss itself on a batch
+        first should call it before, since ``CrossEntropyLoss`` on CUDA fails on such a
+        label with a device-side assert. The targets last checked are remembered (by
+        identity and version), so checking them again costs no second host sync.
+        """
+        if not (self.kind == "cross_entropy" and self._closed_form(out, targets)):
+            return
+        if targets.dtype != torch.long:
+            return
+        last = self._checked
+        if last is not None and last[0] is targets and last[1] == targets._version:
+            return
+        _check_labels(targets, out.shape[1], self.loss_fn.ignore_index)
+        self._checked = (targets, targets._version)
 
     def check_fisher(self, kind: str) -> None:
         """Raise a ``ValueError`` if the Fisher of this ``kind`` cannot be formed."""
@@ -176,9 +216,14 @@ class OutputCurvature:
         if isinstance(lf, (nn.CrossEntropyLoss, nn.NLLLoss)):
             if targets.is_floating_point():  # probabilities (N, C, d...): a mean over positions
                 return float(targets.numel() // targets.shape[1]) if targets.dim() > 1 else 1.0
+            n_cls = out_shape[1] if out_shape is not None and len(out_shape) > 1 else None
+            if n_cls is None and lf.weight is not None:
+                n_cls = lf.weight.numel()
+            _check_labels(targets, n_cls, lf.ignore_index)
             valid = targets != lf.ignore_index
             if lf.weight is None:
                 return float(valid.sum())
+            # the clamp only reaches ignored positions (checked above), which valid zeroes
             w = lf.weight[targets.clamp(0, lf.weight.numel() - 1)]
             return float((w * valid).sum())
         if isinstance(lf, _ELEMENTWISE_MEAN) or self.likelihood in ("gaussian", "bernoulli"):
@@ -219,7 +264,9 @@ class OutputCurvature:
         eps = lf.label_smoothing
         w = None if lf.weight is None else lf.weight.to(out.dtype)
         if targets.dtype == torch.long:
+            self.check_targets(out, targets)
             valid = (targets != lf.ignore_index).to(out.dtype)
+            # the clamp only reaches ignored positions (checked above), which valid zeroes
             wy = valid if w is None else w[targets.clamp(0, n_cls - 1)] * valid
             a = wy
             if hessian and eps:

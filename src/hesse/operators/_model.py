@@ -300,6 +300,7 @@ class _OutputSpaceCurvature(ModelCurvature):
         out_mm = self._out_mm(targets, index)
 
         def make_out_mm(out: Tensor) -> Callable[[Tensor], Tensor]:
+            self.curvature.check_targets(out, targets)  # before the loss reads them
             self._record(self.fn.loss_fn(out, targets))  # cheap: on the outputs
             return out_mm(out)
 
