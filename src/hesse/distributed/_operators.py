@@ -56,12 +56,12 @@ class _DataParallel(ModelCurvature):
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         return self.comm.synchronize_generator(generator)
 
-    def linearize(self) -> LinearizedCurvature:
+    def linearize(self, memory_budget: object = None) -> LinearizedCurvature:
         """As :meth:`ModelCurvature.linearize`; a rank that fails to build its graphs tells
         the others at once (one small collective) instead of leaving them waiting in the
         first product."""
         return self.comm.attempt(
-            lambda: LinearizedCurvature(self), f"{type(self).__name__}.linearize()"
+            lambda: LinearizedCurvature(self, memory_budget), f"{type(self).__name__}.linearize()"
         )
 
 
@@ -84,11 +84,21 @@ _ARGS_DOC = """
 
 class HessianOperator(_DataParallel, operators.HessianOperator):
     def __init__(
-        self, model, loss_fn, data, params=None, *, mode=None, io=None, group=None, timeout=None
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        mode=None,
+        io=None,
+        memory_budget=None,
+        group=None,
+        timeout=None,
     ):
         self._construct(
             lambda: operators.HessianOperator.__init__(
-                self, model, loss_fn, data, params, mode=mode, io=io
+                self, model, loss_fn, data, params, mode=mode, io=io, memory_budget=memory_budget
             ),
             group,
             timeout,
@@ -96,9 +106,14 @@ class HessianOperator(_DataParallel, operators.HessianOperator):
 
 
 class GGNOperator(_DataParallel, operators.GGNOperator):
-    def __init__(self, model, loss_fn, data, params=None, *, io=None, group=None, timeout=None):
+    def __init__(
+        self, model, loss_fn, data, params=None, *, io=None, memory_budget=None, group=None,
+        timeout=None,
+    ):  # fmt: skip
         self._construct(
-            lambda: operators.GGNOperator.__init__(self, model, loss_fn, data, params, io=io),
+            lambda: operators.GGNOperator.__init__(
+                self, model, loss_fn, data, params, io=io, memory_budget=memory_budget
+            ),
             group,
             timeout,
         )
@@ -117,6 +132,7 @@ class FisherOperator(_DataParallel, operators.FisherOperator):
         generator: torch.Generator | None = None,
         likelihood: str | None = None,
         io=None,
+        memory_budget=None,
         group=None,
         timeout=None,
     ):
@@ -132,6 +148,7 @@ class FisherOperator(_DataParallel, operators.FisherOperator):
                 generator=generator,
                 likelihood=likelihood,
                 io=io,
+                memory_budget=memory_budget,
             ),
             group,
             timeout,

@@ -336,8 +336,7 @@ class OutputCurvature:
         out = out.detach()
         if kind == "empirical":
             c = self._fold(self._nll_scales(out, targets))
-            with torch.enable_grad():
-                g = grad(lambda o: self.loss_fn(o, targets))(out)
+            g = _loss_gradient(self.loss_fn, out, targets)
             # s_i = g_i / c_i, the gradient of sample i's NLL; samples with c_i = 0 add nothing.
             safe = torch.where(c == 0, torch.ones_like(c), c)
             return (g / safe.reshape(-1, *[1] * (out.dim() - 1))).unsqueeze(0), c
@@ -417,15 +416,10 @@ class OutputCurvature:
         return self._factors(s, a)
 
     def _draw_gradients(self, out: Tensor, y: Tensor) -> Tensor:
-        """``grad_o loss_fn(o, y[m])`` for each draw, vectorised where the loss allows."""
-        g_of = grad(self.loss_fn)
-        with torch.enable_grad():
-            if y.shape[0] > 1:
-                try:
-                    return vmap(g_of, in_dims=(None, 0))(out, y)
-                except (RuntimeError, ValueError, TypeError, NotImplementedError):
-                    pass  # a loss vmap cannot trace (.item(), data-dependent shapes): one by one
-            return torch.stack([g_of(out, ym) for ym in y])
+        """``grad_o loss_fn(o, y[m])`` for each draw. Plain autograd, one draw at a time
+        (``mc_samples`` is small): unlike :mod:`torch.func`'s transforms it runs where
+        saved-tensor hooks are active (a linearised operator measures its graphs so)."""
+        return torch.stack([_loss_gradient(self.loss_fn, out, ym) for ym in y])
 
     def _factors(self, s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         """Fold per-position scales ``a`` (broadcastable to ``s``, of shape ``(1 or M, N, ...)``)
@@ -456,6 +450,14 @@ class OutputCurvature:
             a = valid.to(out.dtype)
             return a / a.sum().clamp_min(torch.finfo(out.dtype).tiny) if mean else a
         return torch.full((n, 1), 1.0 / n if mean else 1.0, dtype=out.dtype, device=out.device)
+
+
+def _loss_gradient(loss_fn: Callable[[Tensor, Any], Tensor], out: Tensor, targets: Any) -> Tensor:
+    """``grad_o loss_fn(o, targets)`` at ``o = out``, by plain autograd."""
+    with torch.enable_grad():
+        o = out.detach().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(o, targets), o, allow_unused=True)
+    return torch.zeros_like(out) if g is None else g
 
 
 def fisher_mm(S: Tensor, c: Tensor, U: Tensor) -> Tensor:

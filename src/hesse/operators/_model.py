@@ -17,6 +17,7 @@ from hesse.func._model import _DEFAULT_IO, Batch, ModelLoss
 from hesse.func._output import FISHER_KINDS, OutputCurvature, fisher_mm
 from hesse.func._tensor import DEFAULT_HVP_MODE, HVP_MODES
 from hesse.operators._base import NONFINITE_LOSS, CurvatureOperator
+from hesse.operators._memory import GraphMeter, parse_budget, resolve_budget
 
 Columns = tuple[Tensor, ...]  # one tensor (k, *param.shape) per parameter
 BatchProduct = Callable[[Columns], Columns]
@@ -62,8 +63,12 @@ class ModelCurvature(CurvatureOperator):
         data: Any,
         params: Sequence[Tensor | str] | None = None,
         io: ModelIO | None = None,
+        memory_budget: object = None,
     ):
         self.fn = ModelLoss(model, loss_fn, params, io, second_order=self._second_order)
+        #: Bytes of graphs :meth:`linearize` may keep (None: HESSE_MEMORY_BUDGET or the
+        #: default, see :mod:`hesse.operators._memory`); checked now, resolved then.
+        self.memory_budget = None if memory_budget is None else parse_budget(memory_budget)
         self._losses: list[Tensor] = []  # the batches' losses of the latest product
         super().__init__(self.fn.size, self.fn.space.dtype, self.fn.space.device)
         self.data = _check_data(data, self._empty_ok, self.fn.io)
@@ -91,10 +96,17 @@ class ModelCurvature(CurvatureOperator):
         many times."""
         raise NotImplementedError
 
-    def _products(self, reuse: bool = False) -> Iterable[tuple[BatchProduct, int]]:
+    def _products(
+        self, reuse: bool = False, start: int = 0
+    ) -> Iterable[tuple[BatchProduct, float]]:
+        """Each batch's product (from batch ``start`` on) and its weight; the batches
+        before ``start`` are read (an iterable has no other way to reach the rest) but not
+        computed."""
         params = self.fn.params()
-        found = False
+        found = start > 0
         for index, batch in enumerate(self.data):
+            if index < start:
+                continue
             n = self.fn.weight(batch)
             if n == 0:  # a batch without samples adds nothing (a mean over it is NaN)
                 continue
@@ -170,34 +182,105 @@ class ModelCurvature(CurvatureOperator):
             for loss in losses:
                 check_finite(loss, NONFINITE_LOSS)
 
-    def linearize(self) -> LinearizedCurvature:
-        """Do the expensive part of every batch's product once, for many products at this
-        point (CG, Lanczos): a :class:`LinearizedCurvature` that keeps the graphs of all
-        batches in memory and refuses products once the parameters have changed."""
-        return LinearizedCurvature(self)
+    def linearize(self, memory_budget: object = None) -> LinearizedCurvature:
+        """Do the expensive part of the batches' products once, for many products at this
+        point (CG, Lanczos): a :class:`LinearizedCurvature` that keeps the graphs of as many
+        batches as ``memory_budget`` allows (bytes, or a string such as ``"256M"``; by
+        default the operator's ``memory_budget``, then ``HESSE_MEMORY_BUDGET``, then half
+        the device's free memory), recomputes the others at each product, and refuses
+        products once the parameters have changed."""
+        return LinearizedCurvature(self, memory_budget)
+
+
+def _shuffles(data: object) -> bool:
+    """Whether ``data`` is a DataLoader whose batches come in a random order."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if not isinstance(data, DataLoader):
+        return False
+    sampler = getattr(data.batch_sampler, "sampler", data.sampler)
+    return isinstance(sampler, RandomSampler)
 
 
 class LinearizedCurvature(CurvatureOperator):
-    """A :class:`ModelCurvature` frozen at the current parameters, with each batch's
-    forward pass and graph built once and reused by every product."""
+    """A :class:`ModelCurvature` frozen at the current parameters. The graphs of the first
+    batches, as many as fit in the memory budget (:mod:`hesse.operators._memory`), are
+    built once and reused by every product; the batches after them are recomputed at each
+    product (a forward and a backward pass each, as the operator itself does), so memory
+    does not grow with the data. Products refuse to run once the parameters have changed.
 
-    def __init__(self, op: ModelCurvature):
+    Attributes:
+        memory_budget: the budget in bytes.
+        cached_batches, cached_bytes: the batches whose graphs are kept, and the bytes
+            their saved tensors and gradient vectors take.
+        recomputed: whether some batches are recomputed at each product.
+    """
+
+    def __init__(self, op: ModelCurvature, memory_budget: object = None):
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op
         self.symmetric, self.psd, self.chunk_size = op.symmetric, op.psd, op.chunk_size
+        self.memory_budget = resolve_budget(
+            memory_budget if memory_budget is not None else op.memory_budget, op.device
+        )
         self._versions = op.fn.versions()
         op._losses = []
-        self._parts = list(op._products(reuse=True))
-        op._check_losses()  # the graphs are built once: their losses are checked once
+        self._parts, self._rest_from, self.cached_bytes = self._cache(op)
+        op._check_losses()  # the cached graphs are built once: their losses are checked once
+        if self._rest_from is not None and _shuffles(op.data):
+            raise ValueError(
+                "the data is a DataLoader that shuffles, and its graphs do not all fit in "
+                f"the memory budget ({self.memory_budget:,} bytes): a partly cached operator "
+                "needs the same batches in the same order at every product; give a "
+                "DataLoader with shuffle=False, or a larger memory_budget"
+            )
+
+    @property
+    def cached_batches(self) -> int:
+        return len(self._parts)
+
+    @property
+    def recomputed(self) -> bool:
+        return self._rest_from is not None
+
+    def _cache(self, op: ModelCurvature) -> tuple[list, int | None, int]:
+        """Build the graphs of the first batches while they fit: ``(parts, index of the
+        first batch to recompute or None, bytes kept)``."""
+        params = op.fn.params()
+        meter = GraphMeter(exclude=params)
+        # the gradient-like vectors a cached product keeps (J^T u, the gradient), per batch
+        vectors = op.space.size * torch.empty((), dtype=op.dtype).element_size()
+        parts: list[tuple[BatchProduct, float]] = []
+        kept, found = 0, False
+        for index, batch in enumerate(op.data):
+            n = op.fn.weight(batch)
+            if n == 0:  # as ModelCurvature._products: a batch without samples adds nothing
+                continue
+            found = True
+            if kept + vectors > self.memory_budget:
+                return parts, index, kept  # not even this batch's vectors fit
+            with meter.measure():
+                part = op._batch_product(params, batch, index, True)
+            if kept + meter.bytes + vectors > self.memory_budget:
+                return parts, index, kept  # this graph is dropped; recomputed from here on
+            parts.append((part, n))
+            kept += meter.bytes + vectors
+        if not found and not op._empty_ok:
+            raise ValueError("data is empty: expected at least one batch (inputs, targets)")
+        return parts, None, kept
 
     def _matmat(self, V: Tensor) -> Tensor:
+        self.op._losses = []  # the recomputed batches' losses, checked with the product
         return self.op._combine(self._checked_parts(), V)
+
+    def _losses_seen(self) -> list[Tensor]:
+        return self.op._losses_seen()
 
     @property
     def product_rtol(self) -> float:
         return self.op.product_rtol
 
-    def _checked_parts(self) -> Iterable[tuple[BatchProduct, int]]:
+    def _checked_parts(self) -> Iterable[tuple[BatchProduct, float]]:
         # Checked as the parts are read, inside _combine: a data-parallel operator then
         # carries the error to the other ranks instead of leaving them waiting.
         if self.op.fn.versions() != self._versions:
@@ -206,6 +289,8 @@ class LinearizedCurvature(CurvatureOperator):
                 "stale: call linearize() again at the new point"
             )
         yield from self._parts
+        if self._rest_from is not None:
+            yield from self.op._products(start=self._rest_from)
 
     def synchronize_generator(self, generator: torch.Generator) -> torch.Generator:
         return self.op.synchronize_generator(generator)
@@ -226,6 +311,9 @@ class HessianOperator(ModelCurvature):
         mode: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``; by default
             :data:`hesse.func.DEFAULT_HVP_MODE`.
         io: a :class:`hesse.ModelIO` for models and batches the defaults do not cover.
+        memory_budget: bytes (or ``"256M"``) of graphs :meth:`linearize` may keep; the
+            batches beyond it are recomputed at each product. Default: the environment
+            variable ``HESSE_MEMORY_BUDGET``, else half the device's free memory.
 
     Attention and RNN kernels without double backward are replaced for hesse's own forward
     passes (:func:`hesse.func.second_order`); the model needs no change.
@@ -241,8 +329,18 @@ class HessianOperator(ModelCurvature):
         True
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, mode: str | None = None, io=None):
-        super().__init__(model, loss_fn, data, params, io)
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        mode: str | None = None,
+        io=None,
+        memory_budget=None,
+    ):
+        super().__init__(model, loss_fn, data, params, io, memory_budget)
         mode = mode or DEFAULT_HVP_MODE
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
@@ -286,8 +384,10 @@ class _OutputSpaceCurvature(ModelCurvature):
 
     psd = True
 
-    def __init__(self, model, loss_fn, data, params=None, io=None, likelihood=None):
-        super().__init__(model, loss_fn, data, params, io)
+    def __init__(
+        self, model, loss_fn, data, params=None, io=None, likelihood=None, memory_budget=None
+    ):
+        super().__init__(model, loss_fn, data, params, io, memory_budget)
         self.curvature = OutputCurvature(loss_fn, likelihood)
 
     def _out_mm(self, targets: Any, index: int) -> Callable[[Tensor], Callable]:
@@ -353,8 +453,9 @@ class FisherOperator(_OutputSpaceCurvature):
         generator: torch.Generator | None = None,
         likelihood: str | None = None,
         io=None,
+        memory_budget=None,
     ):
-        super().__init__(model, loss_fn, data, params, io, likelihood)
+        super().__init__(model, loss_fn, data, params, io, likelihood, memory_budget)
         if kind not in FISHER_KINDS:
             raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
