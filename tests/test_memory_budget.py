@@ -146,3 +146,20 @@ def test_peak_memory_stays_within_the_budget_plus_one_graph(tmp_path):
     two = run(str(int(2.5 * one)))
     assert two["batches"] == 2, two
     assert two["growth"] < 2.5 * one + 3 * one, (two, one)  # the budget, plus a batch computed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_budgets_give_the_same_products(monkeypatch):
+    monkeypatch.delenv("HESSE_MEMORY_BUDGET", raising=False)
+    model, loss_fn, loader = _problem()
+    model = model.cuda()
+    batches = [(X.cuda(), y.cuda()) for X, y in loader]
+    H = hesse.HessianOperator(model, loss_fn, batches)
+    V = torch.randn(H.shape[0], 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ref = H @ V
+    full = H.linearize()  # the default: half of the GPU's free memory, plenty here
+    assert full.cached_batches == 6 and 0 < full.memory_budget < torch.cuda.mem_get_info()[1]
+    part = H.linearize(memory_budget=int(2.5 * full.cached_bytes / 6))
+    assert part.cached_batches == 2 and part.recomputed
+    for L in (full, part):
+        torch.testing.assert_close(L @ V, ref, rtol=1e-5, atol=1e-6)

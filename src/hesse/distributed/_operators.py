@@ -23,6 +23,14 @@ class _DataParallel(ModelCurvature):
 
     _empty_ok = True  # a rank may hold no batch (an uneven split); the others carry it
 
+    def __init__(self, model, loss_fn, data, params=None, *, group=None, timeout=None, **kw):
+        """The local operator's own arguments, passed through as they are (so that the two
+        never drift apart), plus ``group`` and ``timeout``."""
+        local = _local_class(type(self))
+        self._construct(
+            lambda: local.__init__(self, model, loss_fn, data, params, **kw), group, timeout
+        )
+
     def _construct(self, init, group: Any, timeout: float | None) -> None:
         """Run the local constructor ``init()``; a rank whose construction fails tells the
         others (one small collective), so that none of them waits for it in a product.
@@ -82,77 +90,22 @@ _ARGS_DOC = """
 """
 
 
+def _local_class(cls: type) -> type:
+    """The operator of :mod:`hesse.operators` that a data-parallel class extends."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("hesse.operators."))
+
+
 class HessianOperator(_DataParallel, operators.HessianOperator):
-    def __init__(
-        self,
-        model,
-        loss_fn,
-        data,
-        params=None,
-        *,
-        mode=None,
-        io=None,
-        memory_budget=None,
-        group=None,
-        timeout=None,
-    ):
-        self._construct(
-            lambda: operators.HessianOperator.__init__(
-                self, model, loss_fn, data, params, mode=mode, io=io, memory_budget=memory_budget
-            ),
-            group,
-            timeout,
-        )
+    pass
 
 
 class GGNOperator(_DataParallel, operators.GGNOperator):
-    def __init__(
-        self, model, loss_fn, data, params=None, *, io=None, memory_budget=None, group=None,
-        timeout=None,
-    ):  # fmt: skip
-        self._construct(
-            lambda: operators.GGNOperator.__init__(
-                self, model, loss_fn, data, params, io=io, memory_budget=memory_budget
-            ),
-            group,
-            timeout,
-        )
+    pass
 
 
 class FisherOperator(_DataParallel, operators.FisherOperator):
-    def __init__(
-        self,
-        model,
-        loss_fn,
-        data,
-        params=None,
-        *,
-        kind: str = "empirical",
-        mc_samples: int = 1,
-        generator: torch.Generator | None = None,
-        likelihood: str | None = None,
-        io=None,
-        memory_budget=None,
-        group=None,
-        timeout=None,
-    ):
-        self._construct(
-            lambda: operators.FisherOperator.__init__(
-                self,
-                model,
-                loss_fn,
-                data,
-                params,
-                kind=kind,
-                mc_samples=mc_samples,
-                generator=generator,
-                likelihood=likelihood,
-                io=io,
-                memory_budget=memory_budget,
-            ),
-            group,
-            timeout,
-        )
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         # Rank 0's seed on every rank, offset by rank: each shard draws its own targets
         # and the whole draw is reproducible from rank 0's generator.
         seed = torch.tensor([self._seed], dtype=torch.int64)
@@ -161,23 +114,12 @@ class FisherOperator(_DataParallel, operators.FisherOperator):
 
 
 class FiniteDifferenceHessian(_DataParallel, operators.FiniteDifferenceHessian):
-    def __init__(
-        self, model, loss_fn, data, params=None, *, h=None, io=None, group=None, timeout=None
-    ):
-        self._construct(
-            lambda: operators.FiniteDifferenceHessian.__init__(
-                self, model, loss_fn, data, params, h=h, io=io
-            ),
-            group,
-            timeout,
-        )
-
     # nothing to do once, and the error record stays with the operator
     linearize = operators.FiniteDifferenceHessian.linearize
 
 
 for _cls in (HessianOperator, GGNOperator, FisherOperator, FiniteDifferenceHessian):
-    _base = _cls.__mro__[2]
+    _base = _local_class(_cls)
     _cls.__doc__ = (
         f"Data-parallel :class:`hesse.{_cls.__name__}`: "
         + (_base.__doc__ or "").strip().split("\n")[0]
