@@ -98,7 +98,8 @@ class ModelLoss:
         chosen = {id(p) for p in self._selected}
         self._aliases = [[a for a, q in every if q is p] for p in self._selected]
         self._others = [(a, q) for a, q in every if id(q) not in chosen]
-        self._buffer_owners = [m for m in model.modules() if any(True for _ in m.buffers(False))]
+        self._modules = list(model.modules())
+        self._buffer_owners = [m for m in self._modules if m._buffers]
         self.space = ParamSpace(self._selected, names)
         # whether the second-order context must turn cuDNN off for RNNs (the device is
         # fixed by the parameter space)
@@ -162,9 +163,16 @@ class ModelLoss:
     def versions(self) -> tuple[int, ...]:
         """In-place version counters of every parameter and buffer of the model (to detect
         stale caches: a block's curvature depends on the other layers too). Writes through
-        ``.data`` bypass these counters and cannot be seen."""
-        model = self.model
-        return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+        ``.data`` bypass these counters and cannot be seen. The modules are listed once;
+        their parameters and buffers are read at each call (a reassigned one is seen as a
+        change: its identity is part of the answer)."""
+        return tuple(
+            (id(t), t._version)
+            for m in self._modules
+            for d in (m._parameters, m._buffers)
+            for t in d.values()
+            if t is not None
+        )
 
     def _state(self, params: Sequence[Tensor]) -> dict[str, Tensor]:
         """What ``functional_call`` swaps in: ``params`` under every name of the selected
