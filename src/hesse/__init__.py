@@ -9,6 +9,7 @@ L-BFGS).
 
 from hesse import analysis, distributed, func, linalg, operators, optim, solvers
 from hesse._core import NonFiniteError, ParamSpace
+from hesse._core._progress import progress
 from hesse._minimize import OptimizeResult, OptimizeWarning, minimize
 from hesse.analysis import (
     ConvexityReport,
@@ -92,6 +93,7 @@ __all__ = [
     "minimize",
     # core
     "NonFiniteError",
+    "progress",
     "ParamSpace",
     # modules
     "analysis",

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from hesse._core._progress import Counts, listen
+
 INSTALL = "pip install 'hesse[cli]'"
 
 
@@ -152,13 +154,21 @@ class Output:
             *columns, console=self.err, transient=True, disable=self.quiet
         ) as bar:
             task = bar.add_task(description, total=total)
+            counts = Counts()
+            shown = [description]
 
             def advance(n: float = 1, description: str | None = None) -> None:
                 if description is not None:
+                    shown[0] = description
                     bar.update(task, description=description)
                 bar.advance(task, n)
 
-            yield advance
+            def listener(event: str, n: int) -> None:  # hesse's products and batches
+                counts(event, n)
+                bar.update(task, description=f"{shown[0]} [dim]({counts.describe()})[/dim]")
+
+            with listen(listener):
+                yield advance
 
     # ------------------------------------------------------------------------- files
 

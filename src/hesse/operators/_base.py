@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hesse._core import all_finite, check_finite, check_operand
+from hesse._core._progress import report
 
 
 class CurvatureOperator:
@@ -45,6 +46,7 @@ class CurvatureOperator:
         if isinstance(v, CurvatureOperator):
             return NotImplemented
         V, single = check_operand(v, self.shape[1], self.dtype, self.device, check_values=False)
+        report("product", V.shape[1])
         if V.shape[1] <= self.chunk_size:
             out = self._matmat(V)
         else:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from hesse._core import all_finite, check_finite
+from hesse._core._progress import report
 from hesse.func._engine import hvp_product, jmj_product
 from hesse.func._io import ModelIO
 from hesse.func._model import _DEFAULT_IO, Batch, ModelLoss
@@ -104,9 +105,11 @@ class ModelCurvature(CurvatureOperator):
         computed."""
         params = self.fn.params()
         found = start > 0
+        _start_pass(self.data, start)
         for index, batch in enumerate(self.data):
             if index < start:
                 continue
+            report("batch")
             n = self.fn.weight(batch)
             if n == 0:  # a batch without samples adds nothing (a mean over it is NaN)
                 continue
@@ -192,6 +195,11 @@ class ModelCurvature(CurvatureOperator):
         return LinearizedCurvature(self, memory_budget)
 
 
+def _start_pass(data: object, start: int = 0) -> None:
+    """Report a pass over ``data`` (its length, when it has one) to progress listeners."""
+    report("pass", max(len(data) - start, 0) if hasattr(data, "__len__") else 0)
+
+
 def _shuffles(data: object) -> bool:
     """Whether ``data`` is a DataLoader whose batches come in a random order."""
     from torch.utils.data import DataLoader, RandomSampler
@@ -252,6 +260,7 @@ class LinearizedCurvature(CurvatureOperator):
         vectors = op.space.size * torch.empty((), dtype=op.dtype).element_size()
         parts: list[tuple[BatchProduct, float]] = []
         kept, found = 0, False
+        _start_pass(op.data)
         for index, batch in enumerate(op.data):
             n = op.fn.weight(batch)
             if n == 0:  # as ModelCurvature._products: a batch without samples adds nothing
@@ -261,6 +270,7 @@ class LinearizedCurvature(CurvatureOperator):
                 return parts, index, kept  # not even this batch's vectors fit
             with meter.measure():
                 part = op._batch_product(params, batch, index, True)
+            report("batch")
             if kept + meter.bytes + vectors > self.memory_budget:
                 return parts, index, kept  # this graph is dropped; recomputed from here on
             parts.append((part, n))
