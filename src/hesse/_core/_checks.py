@@ -124,3 +124,20 @@ def check_real(
             where = f"in {left}{lo:g}, {hi:g}{right}"
         raise ValueError(f"{name} must be a finite real number {where}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def check_seed(seed: object, name: str = "seed", *, allow_none: bool = True) -> int | None:
+    """Check a random seed: an integer (a Python or NumPy integer, not a bool) in
+    ``[0, 2**63)``, or ``None`` (fresh randomness) where ``allow_none``; return it as an int.
+
+    A float is refused rather than truncated (``1.7`` would silently seed as ``1``), and a
+    value outside the range rather than left to torch's ``Overflow when unpacking long``.
+    """
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        expected = "an integer or None" if allow_none else "an integer"
+        raise TypeError(f"{name} must be {expected}, got {type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {int(seed)}")
+    return int(seed)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hesse._core._checks import check_real
+from hesse._core._checks import check_real, check_seed
 from hesse.linalg import ConvergenceWarning, lanczos
 from hesse.linalg._common import (
     HALF_DTYPES,
@@ -287,6 +287,7 @@ def convexity(
     num_points = check_positive_int(num_points, "num_points")
     if max_iter is not None:
         max_iter = check_positive_int(max_iter, "max_iter")
+    seed = check_seed(seed)
     report = functools.partial(
         _report_operator,
         rtol=rtol,
@@ -359,7 +360,7 @@ def _points(x, points, box, segment, num_points, seed) -> Tensor:
             raise ValueError("points must be a tensor of shape (N, *x.shape) with N >= 1")
         return points
     if segment is not None:
-        x0, x1 = segment
+        x0, x1 = _check_segment(segment)
         t = torch.linspace(0, 1, num_points, dtype=x0.dtype, device=x0.device)
         return x0[None] + t.reshape(-1, *([1] * x0.dim())) * (x1 - x0)[None]
     if x is None:
@@ -374,6 +375,29 @@ def _points(x, points, box, segment, num_points, seed) -> Tensor:
     g = make_generator(seed, None, x.device)
     u = torch.rand((num_points, *x.shape), generator=g, dtype=x.dtype, device=x.device)
     return lo + u * (hi - lo)
+
+
+def _check_segment(segment: object) -> tuple[Tensor, Tensor]:
+    """The ends of ``segment=(x0, x1)``: two floating point tensors of one shape, dtype and
+    device."""
+    if not isinstance(segment, (tuple, list)) or len(segment) != 2:
+        raise ValueError(f"segment must be a pair (x0, x1) of tensors, got {segment!r}")
+    x0, x1 = segment
+    for name, end in (("x0", x0), ("x1", x1)):
+        if not isinstance(end, Tensor) or not end.is_floating_point():
+            got = f"dtype {end.dtype}" if isinstance(end, Tensor) else type(end).__name__
+            raise TypeError(f"segment end {name} must be a floating point tensor, got {got}")
+    if x0.shape != x1.shape:
+        raise ValueError(
+            "segment=(x0, x1) needs ends of the same shape, got "
+            f"{tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
+    if x0.dtype != x1.dtype or x0.device != x1.device:
+        raise ValueError(
+            "segment=(x0, x1) needs ends of the same dtype and device, got "
+            f"{x0.dtype} on {x0.device} and {x1.dtype} on {x1.device}"
+        )
+    return x0, x1
 
 
 def _aggregate(reports, pts, rtol, atol) -> ConvexityReport:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hesse._core._checks import check_real, check_seed
 from hesse.analysis._convexity import Verdict, _report_operator
 from hesse.func import ModelIO
 from hesse.linalg import xtrace
@@ -124,6 +125,9 @@ def layer_report(
     block, its eigenvalues, Lanczos) in float32; each row's ``error_floor`` says how far
     its eigenvalues can be trusted, and its verdict is certified only beyond it.
     """
+    seed = check_seed(seed)
+    tol = check_real(tol, "tol", 0.0, 1.0, open_lo=True, open_hi=True)
+    rtol = check_real(rtol, "rtol", 0.0, 1.0, open_hi=True)
     blocks = dict(blocks) if blocks is not None else parameter_blocks(model)
     rows = []
     for name, params in blocks.items():

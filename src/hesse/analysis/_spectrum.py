@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_seed
 from hesse.linalg import (
     DensityResult,
     DiagonalResult,
@@ -84,7 +85,8 @@ def diagonal(
     """The diagonal: ``"exact"`` (``P`` products), or estimated by ``"hutchinson"`` or
     ``"xdiag"`` from ``num_matvecs`` products."""
     method = check_choice(method, "method", DIAGONAL_METHODS)
-    op = maybe_linearize(as_operator(A), linearize)
+    seed = check_seed(seed)  # also for "exact", which draws nothing: a bad seed is a mistake
+    op = maybe_linearize(as_operator(A, allow_empty=method == "exact"), linearize)
     if method == "exact":
         return exact_diagonal(op)
     fn = hutchinson_diagonal if method == "hutchinson" else xdiag

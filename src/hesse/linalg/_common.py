@@ -3,12 +3,14 @@ precision they work in."""
 
 from __future__ import annotations
 
+import numbers
 from enum import Enum
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_real, check_seed
 from hesse.operators import CurvatureOperator, DenseOperator
 
 
@@ -53,17 +55,24 @@ class Result:
         return self
 
 
-def as_operator(A: object) -> CurvatureOperator:
+def as_operator(A: object, *, allow_empty: bool = False) -> CurvatureOperator:
     """A hesse operator for ``A``: a :class:`~hesse.operators.CurvatureOperator` as it is, a
-    square floating point tensor as a :class:`~hesse.operators.DenseOperator`."""
+    square floating point tensor as a :class:`~hesse.operators.DenseOperator`. An empty one
+    (``P = 0``) is a ValueError unless ``allow_empty`` (for the routines whose answer is
+    then simply empty, such as the exact diagonal)."""
     if isinstance(A, CurvatureOperator):
-        return A
-    if isinstance(A, Tensor):
-        return DenseOperator(A)
-    raise TypeError(
-        "A must be a hesse operator (HessianOperator, GGNOperator, ...) or a square "
-        f"torch.Tensor, got {type(A).__name__}"
-    )
+        op = A
+    elif isinstance(A, Tensor):
+        op = DenseOperator(A)
+    else:
+        raise TypeError(
+            "A must be a hesse operator (HessianOperator, GGNOperator, ...) or a square "
+            f"torch.Tensor, got {type(A).__name__}"
+        )
+    if op.shape[0] == 0 and not allow_empty:
+        what = "matrix is empty (0 x 0)" if isinstance(A, Tensor) else "operator is empty (P=0)"
+        raise ValueError(f"A: the {what}; there is nothing to compute")
+    return op
 
 
 # -- precision ---------------------------------------------------------------------------
@@ -138,7 +147,12 @@ def make_generator(
     With ``op``, the operator may make the stream the same wherever its products are
     combined (:meth:`~hesse.operators.CurvatureOperator.synchronize_generator`: in
     data-parallel runs every rank then draws rank 0's probes)."""
+    seed = check_seed(seed)
     if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         if seed is not None:
             raise ValueError("give seed or generator, not both")
         if torch.device(generator.device).type != device.type:
@@ -148,7 +162,7 @@ def make_generator(
         g = torch.Generator(device=device)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
-        g.manual_seed(int(seed))
+        g.manual_seed(seed)
     return g if op is None else op.synchronize_generator(g)
 
 
@@ -169,12 +183,29 @@ def gaussian(
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int (a NumPy integer too, never a bool or a float) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_vector(v: object, n: int, name: str) -> Tensor:
+    """Check an optional start vector (``v0``, ``x0``): a real tensor of shape ``(n,)``."""
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({n},), got {type(v).__name__}")
+    if v.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(v.shape)}")
+    if not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be a real tensor, got dtype {v.dtype}")
+    return v
+
+
+def check_tol(value: object, name: str = "tol") -> float:
+    """A positive finite tolerance, as a float (None, strings and NaN refused)."""
+    return check_real(value, name, 0.0, open_lo=True)

@@ -90,7 +90,7 @@ def exact_diagonal(A: object) -> DiagonalResult:
         >>> exact_diagonal(A).estimate
         tensor([2., 3.])
     """
-    op = promote(as_operator(A))
+    op = promote(as_operator(A, allow_empty=True))  # an empty diagonal for an empty A
     n = op.shape[0]
     parts: list[Tensor] = []
     try:

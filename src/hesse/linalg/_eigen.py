@@ -14,6 +14,8 @@ from hesse.linalg._common import (
     as_operator,
     check_choice,
     check_positive_int,
+    check_tol,
+    check_vector,
     error_floor,
     gaussian,
     make_generator,
@@ -139,8 +141,7 @@ def lanczos(
         raise ValueError(f"lanczos needs a symmetric operator; {type(op).__name__} is not")
     k = check_positive_int(k, "k")
     which = check_choice(which, "which", WHICH)
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
+    tol = check_tol(tol)
     n = op.shape[0]
     m_max = min(n, max_iter if max_iter is not None else max(60, 4 * k + 40))
     m_max = check_positive_int(m_max, "max_iter")
@@ -149,9 +150,7 @@ def lanczos(
     if v0 is None:
         q = gaussian(n, 1, dtype, device, gen)[:, 0]
     else:
-        if v0.shape != (n,):
-            raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}")
-        q = v0.to(dtype=dtype, device=device).clone()
+        q = check_vector(v0, n, "v0").to(dtype=dtype, device=device).clone()
     q = q / torch.linalg.vector_norm(q)
     Q = torch.zeros(m_max, n, dtype=dtype, device=device)  # one basis vector per row
     alphas: list[Tensor] = []
@@ -255,15 +254,14 @@ def power_iteration(
     (as for :func:`lanczos`, whose precision rules it follows).
     """
     op = promote(as_operator(A))
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
+    tol = check_tol(tol)
     max_iter = check_positive_int(max_iter, "max_iter")
     n, dtype, device = op.shape[0], op.dtype, op.device
     gen = make_generator(seed, generator, device, op)  # always: ranks must do the same
     if v0 is None:
         v = gaussian(n, 1, dtype, device, gen)[:, 0]
     else:
-        v = v0.to(dtype=dtype, device=device).clone()
+        v = check_vector(v0, n, "v0").to(dtype=dtype, device=device).clone()
     v = v / torch.linalg.vector_norm(v)
     w = op @ v
     status = Status.MAX_ITERATIONS

@@ -109,7 +109,7 @@ class InverseOperator(CurvatureOperator):
         max_iter: int | None = None,
         M: object = None,
     ):
-        op = as_operator(A)
+        op = as_operator(A, allow_empty=True)
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op.damped(damping) if damping else op
         self.rtol, self.max_iter, self.M = rtol, max_iter, M

@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 
 from hesse._core import NonFiniteError
+from hesse._core._checks import check_real
 from hesse.linalg._common import (
     NotConvergedError,
     Result,
     Status,
     as_operator,
     check_positive_int,
+    check_vector,
 )
 from hesse.operators import CurvatureOperator
 
@@ -177,11 +179,14 @@ def cg(
     if not isinstance(b, Tensor) or b.shape != (n,):
         got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"b must be a tensor of shape ({n},), got {got}")
+    rtol, atol = check_real(rtol, "rtol"), check_real(atol, "atol")
     if radius is not None and (not radius > 0 or x0 is not None or M is not None):
         raise ValueError(
             "radius must be positive, and Steihaug-CG here starts from x0 = 0 without a "
             "preconditioner (its radius bounds the Euclidean norm of the step)"
         )
+    if x0 is not None:
+        x0 = check_vector(x0, n, "x0")
     max_iter = check_positive_int(max_iter if max_iter is not None else n, "max_iter")
     precond = _as_preconditioner(M, n, op.dtype, op.device)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -266,6 +271,7 @@ def minres(
     if not isinstance(b, Tensor) or b.shape != (n,):
         got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"b must be a tensor of shape ({n},), got {got}")
+    rtol, atol = check_real(rtol, "rtol"), check_real(atol, "atol")
     max_iter = check_positive_int(max_iter if max_iter is not None else 5 * n, "max_iter")
     x = torch.zeros_like(b)
     beta1 = float(torch.linalg.vector_norm(b))

@@ -81,9 +81,7 @@ def prepare(
 ) -> tuple[CurvatureOperator, torch.Generator, int]:
     """The operator (promoted: see :func:`~hesse.linalg._common.promote`), the probe
     generator and the number of columns per product."""
-    op = promote(as_operator(A))
-    if op.shape[0] == 0:
-        raise ValueError("the operator is empty (P=0); there is nothing to estimate")
+    op = promote(as_operator(A))  # refuses an empty operator
     batch = op.chunk_size if batch_size is None else check_positive_int(batch_size, "batch_size")
     return op, make_generator(seed, generator, op.device, op), batch
 

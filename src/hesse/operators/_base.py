@@ -46,6 +46,8 @@ class CurvatureOperator:
         if isinstance(v, CurvatureOperator):
             return NotImplemented
         V, single = check_operand(v, self.shape[1], self.dtype, self.device, check_values=False)
+        if V.shape[1] == 0:  # no columns, no products: an empty result, as torch.matmul gives
+            return V.new_zeros((self.shape[0], 0))
         report("product", V.shape[1])
         if V.shape[1] <= self.chunk_size:
             out = self._matmat(V)
