@@ -252,6 +252,10 @@ def minimize(
     if not callable(fun):
         raise TypeError(f"fun must be callable (x -> scalar tensor), got {type(fun).__name__}")
     x0 = _check_point(x0, "x0")
+    if x0.numel() == 0:
+        raise ValueError(
+            f"x0 must hold at least one unknown, got an empty tensor of shape {tuple(x0.shape)}"
+        )
     name = _method(method)
     opts = _options(name, options)
     for what, f in (("grad", grad), ("hvp", hvp), ("callback", callback)):

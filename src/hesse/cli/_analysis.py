@@ -93,6 +93,10 @@ def add_convexity(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run_convexity)
 
 
+#: The fewest products each trace estimator accepts (hesse.trace's own minimum).
+TRACE_MATVECS = {"xtrace": 4, "hutch++": 6, "hutchinson": 2}
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("k", "matvecs", "probes", "steps", "max_iter"):
         v = getattr(args, name, None)
@@ -100,6 +104,12 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if not args.tol > 0:
         raise UserError(f"--tol must be positive, got {args.tol}")
+    estimator = getattr(args, "estimator", None)
+    if estimator is not None and args.matvecs < TRACE_MATVECS[estimator]:
+        raise UserError(
+            f"--matvecs must be at least {TRACE_MATVECS[estimator]} for --estimator "
+            f"{estimator}, got {args.matvecs}"
+        )
 
 
 def density_summary(density: DensityResult) -> dict[str, Any]:

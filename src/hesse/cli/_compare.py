@@ -333,8 +333,8 @@ def train_all(
     per_method = epochs if isinstance(epochs, dict) else dict.fromkeys(methods, epochs)
     for what, v in (*(("epochs", e) for e in per_method.values()), ("time-budget", time_budget),
                     ("lr", lr)):  # fmt: skip
-        if v is not None and not v > 0:
-            raise UserError(f"--{what} must be positive, got {v}")
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise UserError(f"--{what} must be a positive finite number, got {v}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
     curves = {}

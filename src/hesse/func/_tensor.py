@@ -73,6 +73,19 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+def _hvp_loss(f: Callable[[Tensor], Tensor]) -> Callable[[tuple[Tensor, ...]], Tensor]:
+    """``f`` as the engine's loss of ``(x,)``. A value that does not depend on ``x`` at all
+    (a constant, no graph to ``x``) has Hessian 0, as :func:`hessian` gives: a zero term
+    ties it to ``x``, so that its products are zeros rather than an autograd error."""
+    scalar = _scalar_fn(f)
+
+    def loss(xs: tuple[Tensor, ...]) -> Tensor:
+        out = scalar(xs[0])
+        return out if out.requires_grad else out + 0.0 * xs[0].sum()
+
+    return loss
+
+
 def hvp(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, *, mode: str | None = None) -> Tensor:
     r"""Hessian-vector product :math:`\nabla^2 f(x)\, v` by automatic differentiation.
 
@@ -97,7 +110,7 @@ def hvp(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, *, mode: str | None
     if mode == "forward-over-reverse":
         with torch.enable_grad():
             return _finite(jvp(grad(_scalar_fn(f)), (x,), (v,))[1], "the Hessian-vector product")
-    out = hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,))((v.unsqueeze(0),))[0][0]
+    out = hvp_product(_hvp_loss(f), (x,))((v.unsqueeze(0),))[0][0]
     return _finite(out, "the Hessian-vector product")
 
 
@@ -115,7 +128,7 @@ def linearize_hvp(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor]
         tensor([ 0., 12.])
     """
     x = _check_point(x)
-    apply = hvp_product(lambda xs: _scalar_fn(f)(xs[0]), (x,), reuse=True)
+    apply = hvp_product(_hvp_loss(f), (x,), reuse=True)
 
     def product(v: Tensor) -> Tensor:
         V, single = as_directions(x, v)

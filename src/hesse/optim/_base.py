@@ -9,6 +9,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -54,8 +55,8 @@ def check_float(
     if ok:
         ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
     if not ok:
-        left = "(" if open_lo else "["
-        right = ")" if open_hi else "]"
+        left = "(" if open_lo or lo == -math.inf else "["
+        right = ")" if open_hi or hi == math.inf else "]"
         raise ValueError(f"{name} must be a number in {left}{lo}, {hi}{right}, got {value!r}")
     return float(value)
 
@@ -200,12 +201,77 @@ class GraphHessian(CurvatureOperator):
         return self.ev.hvp(V[:, 0] if V.shape[1] == 1 else V, self.flat).reshape(V.shape)
 
 
+def _tensors(value: object) -> Iterator[Tensor]:
+    """The tensors in a state value (a tensor, or a list or tuple of them)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
 class FlatOptimizer(Optimizer):
     """An optimizer that sees its parameters as one flat vector (:class:`FlatParams`, built
     on first use) and keeps its global state under the first parameter, so that
-    ``state_dict()`` carries it."""
+    ``state_dict()`` carries it.
+
+    Subclasses declare ``_group_checks`` (hyper-parameter name -> ``check(value, name)``,
+    the constructor's own rule), which :meth:`check_groups` applies to every group at the
+    start of each step, since a scheduler may have set them (``lr = 0`` is refused like at
+    construction: these optimizers' ``lr`` scales a search or a step and must be > 0), and
+    ``_state_keys`` (every key their state may hold), which :meth:`load_state_dict` checks
+    so that the state of another optimizer class or of another model is refused at once.
+    """
 
     _flat: FlatParams | None = None
+    _group_checks: ClassVar[dict[str, Callable[[object, str], object]]] = {}
+    _state_keys: frozenset[str] = frozenset()
+
+    def check_groups(self) -> None:
+        """Re-validate the hyper-parameters of every group (cheap: a few comparisons)."""
+        for i, group in enumerate(self.param_groups):
+            for key, check in self._group_checks.items():
+                name = f"param_groups[{i}][{key!r}]"
+                if key not in group:
+                    raise ValueError(
+                        f"{name} is missing: these are not {type(self).__name__}'s groups "
+                        "(a state_dict of another optimizer class?)"
+                    )
+                check(group[key], name)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, then a check that the state is
+        this class's and fits these parameters; on failure the previous state is kept and
+        a ValueError says what does not match."""
+        before = (self.state, self.param_groups)
+        super().load_state_dict(state_dict)
+        try:
+            self._check_loaded()
+        except ValueError:
+            self.state, self.param_groups = before
+            raise
+
+    def _check_loaded(self) -> None:
+        cls = type(self).__name__
+        self.check_groups()
+        flat = self.flat
+        for i, p in enumerate(flat.params):
+            entry = self.state.get(p, {})
+            unknown = sorted(set(entry) - self._state_keys)
+            if unknown:
+                raise ValueError(
+                    f"the loaded state holds {unknown}, which {cls} does not keep: "
+                    "it is the state of another optimizer class"
+                )
+            for key, value in entry.items():
+                for t in _tensors(value):
+                    ok = t.dim() == 0 or t.shape == p.shape or (i == 0 and t.numel() == flat.size)
+                    if not ok:
+                        raise ValueError(
+                            f"the loaded state's {key!r} has shape {tuple(t.shape)}, which fits "
+                            f"neither its parameter {tuple(p.shape)} nor the {flat.size} "
+                            f"parameters of this {cls}: it is the state of another model"
+                        )
 
     @property
     def flat(self) -> FlatParams:
@@ -224,11 +290,11 @@ class FlatOptimizer(Optimizer):
         return evaluate(closure, self.flat, graph)
 
 
-def check_betas(betas: object) -> tuple[float, float]:
+def check_betas(betas: object, name: str = "betas") -> tuple[float, float]:
     """Two exponential-averaging rates in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
     return (
-        check_float(betas[0], "betas[0]", hi=1.0, open_hi=True),
-        check_float(betas[1], "betas[1]", hi=1.0, open_hi=True),
+        check_float(betas[0], f"{name}[0]", hi=1.0, open_hi=True),
+        check_float(betas[1], f"{name}[1]", hi=1.0, open_hi=True),
     )

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from hesse.optim._base import check_float, check_int
+
 
 @dataclass
 class Curve:
@@ -86,7 +88,14 @@ def compare(
     """
     if epochs is None and time_budget is None:
         raise ValueError("give a budget: epochs, time_budget, or both")
-    inputs, targets = data
+    if epochs is not None:
+        epochs = check_float(epochs, "epochs", open_lo=True)
+    if time_budget is not None:
+        time_budget = check_float(time_budget, "time_budget", open_lo=True)
+    check_int(evals_per_epoch, "evals_per_epoch")
+    inputs, targets = _check_data(data, "data")
+    if test_data is not None:
+        _check_data(test_data, "test_data")
     n = inputs.shape[0]
     bs = n if batch_size is None else int(batch_size)
     if bs < 1:
@@ -103,6 +112,29 @@ def compare(
     return curves
 
 
+def _check_data(data: object, what: str) -> tuple[Tensor, Tensor]:
+    """One batch ``(inputs, targets)``: two tensors with the same number of samples."""
+    ok = isinstance(data, (tuple, list)) and len(data) == 2
+    if not ok or not all(isinstance(t, Tensor) for t in data):
+        got = type(data).__name__
+        if isinstance(data, (tuple, list)):
+            got = f"a {got} of {', '.join(type(t).__name__ for t in data[:3])}"
+            got += ", ..." if len(data) > 3 else ""
+        raise TypeError(
+            f"{what} must be one batch (inputs, targets) of two tensors, got {got} (for several "
+            "batches, concatenate them and set batch_size)"
+        )
+    inputs, targets = data
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{what}'s inputs and targets must have the same number of samples (first "
+            f"dimension), got shapes {tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError(f"{what} must hold at least one sample, got none")
+    return inputs, targets
+
+
 def _train(
     name, factory, make_model, loss_fn, inputs, targets, bs, steps_per_epoch, every,
     max_steps, time_budget, regularizer, test_data, metric, seed,
@@ -110,7 +142,14 @@ def _train(
     n = inputs.shape[0]
     torch.manual_seed(seed)
     model = make_model()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"make_model() must return a torch.nn.Module, got {type(model).__name__}")
     opt = factory(model)
+    if not isinstance(opt, Optimizer):
+        raise TypeError(
+            f"optimizers[{name!r}](model) must return a torch.optim.Optimizer, "
+            f"got {type(opt).__name__}"
+        )
     gen = torch.Generator().manual_seed(seed)
     curve = Curve(name)
 

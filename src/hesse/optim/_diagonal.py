@@ -4,6 +4,8 @@ Both draw the diagonal from :func:`hesse.solvers.hutchinson_diagonal_probe`."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -86,6 +88,15 @@ class AdaHessian(_DiagonalCurvature):
         True
     """
 
+    _group_checks: ClassVar[dict[str, Callable]] = {
+        "lr": check_float,  # 0 (the end of a schedule) means no move, as in torch.optim
+        "betas": check_betas,
+        "eps": check_float,
+        "weight_decay": check_float,
+        "hessian_power": partial(check_float, hi=1.0),
+    }
+    _state_keys = frozenset(("step", "hess_diag", "exp_avg", "exp_hessian_diag_sq"))
+
     def __init__(
         self,
         params,
@@ -99,7 +110,7 @@ class AdaHessian(_DiagonalCurvature):
         seed: int = 0,
     ):
         defaults = {
-            "lr": check_float(lr, "lr", open_lo=True),
+            "lr": check_float(lr, "lr"),
             "betas": check_betas(betas),
             "eps": check_float(eps, "eps"),
             "weight_decay": check_float(weight_decay, "weight_decay"),
@@ -111,6 +122,7 @@ class AdaHessian(_DiagonalCurvature):
 
     @torch.no_grad()
     def step(self, closure: Closure) -> Tensor:
+        self.check_groups()
         state = self._global()
         refresh = state["step"] % self.update_each == 0
         ev = self._evaluate_checked(closure, refresh)
@@ -189,6 +201,15 @@ class Sophia(_DiagonalCurvature):
         True
     """
 
+    _group_checks: ClassVar[dict[str, Callable]] = {
+        "lr": check_float,  # 0 (the end of a schedule) means no move, as in torch.optim
+        "betas": check_betas,
+        "rho": partial(check_float, open_lo=True),
+        "weight_decay": check_float,
+        "eps": partial(check_float, open_lo=True),
+    }
+    _state_keys = frozenset(("step", "exp_avg", "hessian"))
+
     def __init__(
         self,
         params,
@@ -204,7 +225,7 @@ class Sophia(_DiagonalCurvature):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         defaults = {
-            "lr": check_float(lr, "lr", open_lo=True),
+            "lr": check_float(lr, "lr"),
             "betas": check_betas(betas),
             "rho": check_float(rho, "rho", open_lo=True),
             "weight_decay": check_float(weight_decay, "weight_decay"),
@@ -250,6 +271,7 @@ class Sophia(_DiagonalCurvature):
 
     @torch.no_grad()
     def step(self, closure: Closure, outputs_fn: Callable[[], Tensor] | None = None) -> Tensor:
+        self.check_groups()
         state = self._global()
         refresh = state["step"] % self.update_each == 0
         if self.estimator == "gnb" and refresh and outputs_fn is None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -58,6 +61,17 @@ class LBFGS(FlatOptimizer):
         >>> w.detach().round(decimals=4)
         tensor([1., 1.])
     """
+
+    _group_checks: ClassVar[dict[str, Callable]] = {
+        "lr": partial(check_float, open_lo=True),
+        "max_iter": check_int,
+        "history_size": check_int,
+        "tolerance_grad": check_float,
+        "tolerance_change": check_float,
+    }
+    _state_keys = frozenset(
+        ("s", "y", "rho", "n_iter", "func_evals", "best_loss", "best_x", "resets", "last_alpha")
+    )
 
     def __init__(
         self,
@@ -123,6 +137,7 @@ class LBFGS(FlatOptimizer):
         Returns:
             The loss at the start of the step.
         """
+        self.check_groups()
         flat = self.flat
         group = self.param_groups[0]
         state = self._state()

@@ -9,7 +9,9 @@ Hessian products on a batch).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +48,16 @@ class _TruncatedNewton(FlatOptimizer):
     #: Defaults of subclasses.
     _backtrack_cg = False
     _line_search = "armijo"
+    _group_checks: ClassVar[dict[str, Callable]] = {
+        "lr": partial(check_float, open_lo=True),
+        "damping": check_float,
+        "cg_max_iter": check_int,
+        "cg_rtol": lambda v, name: v is None or check_float(v, name, open_lo=True, hi=1.0),
+        "warm_start": partial(check_float, hi=1.0),
+    }
+    _state_keys = frozenset(
+        ("damping", "step", "cg_iterations", "direction", "last_decrease", "diag_ema")
+    )
 
     def __init__(
         self,
@@ -184,6 +196,7 @@ class _TruncatedNewton(FlatOptimizer):
         Returns:
             The loss at the start of the step.
         """
+        self.check_groups()
         flat = self.flat
         group = self.param_groups[0]
         state = self._global()

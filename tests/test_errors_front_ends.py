@@ -1,0 +1,183 @@
+"""Front ends refuse bad input with one clear ValueError/TypeError (or a usage error of the
+CLI, exit status 2) that names the argument: never a raw error from torch or Python."""
+
+import pytest
+import torch
+
+import hesse
+from hesse.cli import main
+
+
+def _closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _problem(n_in=3):
+    torch.manual_seed(0)
+    return torch.nn.Linear(n_in, 1), torch.randn(8, n_in), torch.randn(8, 1)
+
+
+# -- optimizers: hyper-parameters set by a scheduler -----------------------------------
+_STRICT = {
+    "NewtonCG": lambda p: hesse.optim.NewtonCG(p),
+    "HessianFree": lambda p: hesse.optim.HessianFree(p),
+    "LBFGS": lambda p: hesse.optim.LBFGS(p),
+}
+_ADAPTIVE = {
+    "AdaHessian": lambda p: hesse.optim.AdaHessian(p),
+    "Sophia": lambda p: hesse.optim.Sophia(p),
+}
+# lr = 0 is refused where lr is a line search's first step; AdaHessian and Sophia take it
+# as torch.optim's Adam does (no move, see the test below)
+_BAD_LR = [(n, lr) for n in _STRICT for lr in (0.0, -1.0, float("nan"))] + [
+    (n, lr) for n in _ADAPTIVE for lr in (-1.0, float("nan"))
+]
+
+
+@pytest.mark.parametrize(("name", "lr"), _BAD_LR)
+def test_lr_set_to_a_bad_value_after_construction_is_refused_at_step(name, lr):
+    model, x, y = _problem()
+    opt = {**_STRICT, **_ADAPTIVE}[name](model.parameters())
+    opt.param_groups[0]["lr"] = lr
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
+        opt.step(_closure(opt, model, x, y))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("cls", [hesse.optim.AdaHessian, hesse.optim.Sophia])
+def test_lr_zero_at_the_end_of_a_schedule_means_no_move(cls):
+    """As torch.optim's Adam: a schedule that ends at lr = 0 (cosine annealing) is legal,
+    and the parameters stay where they are."""
+    model, x, y = _problem()
+    opt = cls(model.parameters(), weight_decay=0.1)
+    opt.param_groups[0]["lr"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(opt, model, x, y))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_other_hyper_parameters_are_checked_at_step():
+    model, x, y = _problem()
+    opt = hesse.optim.LBFGS(model.parameters())
+    opt.param_groups[0]["max_iter"] = 0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['max_iter'\]"):
+        opt.step(_closure(opt, model, x, y))
+    opt = hesse.optim.AdaHessian(model.parameters())
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['betas'\]"):
+        opt.step(_closure(opt, model, x, y))
+
+
+# -- optimizers: load_state_dict -------------------------------------------------------
+def _trained(cls, n_in=3):
+    model, x, y = _problem(n_in)
+    opt = cls(model.parameters())
+    opt.step(_closure(opt, model, x, y))
+    return opt
+
+
+@pytest.mark.parametrize(
+    "saved, loader",
+    [
+        (hesse.optim.LBFGS, hesse.optim.NewtonCG),
+        (hesse.optim.NewtonCG, hesse.optim.LBFGS),
+        (hesse.optim.AdaHessian, hesse.optim.Sophia),
+        (hesse.optim.Sophia, hesse.optim.AdaHessian),
+    ],
+)
+def test_state_of_another_optimizer_class_is_refused_at_load(saved, loader):
+    state = _trained(saved).state_dict()
+    model, x, y = _problem()
+    opt = loader(model.parameters())
+    with pytest.raises(ValueError, match="another optimizer class"):
+        opt.load_state_dict(state)
+    opt.step(_closure(opt, model, x, y))  # the previous (empty) state was kept
+
+
+@pytest.mark.parametrize(
+    "cls", [hesse.optim.LBFGS, hesse.optim.NewtonCG, hesse.optim.AdaHessian, hesse.optim.Sophia]
+)
+def test_state_of_another_model_size_is_refused_at_load(cls):
+    state = _trained(cls, n_in=3).state_dict()
+    model, _, _ = _problem(n_in=4)
+    opt = cls(model.parameters())
+    with pytest.raises(ValueError, match="another model"):
+        opt.load_state_dict(state)
+
+
+def test_state_of_the_same_class_and_size_still_loads():
+    saved = _trained(hesse.optim.LBFGS)
+    model, x, y = _problem()
+    opt = hesse.optim.LBFGS(model.parameters())
+    opt.load_state_dict(saved.state_dict())
+    opt.step(_closure(opt, model, x, y))
+
+
+# -- hvp of a constant -----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["reverse-over-reverse", "forward-over-reverse"])
+def test_hvp_of_a_constant_is_zero_like_hessian(mode):
+    x, v = torch.ones(3), torch.randn(3)
+
+    def f(z):
+        return torch.tensor(2.0)
+
+    assert torch.equal(hesse.hvp(f, x, v, mode=mode), torch.zeros(3))
+    assert torch.equal(hesse.hessian(f, x), torch.zeros(3, 3))
+    assert torch.equal(hesse.linearize_hvp(f, x)(v), torch.zeros(3))
+
+
+# -- minimize --------------------------------------------------------------------------
+def test_minimize_refuses_an_empty_start():
+    with pytest.raises(ValueError, match="x0"):
+        hesse.minimize(lambda z: (z**2).sum(), torch.zeros(0))
+
+
+# -- compare ---------------------------------------------------------------------------
+SGD = {"sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1)}
+
+
+def _compare(**kw):
+    _, x, y = _problem()
+    args = {"make_model": lambda: torch.nn.Linear(3, 1), "data": (x, y), "epochs": 1}
+    args.update(kw)
+    return hesse.optim.compare(
+        args.pop("make_model"), torch.nn.functional.mse_loss, args.pop("data"), SGD, **args
+    )
+
+
+@pytest.mark.parametrize("epochs", [float("nan"), float("inf"), 0, -1.0])
+def test_compare_refuses_a_bad_epochs(epochs):
+    with pytest.raises(ValueError, match="epochs"):
+        _compare(epochs=epochs)
+
+
+def test_compare_refuses_a_list_of_batches():
+    _, x, y = _problem()
+    with pytest.raises(TypeError, match=r"data must be one batch \(inputs, targets\)"):
+        _compare(data=[(x, y), (x, y)])
+
+
+def test_compare_refuses_a_model_factory_returning_none():
+    with pytest.raises(TypeError, match="make_model"):
+        _compare(make_model=lambda: None)
+
+
+# -- CLI -------------------------------------------------------------------------------
+def test_cli_compare_infinite_epochs_is_a_usage_error(capsys):
+    code = main(["compare", "logistic-breast-cancer", "--methods", "l-bfgs", "--train",
+                 "--epochs", "inf"])  # fmt: skip
+    assert code == 2
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_cli_spectrum_xtrace_with_one_matvec_is_a_usage_error(capsys):
+    code = main(["spectrum", "logistic-breast-cancer", "--estimator", "xtrace", "--matvecs", "1"])
+    assert code == 2
+    assert "--matvecs" in capsys.readouterr().err
