@@ -64,3 +64,19 @@ def test_a_finite_loss_still_works_and_the_check_keeps_nothing():
     for _ in range(3):
         H @ v
     assert H._losses == []  # checked and released with each product
+
+
+def test_a_reassigned_parameter_outside_the_block_is_followed():
+    """The operator reads the model's other parameters at each product: one the user
+    replaces (model surgery) is used, as a fresh operator would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    data = (torch.randn(8, 3), torch.randn(8, 2))
+    H = hesse.HessianOperator(model, nn.MSELoss(), data, params=["2.weight", "2.bias"])
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1))
+    before = H @ v
+    model[0].weight = nn.Parameter(torch.randn(4, 3))
+    after = H @ v
+    fresh = hesse.HessianOperator(model, nn.MSELoss(), data, params=["2.weight", "2.bias"])
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, fresh @ v, rtol=0, atol=0)

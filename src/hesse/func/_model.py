@@ -97,7 +97,13 @@ class ModelLoss:
         every = list(model.named_parameters(remove_duplicate=False))
         chosen = {id(p) for p in self._selected}
         self._aliases = [[a for a, q in every if q is p] for p in self._selected]
-        self._others = [(a, q) for a, q in every if id(q) not in chosen]
+        # the other parameters by owner and attribute, read at each call (a parameter the
+        # user reassigns is seen; the module tree is not walked again)
+        self._others = [
+            (a, model.get_submodule(a.rpartition(".")[0]), a.rpartition(".")[2])
+            for a, q in every
+            if id(q) not in chosen
+        ]
         self._modules = list(model.modules())
         self._buffer_owners = [m for m in self._modules if m._buffers]
         self.space = ParamSpace(self._selected, names)
@@ -180,7 +186,11 @@ class ModelLoss:
         towards them), and, in train mode, copies of the buffers. The name lists are made
         once (in :meth:`__init__`): walking the modules at every forward pass was a
         measurable share of a product on a launch-bound GPU."""
-        state: dict[str, Tensor] = {n: p.detach() for n, p in self._others if p.requires_grad}
+        state: dict[str, Tensor] = {}
+        for alias, module, name in self._others:
+            p = module._parameters.get(name)
+            if p is not None and p.requires_grad:
+                state[alias] = p.detach()
         for aliases, p in zip(self._aliases, params):
             for n in aliases:
                 state[n] = p
