@@ -564,18 +564,26 @@ def version(dist: str) -> str | None:
         return None
 
 
-def metadata(device: torch.device, args: argparse.Namespace) -> dict:
+def machine(device: torch.device) -> dict:
+    """When and where a benchmark ran: date, versions, processor, threads, device (shared
+    by the benchmarks that import this module)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "hesse": hesse.__version__,
-        "peers": {dist: version(dist) for dist in PEERS},
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def metadata(device: torch.device, args: argparse.Namespace) -> dict:
+    return {
+        **machine(device),
+        "peers": {dist: version(dist) for dist in PEERS},
         "dtype": "float32 (TF32 off)",
         "rounds": args.rounds,
         "warmup": args.warmup,

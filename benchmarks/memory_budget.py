@@ -55,11 +55,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -77,7 +75,7 @@ import hesse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eigen import patched
-from hvp_cost import cpu_model, rss_peak_meter, version
+from hvp_cost import machine, rss_peak_meter, version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
@@ -388,18 +386,11 @@ def print_verdicts(v: dict) -> None:
 
 def metadata(args: argparse.Namespace, device: torch.device) -> dict:
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hesse": hesse.__version__,
+        **machine(device),
         "pyhessian": version("pyhessian"),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
         "threads": args.threads,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": "float32",
         "sizes": args.sizes,
         "repeats": args.repeats,

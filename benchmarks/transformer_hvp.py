@@ -52,11 +52,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -74,7 +72,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hesse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hvp_cost import cpu_model, cuda_extra_peak, rss_peak_meter, time_calls, version
+from hvp_cost import cuda_extra_peak, machine, rss_peak_meter, time_calls, version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-4
@@ -355,16 +353,8 @@ def print_memory(res: list[dict], device: torch.device) -> None:
 
 def metadata(device: torch.device, args: argparse.Namespace) -> dict:
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **machine(device),
         "transformers": version("transformers"),
-        "hesse": hesse.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": "float32 (TF32 off)",
         "model": "GPT2LMHeadModel(n_embd=64, n_layer=2, n_head=4, vocab_size=256), sdpa",
         "batch": BATCH,

@@ -10,6 +10,7 @@ import hesse
 from hesse.cli._common import Output, Timer, UserError
 from hesse.cli._targets import USER_FILE_HELP, Target, resolve
 from hesse.linalg import ConvergenceWarning, DensityResult
+from hesse.linalg._trace import MIN_MATVECS
 
 TARGET_HELP = f"a built-in problem or classic function (see `hesse problems`), or {USER_FILE_HELP}"
 
@@ -93,10 +94,6 @@ def add_convexity(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run_convexity)
 
 
-#: The fewest products each trace estimator accepts (hesse.trace's own minimum).
-TRACE_MATVECS = {"xtrace": 4, "hutch++": 6, "hutchinson": 2}
-
-
 def _check(args: argparse.Namespace) -> None:
     for name in ("k", "matvecs", "probes", "steps", "max_iter"):
         v = getattr(args, name, None)
@@ -105,9 +102,9 @@ def _check(args: argparse.Namespace) -> None:
     if not args.tol > 0:
         raise UserError(f"--tol must be positive, got {args.tol}")
     estimator = getattr(args, "estimator", None)
-    if estimator is not None and args.matvecs < TRACE_MATVECS[estimator]:
+    if estimator is not None and args.matvecs < MIN_MATVECS[estimator]:
         raise UserError(
-            f"--matvecs must be at least {TRACE_MATVECS[estimator]} for --estimator "
+            f"--matvecs must be at least {MIN_MATVECS[estimator]} for --estimator "
             f"{estimator}, got {args.matvecs}"
         )
 

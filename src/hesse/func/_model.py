@@ -19,16 +19,6 @@ Batch = Any  # a pair (inputs, targets), or one dict holding the targets (see Mo
 _DEFAULT_IO = ModelIO()
 
 
-def split_batch(batch: object) -> tuple[Any, Any]:
-    """Return ``(inputs, targets)`` of a batch under the default :class:`ModelIO`."""
-    return _DEFAULT_IO.split(batch)
-
-
-def batch_size(batch: Batch) -> int:
-    """Number of samples in a batch: the leading dimension of its first input tensor."""
-    return _DEFAULT_IO.samples(batch)
-
-
 class ModelLoss:
     """``(model, loss_fn)`` as the pure functions ``outputs(params, inputs)`` and
     ``loss(params, batch)`` of the selected parameters.

@@ -69,6 +69,10 @@ class TraceResult(Result):
 
 
 # -- shared helpers ---------------------------------------------------------------------
+#: The fewest products each trace estimator of :func:`hesse.trace` accepts.
+MIN_MATVECS = {"hutchinson": 2, "hutch++": 6, "xtrace": 4}
+
+
 def check_budget(value: object, minimum: int, method: str, why: str) -> int:
     """``num_matvecs`` as an int, or a ValueError that names the method's minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -153,7 +157,12 @@ def hutchinson_trace(
         >>> abs(r.estimate - A.trace().item()) < 3 * r.stderr, r.matvecs
         (True, 30)
     """
-    m = check_budget(num_matvecs, 2, "hutchinson_trace", "two probes for a standard error")
+    m = check_budget(
+        num_matvecs,
+        MIN_MATVECS["hutchinson"],
+        "hutchinson_trace",
+        "two probes for a standard error",
+    )
     op, g, batch = prepare(A, seed, generator, batch_size)
     n, values, used = op.shape[0], [], 0
     for start in range(0, m, batch):
@@ -212,7 +221,9 @@ def hutchpp_trace(
         >>> abs(r.estimate - A.trace().item()) < 3 * r.stderr, r.matvecs
         (True, 30)
     """
-    m = check_budget(num_matvecs, 6, "hutchpp_trace", "a sketch and two Hutchinson probes")
+    m = check_budget(
+        num_matvecs, MIN_MATVECS["hutch++"], "hutchpp_trace", "a sketch and two Hutchinson probes"
+    )
     op, g, batch = prepare(A, seed, generator, batch_size)
     n = op.shape[0]
     k = min(m // 3, n)
@@ -289,7 +300,9 @@ def xtrace(
         >>> abs(r.estimate - A.trace().item()) < 3 * r.stderr, r.matvecs
         (True, 30)
     """
-    budget = check_budget(num_matvecs, 4, "xtrace", "two probes, two products each")
+    budget = check_budget(
+        num_matvecs, MIN_MATVECS["xtrace"], "xtrace", "two probes, two products each"
+    )
     probes = check_choice(probes, "probes", XTRACE_PROBES)
     op, g, batch = prepare(A, seed, generator, batch_size)
     n = op.shape[0]
