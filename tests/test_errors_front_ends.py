@@ -181,3 +181,38 @@ def test_cli_spectrum_xtrace_with_one_matvec_is_a_usage_error(capsys):
     code = main(["spectrum", "logistic-breast-cancer", "--estimator", "xtrace", "--matvecs", "1"])
     assert code == 2
     assert "--matvecs" in capsys.readouterr().err
+
+
+# -- the CLI: files and stdout --------------------------------------------------------
+_USER_FILE = """
+import torch
+print("hello from the user's file")
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 2)
+loss_fn = torch.nn.MSELoss()
+data = (torch.randn(10, 3), torch.randn(10, 2))
+"""
+
+
+def test_cli_json_stdout_is_json_even_when_the_user_file_prints(tmp_path, capsys):
+    import json
+
+    f = tmp_path / "model.py"
+    f.write_text(_USER_FILE)
+    assert main(["spectrum", str(f), "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)  # nothing but the document on stdout
+    assert doc["command"] == "spectrum"
+    assert "hello from the user's file" in err
+
+
+def test_cli_unwritable_out_is_a_usage_error_before_any_work(tmp_path, capsys):
+    f = tmp_path / "model.py"
+    f.write_text(_USER_FILE)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["spectrum", str(f), "--out", str(blocker / "sub")]) == 2
+    out, err = capsys.readouterr()
+    assert f"--out {blocker / 'sub'}: cannot write files there" in err
+    # refused before the user's file ran: it printed nothing
+    assert "hello from the user's file" not in out + err

@@ -80,3 +80,74 @@ def test_a_reassigned_parameter_outside_the_block_is_followed():
     fresh = hesse.HessianOperator(model, nn.MSELoss(), data, params=["2.weight", "2.bias"])
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, fresh @ v, rtol=0, atol=0)
+
+
+# -- a batch of another dtype, a parameter the loss does not use, a non-finite product --
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("cls", [hesse.HessianOperator, hesse.GGNOperator, hesse.FisherOperator])
+def test_a_batch_of_another_dtype_than_the_model_is_one_clear_error(cls):
+    model = _mlp()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    with pytest.raises(
+        TypeError, match="inputs are float64 but the model's parameters are float32"
+    ):
+        cls(model, nn.CrossEntropyLoss(), (x, y)) @ torch.ones(26)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [hesse.HessianOperator, hesse.GGNOperator, hesse.FisherOperator, hesse.FiniteDifferenceHessian],
+)
+def test_a_parameter_the_loss_does_not_use_has_zero_curvature(cls):
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    batch = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+    loss_fn = nn.CrossEntropyLoss()
+    alone = cls(model, loss_fn, batch, params=[model.unused])
+    assert torch.equal(
+        alone @ torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    )
+    # with the used ones, the unused block is zero and the used block is the used-only one
+    both = cls(model, loss_fn, batch, params=[model.unused, *model.lin.parameters()])
+    used = cls(model, loss_fn, batch, params=list(model.lin.parameters()))
+    v = torch.randn(3 + 8, dtype=torch.float64)
+    out = both @ v
+    assert torch.equal(out[:3], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(out[3:], used @ v[3:], rtol=1e-6, atol=1e-9)
+
+
+def test_layer_report_of_a_model_with_an_unused_parameter():
+    torch.manual_seed(0)
+    model = _WithUnused()
+    report = hesse.layer_report(
+        model, nn.CrossEntropyLoss(), (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    )
+    rows = {r.name: r for r in report.rows}
+    assert rows["(root)"].top_eigenvalue == 0.0 and rows["(root)"].trace == 0.0
+    assert rows["lin"].top_eigenvalue > 0
+
+
+def test_a_non_finite_product_of_a_finite_loss_names_the_cause():
+    """sqrt(|o|) at o = 0: the loss is finite, its second derivative is not."""
+    model = nn.Linear(3, 2)
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    batch = (torch.zeros(8, 3), torch.zeros(8, 2))
+    H = hesse.HessianOperator(model, lambda o, t: torch.sqrt(o.abs()).sum() * 1e-3 + 1, batch)
+    with pytest.raises(hesse.NonFiniteError, match="a second derivative is not"):
+        H @ torch.ones(8)
+    with pytest.raises(hesse.NonFiniteError, match="a second derivative is not"):
+        hesse.eigenvalues(H, k=1)

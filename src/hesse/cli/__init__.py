@@ -8,6 +8,7 @@ COMMAND --help`` says more. Needs the ``cli`` extra: ``pip install 'hesse[cli]'`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 from collections.abc import Sequence
@@ -119,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         ui = Output(args)
-        results = args.run(args, ui)
+        # In --json mode stdout carries the JSON document only: whatever else prints while
+        # the command runs (a user's file, a library) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if ui.json else contextlib.nullcontext():
+            results = args.run(args, ui)
         ui.emit(results)
         return 0
     except KeyboardInterrupt:

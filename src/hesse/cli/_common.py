@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -108,6 +109,8 @@ class Output:
         rich_console = need("rich.console")
         self.json = bool(args.json)
         self.out: Path | None = args.out
+        if self.out is not None:
+            _check_writable(self.out)
         self.console = rich_console.Console(highlight=False)
         if not self.console.is_terminal:  # a file or a pipe: no screen to fit, room for tables
             self.console = rich_console.Console(highlight=False, width=120)
@@ -196,6 +199,17 @@ class Output:
             sys.stdout.flush()
         elif self.written:
             self.console.print(f"wrote {len(self.written)} files to {self.out}/")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``--out`` folder that cannot be written before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"--out {out}: cannot write files there ({reason})") from err
 
 
 def _is_number(v: Any) -> bool:

@@ -58,7 +58,13 @@ def hvp_product(
     """Build ``cols -> H cols`` for the Hessian of ``loss_fn`` at ``params``."""
     with torch.enable_grad():
         leaves = _leaves(params)
-        grads = _grad(loss_fn(leaves), leaves, None, retain=True, create=True)
+        value = loss_fn(leaves)
+        # A loss that none of the selected parameters reaches (a parameter the forward pass
+        # does not use) has no graph: its Hessian in those directions is zero.
+        if value.requires_grad:
+            grads = _grad(value, leaves, None, retain=True, create=True)
+        else:
+            grads = [torch.zeros_like(x) for x in leaves]
     # A gradient that does not depend on the parameters (a linear term) has no graph: it
     # contributes nothing to H v.
     live = [i for i, g in enumerate(grads) if g.requires_grad]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from hesse._core import ParamSpace, check_scalar
 from hesse.func._context import holds_cuda_rnn, second_order
-from hesse.func._io import ModelIO
+from hesse.func._io import ModelIO, map_tensors
 from hesse.func._output import OutputCurvature
 
 Batch = Any  # a pair (inputs, targets), or one dict holding the targets (see ModelIO)
@@ -194,10 +194,36 @@ class ModelLoss:
     def forward(self, params: Sequence[Tensor], inputs: object) -> Any:
         """The model's raw output at ``params`` for ``inputs`` (recorded in the
         second-order context unless ``second_order=False``)."""
-        if not self.second_order:
-            return self.io.forward(self.model, self._state(params), inputs, tie_weights=False)
-        with second_order(self._cuda_rnn):
-            return self.io.forward(self.model, self._state(params), inputs, tie_weights=False)
+        try:
+            if not self.second_order:
+                return self.io.forward(self.model, self._state(params), inputs, tie_weights=False)
+            with second_order(self._cuda_rnn):
+                return self.io.forward(self.model, self._state(params), inputs, tie_weights=False)
+        except RuntimeError as err:
+            self._explain_dtype(params, inputs, err)
+            raise
+
+    def _explain_dtype(self, params: Sequence[Tensor], inputs: object, err: Exception) -> None:
+        """Turn torch's "mat1 and mat2 must have the same dtype" from a batch whose floating
+        dtype is not the model's into one sentence that says which to convert."""
+        if "dtype" not in str(err) or not params:
+            return
+        want = params[0].dtype
+        got: set[torch.dtype] = set()
+
+        def visit(t: Tensor) -> Tensor:
+            if t.is_floating_point() and t.dtype != want:
+                got.add(t.dtype)
+            return t
+
+        map_tensors(inputs, visit)
+        if got:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in got))
+            raise TypeError(
+                f"the batch's inputs are {names} but the model's parameters are "
+                f"{str(want).removeprefix('torch.')}; convert one to the other (for example "
+                f"inputs.to({want}) or model.to({got.pop()})) before building the operator"
+            ) from err
 
     def outputs(self, params: Sequence[Tensor], inputs: object) -> Tensor:
         """The output tensor the loss sees (``io.select``) at ``params`` for ``inputs``."""

@@ -63,7 +63,7 @@ class CurvatureOperator:
             check_finite(V, "the vector")
             for loss in losses:
                 check_finite(loss, NONFINITE_LOSS)
-            check_finite(out, f"the product of {type(self).__name__}")
+            check_finite(out, NONFINITE_PRODUCT)
         return out[:, 0] if single else out
 
     def _losses_seen(self) -> list[Tensor]:
@@ -187,6 +187,11 @@ def _common(ops: Sequence[CurvatureOperator]) -> tuple[int, torch.dtype, torch.d
 NONFINITE_LOSS = (
     "the loss at the current parameters (a curvature of a non-finite loss means nothing: "
     "look for NaN or infinity in the parameters, the inputs or the targets)"
+)
+NONFINITE_PRODUCT = (
+    "the curvature product (the vector and the loss are finite, so a second derivative is "
+    "not: a function such as sqrt, abs or log evaluated where its derivative is infinite, "
+    "or an overflow of the dtype; float64 may help with the latter)"
 )
 
 
