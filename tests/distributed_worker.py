@@ -306,6 +306,49 @@ def edges(rank, world, out):
         out["mismatch_error"] = f"{type(err).__name__}: {err}"
 
 
+def disagree(rank, world, out):
+    """The ranks disagree on what to multiply: different column counts, different vectors,
+    different trace budgets and seeds; a closure that never calls backward() on rank 1.
+    Every rank must raise the same clear error (never a gloo abort or a wrong number), and
+    the operator must still work afterwards."""
+    model, loss_fn, x, y = problem()
+    lo, hi = shard_bounds(rank, world)
+    H = hd.HessianOperator(model, loss_fn, batches(x[lo:hi], y[lo:hi]))
+    P = H.shape[0]
+    gen = torch.Generator().manual_seed(5)
+    V = torch.randn(P, 3, generator=gen)
+    cases = {
+        "columns": lambda: H @ (V[:, :1] if rank == 0 else V),
+        "vectors": lambda: H @ (V[:, 0] + (1e-3 if rank == world - 1 else 0.0)),
+        "budget": lambda: hesse.trace(H, num_matvecs=12 if rank == 0 else 24, seed=0),
+    }
+    for name, run in cases.items():
+        try:
+            run()
+            out[f"{name}_error"] = None
+        except Exception as err:
+            out[f"{name}_error"] = f"{type(err).__name__}: {err}"
+    # a seed that differs is not an error: the draws follow rank 0's generator
+    out["eig_seeds"] = hesse.eigenvalues(H, k=1, seed=rank, linearize=False).eigenvalues
+    out["hv_after"] = H @ V  # still in step with the others
+    if rank == 0:
+        out["ref_hv_after"] = hesse.HessianOperator(problem()[0], loss_fn, (x, y)) @ V
+    opt = hd.LBFGS(model.parameters(), samples=hi - lo)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x[lo:hi]), y[lo:hi])
+        if rank != 1:
+            loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+        out["backward_error"] = None
+    except Exception as err:
+        out["backward_error"] = f"{type(err).__name__}: {err}"
+
+
 def precision(rank, world, out):
     """Sample counts past 4096 in float32, float16 sums past float16's range, a sum loss,
     and a 0-row tensor shard, each against one process on all the data."""
@@ -460,7 +503,7 @@ def main() -> None:
     except BaseException as err:
         out["uncaught"] = "".join(traceback.format_exception(err))
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario in ("operators", "optimizers", "edges", "precision"):
+    if scenario in ("operators", "optimizers", "edges", "precision", "disagree"):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

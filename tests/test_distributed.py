@@ -198,6 +198,29 @@ def test_precision_sum_losses_and_empty_tensor_shards(tmp_path):
     assert float(ref["ref_f16"].abs().max()) > 1.0  # the float16 case is a real one
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_that_multiply_different_operands_all_raise(tmp_path, world):
+    """Column counts, vectors or trace budgets that differ between ranks: the same
+    ValueError on every rank (not gloo's SIGABRT, not a wrong number), and the operator
+    still multiplies correctly afterwards."""
+    results, _, logs = launch("disagree", world, tmp_path)
+    _ok(results, logs)
+    for res in results:
+        for case in ("columns", "budget"):
+            msg = res[f"{case}_error"]
+            assert msg and msg.startswith("ValueError") and "different sizes" in msg, msg
+        msg = res["vectors_error"]
+        assert msg and msg.startswith("ValueError") and "different vectors" in msg, msg
+        assert torch.equal(res["eig_seeds"], results[0]["eig_seeds"])
+        torch.testing.assert_close(
+            res["hv_after"], results[0]["ref_hv_after"], rtol=1e-10, atol=1e-12
+        )
+    assert results[1]["backward_error"].startswith("ValueError: the closure returned the loss")
+    for r in [0, *range(2, world)]:
+        msg = results[r]["backward_error"]
+        assert msg.startswith("RankError") and "rank(s) [1]" in msg, msg
+
+
 @pytest.mark.slow
 def test_example_runs_under_torchrun(tmp_path):
     """The README's command: 2 ranks under torchrun print what one process prints."""

@@ -216,3 +216,20 @@ def test_cli_unwritable_out_is_a_usage_error_before_any_work(tmp_path, capsys):
     assert f"--out {blocker / 'sub'}: cannot write files there" in err
     # refused before the user's file ran: it printed nothing
     assert "hello from the user's file" not in out + err
+
+
+@pytest.mark.parametrize("name", [*_STRICT, *_ADAPTIVE])
+def test_a_closure_that_never_calls_backward_is_refused(name):
+    """Without backward() every gradient is None: read as zeros, the step would take the
+    start for a stationary point and report nothing."""
+    model, x, y = _problem()
+    opt = {**_STRICT, **_ADAPTIVE}[name](model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"call loss.backward\(\) in the closure"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -169,6 +169,54 @@ class Communicator:
             )
         return buf[:n].reshape(local.shape).to(local.dtype), extra[0] * _DIGIT + extra[1]
 
+    def check_operand(self, x: Tensor, what: str) -> None:
+        """Raise (on every rank alike) unless ``x`` has the same shape and, up to rounding,
+        the same values on every rank: one small all-reduce before a product's, whose
+        buffer sizes must agree (gloo aborts the process on a mismatch) and whose sum is
+        meaningless if the ranks multiplied different vectors.
+
+        The values are compared through a checksum (the sum of ``x``, a position-weighted
+        sum, and the sum of its magnitudes, in float64), not element by element: cheap
+        for any size, and blind only to differences of the order of rounding."""
+        flat = x.detach().reshape(-1)
+        n = flat.numel()
+        ramp = torch.linspace(1.0, 2.0, n, dtype=flat.dtype, device=flat.device)
+        mine = [
+            float(n),
+            float(x.shape[-1]) if x.dim() else 1.0,
+            float(flat.sum(dtype=torch.float64)),
+            float((flat * ramp).sum(dtype=torch.float64)),
+            float(flat.abs().sum(dtype=torch.float64)),
+        ]
+        k = len(mine)
+        buf = torch.zeros(k * self.world, dtype=torch.float64)
+        buf[k * self.rank : k * (self.rank + 1)] = torch.tensor(mine, dtype=torch.float64)
+        dev = buf.to(self._device(buf))
+        self._run(
+            f"comparing the operands of {what}",
+            lambda: self._dist.all_reduce(dev, group=self.group, async_op=True),
+        )
+        rows = dev.cpu().reshape(self.world, k).tolist()
+        sizes = [(int(r[0]), int(r[1])) for r in rows]
+        if any(sz != sizes[0] for sz in sizes):
+            raise ValueError(
+                f"{what}: the ranks multiply operands of different sizes (elements, columns "
+                f"per rank: {sizes}); every rank must apply the operator to the same vectors "
+                "(the same k columns, the same trace or eigenvalue budget)"
+            )
+        scale = max(abs(r[4]) for r in rows)
+        tol = 1e-7 * scale if math.isfinite(scale) else 0.0
+
+        def same(a: float, b: float) -> bool:
+            return (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) <= tol
+
+        if not all(same(r[j], rows[0][j]) for r in rows for j in (2, 3, 4)):
+            raise ValueError(
+                f"{what}: the ranks multiply different vectors (their checksums differ); "
+                "every rank must apply the operator to the same vectors: draw random ones "
+                "from a generator seeded alike on every rank, or pass a seed"
+            )
+
     def run_reduced(
         self,
         compute: Callable[[], tuple[Tensor, float]],

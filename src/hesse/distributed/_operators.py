@@ -56,6 +56,7 @@ class _DataParallel(ModelCurvature):
             return total, float(n)
 
         like = V if V.dtype in (torch.float32, torch.float64) else V.float()
+        self.comm.check_operand(V, f"a {type(self).__name__} product")
         total, n = self.comm.run_reduced(compute, like, f"a {type(self).__name__} product")
         if n == 0:
             raise ValueError("no rank holds any data: every shard is empty")

@@ -176,6 +176,11 @@ def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluat
             "the closure must return the loss as a scalar tensor (after calling backward()), "
             f"got {type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
         )
+    if flat.params and all(p.grad is None for p in flat.params):
+        raise ValueError(
+            "the closure returned the loss but no parameter has a gradient: call "
+            "loss.backward() in the closure before returning the loss"
+        )
     kept = None
     if graph:
         kept = [torch.zeros_like(p) if p.grad is None else p.grad for p in flat.params]
