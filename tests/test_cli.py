@@ -232,7 +232,7 @@ USER_ERRORS = [
     (["spectrum", "rosenbrock", "--per-layer"], "is a function of one vector"),
     (["convexity", "mlp-digits", "--at", "optimum"], "needs a convex problem"),
     (["spectrum", "{user}", "--at", "init"], "--at applies to the built-in problems"),
-    (["spectrum", "mlp-digits", "-k", "0"], "-k must be a positive integer"),
+    (["spectrum", "mlp-digits", "-k", "0"], "argument -k: expected an integer in [1, "),
     (["convexity", "mlp-digits", "-k", "3"], "unrecognized arguments: -k 3"),
     (["spectrum"], "the following arguments are required: TARGET"),
     (["spectrum", "mlp-digits", "--dtype", "float16"], "invalid choice"),

@@ -141,3 +141,30 @@ def check_seed(seed: object, name: str = "seed", *, allow_none: bool = True) -> 
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"{name} must be an integer in [0, 2**63), got {int(seed)}")
     return int(seed)
+
+
+def check_int(value: object, name: str, lo: int = 1, hi: int | None = None) -> int:
+    """Check a count: an integer (a Python or NumPy integer, never a bool or a float) in
+    ``[lo, hi]``; return it as an int. Raises ``ValueError`` naming ``name``."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    ok = ok and int(value) >= lo and (hi is None or int(value) <= hi)  # type: ignore[arg-type]
+    if not ok:
+        where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be an integer {where}, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Check that ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_generator(generator: object, name: str = "generator") -> None:
+    """Check an optional ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None (use seed= for an integer seed), got "
+            f"{type(generator).__name__} {generator!r}"
+        )

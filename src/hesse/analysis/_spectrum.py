@@ -166,7 +166,8 @@ def condition_number(
     and products in a wider dtype if it says ``"precision"``."""
     op = maybe_linearize(as_operator(A), linearize)
     n = op.shape[0]
-    r = lanczos(op, 1, "both", tol=tol, max_iter=max_iter or min(n, 200), seed=seed)
+    max_iter = min(n, 200) if max_iter is None else max_iter
+    r = lanczos(op, 1, "both", tol=tol, max_iter=max_iter, seed=seed)
     lo, hi = float(r.eigenvalues[0]), float(r.eigenvalues[-1])
     value = hi / lo if lo > 0 else math.inf
     status = r.status

@@ -7,7 +7,7 @@ import warnings
 from typing import Any
 
 import hesse
-from hesse.cli._common import Output, Timer, UserError
+from hesse.cli._common import Output, Timer, UserError, integer, positive
 from hesse.cli._targets import USER_FILE_HELP, Target, resolve
 from hesse.linalg import ConvergenceWarning, DensityResult
 from hesse.linalg._trace import MIN_MATVECS
@@ -24,23 +24,23 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
         help="the point of a built-in target: its initialisation or standard start, or the "
         "optimum found by hesse.minimize (default: optimum for convex problems, else init)",
     )
-    p.add_argument("--tol", type=float, default=1e-3, help="Lanczos' relative residual (1e-3)")
+    p.add_argument("--tol", type=positive, default=1e-3, help="Lanczos' relative residual (1e-3)")
     p.add_argument(
         "--max-iter",
-        type=int,
+        type=integer(),
         metavar="N",
         help="most Lanczos steps (default max(60, 4k + 40) for the spectrum, "
         "200 for convexity, 60 per layer; at most P)",
     )
     p.add_argument(
         "--probes",
-        type=int,
+        type=integer(),
         default=10,
         metavar="N",
         help="random probes of the spectral density (10)",
     )
     p.add_argument(
-        "--steps", type=int, default=80, metavar="N", help="Lanczos steps per probe (80)"
+        "--steps", type=integer(), default=80, metavar="N", help="Lanczos steps per probe (80)"
     )
     p.add_argument("--no-density", action="store_true", help="skip the spectral density")
     p.add_argument(
@@ -58,7 +58,7 @@ def add_spectrum(sub: Any, parent: argparse.ArgumentParser) -> None:
         "Lanczos quadrature) of the Hessian of TARGET.",
     )
     add_target_options(p)
-    p.add_argument("-k", type=int, default=5, metavar="K", help="number of eigenvalues (5)")
+    p.add_argument("-k", type=integer(), default=5, metavar="K", help="number of eigenvalues (5)")
     p.add_argument(
         "--which",
         choices=("largest", "smallest", "both"),
@@ -73,7 +73,7 @@ def add_spectrum(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--matvecs",
-        type=int,
+        type=integer(),
         default=100,
         metavar="N",
         help="Hessian-vector products for the trace (100)",

@@ -10,7 +10,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,32 @@ def need(module: str) -> Any:
         raise MissingDependency(f"the hesse command needs {top}: {INSTALL}") from err
 
 
+def integer(lo: int = 1, hi: int = 2**31 - 1) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]`` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {v}")
+        return v
+
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0 (a usage error otherwise)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
 def common_options() -> argparse.ArgumentParser:
     """The options every command takes (a parent parser)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -52,7 +78,11 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     g.add_argument("--out", metavar="DIR", type=Path, help="write figures and JSON to DIR")
     g.add_argument(
-        "--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)"
+        "--seed",
+        type=integer(0, 2**63 - 1),
+        default=0,
+        metavar="N",
+        help="seed of every random draw (default 0)",
     )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     g.add_argument(

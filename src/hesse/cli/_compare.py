@@ -22,7 +22,15 @@ from torch import nn
 
 import hesse
 from hesse._minimize import METHODS
-from hesse.cli._common import Output, Timer, UserError, parse_device, parse_dtype
+from hesse.cli._common import (
+    Output,
+    Timer,
+    UserError,
+    integer,
+    parse_device,
+    parse_dtype,
+    positive,
+)
 from hesse.optim import LBFGS, AdaHessian, HessianFree, NewtonCG, Sophia, SubsampledNewton
 from hesse.problems import FUNCTIONS, PROBLEMS, Problem, classic_function, problem
 
@@ -118,21 +126,24 @@ def add_compare(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="train with optimizers even where the problem could be minimised",
     )
     m = p.add_argument_group("minimising (hesse.minimize)")
-    m.add_argument("--tol", type=float, help="gradient tolerance (default 1e-8 in float64)")
+    m.add_argument("--tol", type=positive, help="gradient tolerance (default 1e-8 in float64)")
     m.add_argument(
-        "--max-iter", type=int, metavar="N", help="most iterations per method (default 2000)"
+        "--max-iter", type=integer(), metavar="N", help="most iterations per method (default 2000)"
     )
     t = p.add_argument_group("training (hesse.optim.compare)")
-    t.add_argument("--epochs", type=float, metavar="N", help="passes over the data (default 30)")
+    t.add_argument("--epochs", type=positive, metavar="N", help="passes over the data (default 30)")
     t.add_argument(
-        "--time-budget", type=float, metavar="SECONDS", help="seconds of training per method"
+        "--time-budget", type=positive, metavar="SECONDS", help="seconds of training per method"
     )
     t.add_argument(
-        "--batch-size", type=int, metavar="N", help="mini-batch size (default: the whole data)"
+        "--batch-size",
+        type=integer(),
+        metavar="N",
+        help="mini-batch size (default: the whole data)",
     )
     rates = ", ".join(f"{k} {v[1]:g}" for k, v in TRAINERS.items())
     t.add_argument(
-        "--lr", type=float, help=f"learning rate (step scale) of every method; default {rates}"
+        "--lr", type=positive, help=f"learning rate (step scale) of every method; default {rates}"
     )
     p.set_defaults(run=run_compare)
 

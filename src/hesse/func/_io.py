@@ -131,7 +131,7 @@ class ModelIO:
                     "give (inputs, targets) pairs or name the targets' key"
                 )
             if self.targets not in batch:
-                raise KeyError(
+                raise ValueError(
                     f"a dict batch must hold the targets under {self.targets!r}; it has "
                     f"{list(batch)}: pass io=hesse.ModelIO(targets=<key>)"
                 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,6 +119,11 @@ class ModelLoss:
     ) -> list[str]:
         if isinstance(params, (Tensor, str)):
             params = [params]
+        if isinstance(params, Mapping) or not isinstance(params, Iterable):
+            raise TypeError(
+                "params must be a parameter of the model, its name, or a list of them, got "
+                f"{type(params).__name__} {params!r}"
+            )
         by_id = {id(p): n for n, p in named.items()}
         # every name of a tied parameter leads to its canonical (first) name
         alias = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
@@ -127,7 +132,8 @@ class ModelLoss:
             if isinstance(p, str):
                 if p not in alias:
                     raise ValueError(
-                        f"the model has no parameter named {p!r}; it has {list(named)}"
+                        f"params names {p!r}, but the model has no parameter of that name; "
+                        f"it has {list(named)}"
                     )
                 names.append(alias[p])
             elif isinstance(p, Tensor):

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.func import grad, jvp
 
 from hesse._core import check_finite, check_scalar
+from hesse._core._checks import check_choice
 from hesse.func._context import second_order
 from hesse.func._engine import hvp_product
 
@@ -68,9 +69,7 @@ def _finite(out: Tensor, what: str) -> Tensor:
 
 
 def _check_mode(mode: str) -> str:
-    if mode not in HVP_MODES:
-        raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
-    return mode
+    return check_choice(mode, "mode", HVP_MODES)
 
 
 def _hvp_loss(f: Callable[[Tensor], Tensor]) -> Callable[[tuple[Tensor, ...]], Tensor]:

@@ -3,14 +3,14 @@ precision they work in."""
 
 from __future__ import annotations
 
-import numbers
 from enum import Enum
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from hesse._core._checks import check_real, check_seed
+from hesse._core._checks import check_choice as check_choice  # re-exported
+from hesse._core._checks import check_int, check_real, check_seed
 from hesse.operators import CurvatureOperator, DenseOperator
 
 
@@ -184,15 +184,7 @@ def gaussian(
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     """``value`` as an int (a NumPy integer too, never a bool or a float) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return check_int(value, name, minimum)
 
 
 def check_vector(v: object, n: int, name: str) -> Tensor:

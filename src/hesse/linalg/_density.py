@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_finite, check_int, check_real
 from hesse.linalg._common import (
     Status,
     as_operator,
-    check_positive_int,
     make_generator,
     product_dtype,
     promote,
@@ -113,6 +113,10 @@ def slq_nodes(
     return theta, S[:, 0, :] ** 2, num_probes * m
 
 
+_MAX_COUNT = 2**31 - 1  # probes or steps: far beyond any use, and within torch's sizes
+_MAX_GRID = 2**26  # evaluation points
+
+
 def spectral_density(
     A: object,
     *,
@@ -131,17 +135,39 @@ def spectral_density(
         A: a symmetric operator or square tensor.
         num_probes: random starts; the density is their average.
         steps: Lanczos steps per probe.
-        grid: the evaluation points, or their number (spanning the nodes with a margin).
+        grid: the evaluation points, or their number (spanning the nodes with a margin;
+            at most 2**26).
         sigma: the kernel width; by default 1% of the span of the nodes.
         seed, generator: for the probes.
     """
     op = promote(as_operator(A))
     if not op.symmetric:
         raise ValueError("spectral_density needs a symmetric operator")
-    num_probes = check_positive_int(num_probes, "num_probes")
-    steps = check_positive_int(steps, "steps")
+    num_probes = check_int(num_probes, "num_probes", 1, _MAX_COUNT)
+    steps = check_int(steps, "steps", 1, _MAX_COUNT)
+    if isinstance(grid, Tensor):
+        if grid.dim() != 1 or grid.numel() < 2 or not grid.is_floating_point():
+            raise ValueError(
+                f"grid must be a 1-d floating tensor of at least 2 points or their number, got "
+                f"a tensor of shape {tuple(grid.shape)} and dtype {grid.dtype}"
+            )
+        check_finite(grid, "grid")
+    else:
+        grid = check_int(grid, "grid", 2, _MAX_GRID)
+    if sigma is not None:
+        sigma = check_real(sigma, "sigma", 0.0, open_lo=True)
     gen = make_generator(seed, generator, op.device, op)
-    nodes, weights, matvecs = slq_nodes(op, num_probes, steps, gen)
+    try:
+        nodes, weights, matvecs = slq_nodes(op, num_probes, steps, gen)
+    except (RuntimeError, MemoryError) as err:
+        if "alloc" not in str(err) and not isinstance(err, MemoryError):
+            raise
+        m = min(steps, op.shape[0])
+        raise MemoryError(
+            f"num_probes={num_probes} probes of steps={m} Lanczos vectors of size "
+            f"{op.shape[0]} do not fit in memory ({num_probes * m * op.shape[0]} numbers); "
+            "ask for fewer"
+        ) from err
     if not bool(torch.isfinite(nodes).all()):
         empty = torch.zeros(0, dtype=op.dtype, device=op.device)
         return DensityResult(
@@ -151,19 +177,22 @@ def spectral_density(
     span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
     if sigma is None:
         sigma = 0.01 * span
-    elif not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
     if isinstance(grid, int):
         grid = torch.linspace(
-            lo - 5 * sigma,
-            hi + 5 * sigma,
-            check_positive_int(grid, "grid", 2),
-            dtype=op.dtype,
-            device=op.device,
+            lo - 5 * sigma, hi + 5 * sigma, grid, dtype=op.dtype, device=op.device
         )
-    z = (grid[:, None, None] - nodes[None]) / sigma
-    kernel = torch.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
-    density = (kernel * weights[None]).sum(-1).mean(-1)
+    # the kernel sum in blocks of grid points, so that memory does not grow with the grid
+    block = max(1, 2**22 // nodes.numel())
+    norm = sigma * math.sqrt(2 * math.pi)
+    density = torch.cat(
+        [
+            (torch.exp(-0.5 * ((g[:, None, None] - nodes[None]) / sigma) ** 2) * weights[None])
+            .sum(-1)
+            .mean(-1)
+            / norm
+            for g in torch.split(grid, block)
+        ]
+    )
     area = torch.trapezoid(density, grid)
     if float(area) > 0:
         density = density / area

@@ -143,8 +143,9 @@ def lanczos(
     which = check_choice(which, "which", WHICH)
     tol = check_tol(tol)
     n = op.shape[0]
+    if max_iter is not None:
+        max_iter = check_positive_int(max_iter, "max_iter")
     m_max = min(n, max_iter if max_iter is not None else max(60, 4 * k + 40))
-    m_max = check_positive_int(m_max, "max_iter")
     dtype, device = op.dtype, op.device
     gen = make_generator(seed, generator, device, op)
     if v0 is None:

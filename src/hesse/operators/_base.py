@@ -190,8 +190,9 @@ NONFINITE_LOSS = (
 )
 NONFINITE_PRODUCT = (
     "the curvature product (the vector and the loss are finite, so a second derivative is "
-    "not: a function such as sqrt, abs or log evaluated where its derivative is infinite, "
-    "or an overflow of the dtype; float64 may help with the latter)"
+    "not: look for NaN or infinity in the inputs or parameters that the loss saturates "
+    "away, a function such as sqrt, abs or log evaluated where its derivative is infinite, "
+    "or an overflow of the dtype)"
 )
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from hesse._core._checks import check_real
 from hesse.func._model import Batch
 from hesse.func._tensor import FD_WARN_RTOL, FDErrorTracker, fd_richardson, fd_scale, fd_step
 from hesse.operators._model import BatchProduct, Columns, ModelCurvature
@@ -64,10 +65,9 @@ class FiniteDifferenceHessian(ModelCurvature):
         io=None,
     ):
         super().__init__(model, loss_fn, data, params, io)
-        if h is not None and not h > 0:
-            raise ValueError(f"h must be a positive relative step, got {h!r}")
-        if not warn_rtol >= 0:
-            raise ValueError(f"warn_rtol must be a non-negative number, got {warn_rtol!r}")
+        if h is not None:
+            h = check_real(h, "h (a relative step)", 0.0, open_lo=True)
+        warn_rtol = check_real(warn_rtol, "warn_rtol", 0.0)
         self.h = h
         self._errors = FDErrorTracker(type(self).__name__, warn_rtol)
         self._with_error = False  # set while _matmat asks the batches for their deltas

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from hesse._core import all_finite, check_finite
+from hesse._core._checks import check_choice, check_generator, check_int
 from hesse._core._progress import report
 from hesse.func._engine import hvp_product, jmj_product
 from hesse.func._io import ModelIO
@@ -28,13 +29,17 @@ def _is_single_batch(data: object, io: ModelIO | None = None) -> bool:
     return (io or _DEFAULT_IO).is_batch(data)
 
 
+def _describe(x: object) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
 def _check_data(data: object, empty_ok: bool = False, io: ModelIO | None = None) -> Iterable[Batch]:
     if _is_single_batch(data, io):
         return [data]
-    if not isinstance(data, Iterable):
+    if isinstance(data, Tensor) or not isinstance(data, Iterable):
         raise TypeError(
             "data must be one batch (inputs, targets) or a dict holding the targets, or an "
-            f"iterable of such batches (a list, a DataLoader), got {type(data).__name__}"
+            f"iterable of such batches (a list, a DataLoader), got {_describe(data)}"
         )
     if iter(data) is data:
         raise TypeError(
@@ -351,10 +356,7 @@ class HessianOperator(ModelCurvature):
         memory_budget=None,
     ):
         super().__init__(model, loss_fn, data, params, io, memory_budget)
-        mode = mode or DEFAULT_HVP_MODE
-        if mode not in HVP_MODES:
-            raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
-        self.mode = mode
+        self.mode = DEFAULT_HVP_MODE if mode is None else check_choice(mode, "mode", HVP_MODES)
         self._forward_failed = False
         self.symmetric, self.psd = True, False
 
@@ -466,10 +468,9 @@ class FisherOperator(_OutputSpaceCurvature):
         memory_budget=None,
     ):
         super().__init__(model, loss_fn, data, params, io, likelihood, memory_budget)
-        if kind not in FISHER_KINDS:
-            raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        kind = check_choice(kind, "kind", FISHER_KINDS)
+        mc_samples = check_int(mc_samples, "mc_samples", 1)
+        check_generator(generator)
         self.curvature.check_fisher(kind)
         self.kind, self.mc_samples = kind, mc_samples
         # One seed drawn now; batch i then draws from seed + i, the same at every product.
