@@ -38,12 +38,14 @@ from hesse.operators import (
     CurvatureOperator,
     DenseOperator,
     DiagonalOperator,
+    EKFACOperator,
     FiniteDifferenceHessian,
     FisherOperator,
     FunctionHessian,
     GGNOperator,
     HessianOperator,
     IdentityOperator,
+    KFACOperator,
     LinearizedCurvature,
     LowRankOperator,
 )
@@ -74,6 +76,8 @@ __all__ = [
     "DiagonalOperator",
     "FunctionHessian",
     "LowRankOperator",
+    "KFACOperator",
+    "EKFACOperator",
     "InverseOperator",
     "low_rank",
     # analysis

@@ -9,6 +9,7 @@ from hesse.operators._base import (
 )
 from hesse.operators._finite import FiniteDifferenceHessian
 from hesse.operators._function import FunctionHessian
+from hesse.operators._kfac import EKFACOperator, KFACOperator, KroneckerBlock
 from hesse.operators._model import (
     FisherOperator,
     GGNOperator,
@@ -22,12 +23,15 @@ __all__ = [
     "CurvatureOperator",
     "DenseOperator",
     "DiagonalOperator",
+    "EKFACOperator",
     "FiniteDifferenceHessian",
     "FisherOperator",
     "FunctionHessian",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "KFACOperator",
+    "KroneckerBlock",
     "LinearizedCurvature",
     "LowRankOperator",
     "ModelCurvature",

@@ -9,6 +9,7 @@ equal terms.
 from hesse.optim._base import create_graph
 from hesse.optim._compare import Curve, compare
 from hesse.optim._diagonal import AdaHessian, Sophia
+from hesse.optim._kfac import KFAC
 from hesse.optim._lbfgs import LBFGS
 from hesse.optim._newton import HessianFree, NewtonCG, SubsampledNewton
 
@@ -22,6 +23,8 @@ __all__ = [
     # diagonal curvature
     "AdaHessian",
     "Sophia",
+    # Kronecker-factored curvature
+    "KFAC",
     # comparisons
     "Curve",
     "compare",
