@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from hesse._core._checks import check_seed
 from hesse.optim._base import check_float, check_int
 
 
@@ -93,13 +94,12 @@ def compare(
     if time_budget is not None:
         time_budget = check_float(time_budget, "time_budget", open_lo=True)
     check_int(evals_per_epoch, "evals_per_epoch")
+    seed = check_seed(seed, allow_none=False)
     inputs, targets = _check_data(data, "data")
     if test_data is not None:
         _check_data(test_data, "test_data")
     n = inputs.shape[0]
-    bs = n if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    bs = n if batch_size is None else check_int(batch_size, "batch_size")
     steps_per_epoch = math.ceil(n / bs)
     every = max(1, steps_per_epoch // max(1, evals_per_epoch))
     max_steps = math.inf if epochs is None else math.ceil(epochs * steps_per_epoch)
