@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,6 +42,38 @@ def test_counts_products_batches_and_the_time_left_in_a_pass():
     before = counts.products
     H @ torch.ones(H.shape[0])
     assert counts.products == before
+
+
+@pytest.mark.parametrize(
+    ("analysis", "budget"),
+    [
+        (lambda H: hesse.trace(H, num_matvecs=12, seed=0), 12),
+        (lambda H: hesse.diagonal(H, "xdiag", num_matvecs=8, seed=0), 8),
+        (lambda H: hesse.spectral_density(H, num_probes=2, steps=5, seed=0), 10),
+        (lambda H: hesse.eigenvalues(H, k=1, max_iter=7, tol=1e-12, seed=0), 7),
+    ],
+    ids=["trace", "diagonal", "density", "eigenvalues"],
+)
+def test_an_analysis_announces_its_budget_and_the_time_left(analysis, budget):
+    H = _operator(batches=2)
+    stream = io.StringIO()
+    with hesse.progress(stream, every=0.0) as counts:
+        analysis(H)
+    assert counts.budget == budget
+    assert 0 < counts.products <= budget
+    lines = stream.getvalue().split("\r")
+    # mid-way (these analyses make several products), the lines say at most how long is
+    # left; the last one does not
+    assert any("at most ~" in line for line in lines[:-1])
+    assert "at most" not in lines[-1]
+
+
+def test_a_new_analysis_replaces_the_unspent_budget():
+    counts = hesse._core._progress.Counts()
+    counts("budget", 100)
+    counts("product", 30)  # converged early
+    counts("budget", 10)
+    assert counts.budget == 40
 
 
 def test_the_cli_json_has_no_progress(capsys, tmp_path):

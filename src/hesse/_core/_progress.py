@@ -2,8 +2,10 @@
 
 The operators report what they do (``report("product", k)`` for ``k`` columns,
 ``report("batch")`` for each batch a pass computes, ``report("pass", total)`` when a pass
-over data of known length begins); nothing listens by default, and then a report costs one
-test of an empty list. :func:`progress` prints a line on stderr; the ``hesse`` command
+over data of known length begins), and the analyses what they will do at most
+(``report("budget", m)``: ``m`` more product columns, such as Lanczos' step limit or a trace
+estimator's ``num_matvecs``); nothing listens by default, and then a report costs one test
+of an empty list. :func:`progress` prints a line on stderr; the ``hesse`` command
 shows the same counts in its own progress bars.
 """
 
@@ -37,11 +39,13 @@ def listen(listener: Listener) -> Iterator[None]:
 
 class Counts:
     """Products, batches and their rates since ``start``; the time left in the current
-    pass over data of known length."""
+    pass over data of known length, and at most left in the analyses running (their
+    product budgets, at the rate of the products so far)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.products = self.batches = 0
+        self.budget = 0
         self.pass_total: int | None = None
         self.pass_done = 0
         self._pass_start = self.start
@@ -52,6 +56,10 @@ class Counts:
         elif event == "batch":
             self.batches += n
             self.pass_done += n
+        elif event == "budget":
+            # analyses run one after the other: a new budget replaces what an earlier
+            # analysis left unspent (Lanczos converged before its step limit)
+            self.budget = self.products + n
         elif event == "pass":
             self.pass_total, self.pass_done = (n or None), 0
             self._pass_start = time.perf_counter()
@@ -64,14 +72,18 @@ class Counts:
             per = (now - self._pass_start) / self.pass_done
             left = per * (self.pass_total - self.pass_done)
             text += f", pass {self.pass_done}/{self.pass_total}, ~{left:.0f} s left in it"
+        if 0 < self.products < self.budget:
+            per = (now - self.start) / self.products
+            text += f", at most ~{per * (self.budget - self.products):.0f} s left"
         return text + f", {now - self.start:.0f} s"
 
 
 @contextlib.contextmanager
 def progress(stream: TextIO | None = None, every: float = 0.5) -> Iterator[Counts]:
     """Print the progress of hesse's work inside the context on ``stream`` (stderr), at most
-    every ``every`` seconds: products done, batches per second, and the time left in a pass
-    over data of known length. Off unless asked for.
+    every ``every`` seconds: products done, batches per second, the time left in a pass
+    over data of known length, and at most left in the analyses running (Lanczos' step
+    limit, a trace estimator's budget; Lanczos often stops sooner). Off unless asked for.
 
     Example:
         >>> import io, torch, hesse

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from hesse._core._checks import check_finite, check_int, check_real
+from hesse._core._progress import report
 from hesse.linalg._common import (
     Status,
     as_operator,
@@ -85,6 +86,7 @@ def slq_nodes(
     op = promote(as_operator(A))
     n = op.shape[0]
     steps = min(steps, n)
+    report("budget", num_probes * steps)
     V = rademacher(n, num_probes, op.dtype, op.device, generator) / math.sqrt(n)
     Q = torch.zeros(num_probes, steps, n, dtype=op.dtype, device=op.device)
     alphas = torch.zeros(num_probes, steps, dtype=op.dtype, device=op.device)

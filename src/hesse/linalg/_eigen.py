@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hesse._core._progress import report
 from hesse.linalg._common import (
     Result,
     Status,
@@ -146,6 +147,7 @@ def lanczos(
     if max_iter is not None:
         max_iter = check_positive_int(max_iter, "max_iter")
     m_max = min(n, max_iter if max_iter is not None else max(60, 4 * k + 40))
+    report("budget", m_max)  # at most: Lanczos stops when the residuals are small
     dtype, device = op.dtype, op.device
     gen = make_generator(seed, generator, device, op)
     if v0 is None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from hesse._core import NonFiniteError
+from hesse._core._progress import report
 from hesse.linalg._common import (
     Result,
     Status,
@@ -74,9 +75,11 @@ MIN_MATVECS = {"hutchinson": 2, "hutch++": 6, "xtrace": 4}
 
 
 def check_budget(value: object, minimum: int, method: str, why: str) -> int:
-    """``num_matvecs`` as an int, or a ValueError that names the method's minimum."""
+    """``num_matvecs`` as an int, or a ValueError that names the method's minimum; the
+    budget is announced to :func:`hesse.progress` (the products left give the time left)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{method} needs num_matvecs >= {minimum} ({why}), got {value!r}")
+    report("budget", value)
     return value
 
 
