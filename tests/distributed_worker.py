@@ -179,6 +179,86 @@ def optimizers(rank, world, out):
             )
 
 
+def kfac(rank, world, out):
+    """KFAC over shards against one process on all the data: the operators' factors
+    (type-2 and empirical, EKFAC's refitted eigenvalues) and hesse.optim.KFAC's
+    trajectories (factors from the closure, and type-2 on the batch); on the last rank a
+    second run holds no data (samples=0)."""
+    lo, hi = shard_bounds(rank, world)
+    model, loss_fn, x, y = problem()
+    shard, full = batches(x[lo:hi], y[lo:hi]), batches(x, y, size=7)
+    for fisher in ("type-2", "empirical"):
+        K = hd.KFACOperator(model, loss_fn, shard, fisher=fisher)
+        out[f"op_{fisher}"] = [(b.A, b.G) for b in K.blocks]
+        if rank == 0:
+            ref = hesse.KFACOperator(model, loss_fn, full, fisher=fisher)
+            out[f"ref_op_{fisher}"] = [(b.A, b.G) for b in ref.blocks]
+    out["layers"] = hd.layer_report(model, loss_fn, shard, exact_limit=40, kfac=True).as_dicts()
+    if rank == 0:
+        ref = hesse.layer_report(model, loss_fn, full, exact_limit=40, kfac=True)
+        out["ref_layers"] = ref.as_dicts()
+    E = hd.EKFACOperator(model, loss_fn, shard)
+    out["ekfac"] = [b.eigenvalues for b in E.blocks]
+    if rank == 0:
+        out["ref_ekfac"] = [b.eigenvalues for b in hesse.EKFACOperator(model, loss_fn, full).blocks]
+    settings = {
+        "closure": dict(
+            lr=0.3,
+            damping=0.1,
+            momentum=0.5,
+            weight_decay=0.01,
+            update_each=2,
+            inverse_each=3,
+            factor_decay=0.8,
+        ),
+        "type-2": dict(
+            lr=0.3, damping=0.1, momentum=0.5, loss_fn=loss_fn, fisher="type-2", inverse_each=2
+        ),
+    }
+    for name, kw in settings.items():
+        for empty in (False, True):
+            if empty and rank == world - 1:
+                a, b = lo, lo  # this rank holds nothing; the one before it takes its part
+            elif empty and rank == world - 2:
+                a, b = lo, shard_bounds(world - 1, world)[1]
+            else:
+                a, b = lo, hi
+            model, loss_fn, x, y = problem()
+            if rank == 1:  # rank 0's weights are given to every rank at the first step
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(1.0)
+            opt = hd.KFAC(model, samples=b - a, **kw)
+            batch = name == "type-2" and b > a
+            key = f"{name}{'_empty' if empty else ''}"
+            out[f"{key}_losses"], out[f"{key}_x"] = _train(
+                opt, model, loss_fn, x[a:b], y[a:b], 5, batch
+            )
+            out[f"{key}_A"] = opt.state[model[0].weight]["A"].clone()
+        if rank == 0:
+            model, loss_fn, x, y = problem()
+            opt = hesse.optim.KFAC(model, **kw)
+            out[f"ref_{name}_losses"], out[f"ref_{name}_x"] = _train(
+                opt, model, loss_fn, x, y, 5, name == "type-2"
+            )
+            out[f"ref_{name}_A"] = opt.state[model[0].weight]["A"].clone()
+    # errors: the same decision on every rank, nobody left waiting
+    model, loss_fn, x, y = problem()
+    try:  # a DDP-wrapped model: refused (it would reduce the gradients twice)
+        hd.KFAC(nn.parallel.DistributedDataParallel(model), samples=hi - lo)
+    except ValueError as err:
+        out["ddp_error"] = str(err)
+    opt = hd.KFAC(model, samples=hi - lo, loss_fn=loss_fn, fisher="type-2")
+    try:  # rank 0 forgets the batch that type-2 factors need: it says so, the others stop
+        _train(opt, model, loss_fn, x[lo:hi], y[lo:hi], 1, rank != 0)
+    except Exception as err:
+        out["batch_error"] = f"{type(err).__name__}: {err}"
+    try:
+        hd.KFACOperator(model, loss_fn, [])
+    except Exception as err:
+        out["empty_error"] = f"{type(err).__name__}: {err}"
+
+
 def raises(rank, world, out):
     """Rank 1's data is broken (a class index out of range): CrossEntropyLoss raises there,
     in the middle of a Lanczos run; then an optimizer's closure raises on rank 1."""
@@ -503,7 +583,7 @@ def main() -> None:
     except BaseException as err:
         out["uncaught"] = "".join(traceback.format_exception(err))
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario in ("operators", "optimizers", "edges", "precision", "disagree"):
+    if scenario in ("operators", "optimizers", "edges", "precision", "disagree", "kfac"):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

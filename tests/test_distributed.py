@@ -155,6 +155,45 @@ def test_optimizer_trajectories_match_one_process(tmp_path, world):
             assert losses[-1] < losses[0], name  # the trajectories go somewhere
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_kfac_factors_and_trajectories_match_one_process(tmp_path, world):
+    """KFAC data-parallel: the factors all-reduced by sample counts are those of one
+    process on all the data (operators, EKFAC's eigenvalues, the optimizer's running
+    averages), and so are the steps, within 1e-10 in float64; a rank without data too."""
+    results, _, logs = launch("kfac", world, tmp_path)
+    _ok(results, logs)
+    ref = results[0]
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+    for res in results:
+        for fisher in ("type-2", "empirical"):
+            for (a, g), (ra, rg) in zip(res[f"op_{fisher}"], ref[f"ref_op_{fisher}"], strict=True):
+                close(a, ra)
+                close(g, rg)
+        for e, re in zip(res["ekfac"], ref["ref_ekfac"], strict=True):
+            close(e, re)
+        for row, want in zip(res["layers"], ref["ref_layers"], strict=True):
+            assert want["kfac_error"] > 1e-3  # KFAC is not exact on this network
+            assert abs(row["kfac_error"] - want["kfac_error"]) <= 1e-10 * want["kfac_error"]
+        for name in ("closure", "type-2"):
+            for key in (name, f"{name}_empty"):
+                close(res[f"{key}_losses"], ref[f"ref_{name}_losses"])
+                close(res[f"{key}_x"], ref[f"ref_{name}_x"])
+                close(res[f"{key}_A"], ref[f"ref_{name}_A"])
+    for name in ("closure", "type-2"):
+        losses = ref[f"ref_{name}_losses"]
+        assert losses[-1] < losses[0], name  # the trajectories go somewhere
+    for r, res in enumerate(results):
+        assert "pass the plain model (ddp.module)" in res["ddp_error"]
+        if r == 0:
+            assert res["batch_error"].startswith("ValueError: fisher='type-2' computes")
+        else:
+            assert res["batch_error"].startswith("RankError:") and "[0]" in res["batch_error"]
+        assert res["empty_error"] == "ValueError: no rank holds any data: every shard is empty"
+
+
 def test_empty_shards_and_mismatched_parameters(tmp_path):
     results, _, logs = launch("edges", 2, tmp_path)
     _ok(results, logs)

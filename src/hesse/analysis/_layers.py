@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ from hesse.analysis._convexity import Verdict, _report_operator
 from hesse.func import ModelIO
 from hesse.linalg import xtrace
 from hesse.linalg._common import promote
-from hesse.operators import HessianOperator
+from hesse.operators import GGNOperator, HessianOperator, KFACOperator
+from hesse.operators._kfac import _layers
 
 
 @dataclass(frozen=True)
@@ -33,28 +35,40 @@ class LayerRow:
     converged: bool  # the verdict is certified (exact, or backed by converged Lanczos ends)
     error_floor: float  # the eigenvalues' error the products' precision leaves
     dtype: torch.dtype  # of the products (the eigenvalue problem: float32 for half types)
+    # with kfac=True: ||K - G||_F / ||G||_F of type-2 KFAC against the exact GGN block
+    # (None: the block is larger than exact_limit, or not made of KFAC's layers)
+    kfac_error: float | None = None
 
 
 @dataclass(frozen=True)
 class LayerReport:
     rows: list[LayerRow]
+    kfac: bool = False  # the rows carry KFAC's error
 
     def as_dicts(self) -> list[dict[str, Any]]:
-        """The rows as plain values (verdict and dtype as strings: ready for JSON)."""
-        return [
-            {**asdict(r), "verdict": str(r.verdict), "dtype": str(r.dtype).removeprefix("torch.")}
-            for r in self.rows
-        ]
+        """The rows as plain values (verdict and dtype as strings: ready for JSON);
+        ``kfac_error`` only in a report made with ``kfac=True``."""
+        out = []
+        for r in self.rows:
+            row = {**asdict(r), "verdict": str(r.verdict)}
+            row["dtype"] = str(r.dtype).removeprefix("torch.")
+            if not self.kfac:
+                del row["kfac_error"]
+            out.append(row)
+        return out
 
     def to_table(self) -> str:
-        head = (
-            f"{'block':24s} {'size':>8s} {'top eig':>11s} {'min eig':>11s} {'trace':>11s}  verdict"
-        )
+        head = f"{'block':24s} {'size':>8s} {'top eig':>11s} {'min eig':>11s} {'trace':>11s}"
+        head += f" {'KFAC err':>9s}" if self.kfac else ""
+        head += "  verdict"
         lines = [head, "-" * len(head)]
         for r in self.rows:
+            kfac = ""
+            if self.kfac:
+                kfac = " " + (f"{r.kfac_error:9.3g}" if r.kfac_error is not None else f"{'-':>9s}")
             lines.append(
                 f"{r.name:24s} {r.size:8d} {r.top_eigenvalue:11.4g} "
-                f"{r.min_eigenvalue:11.4g} {r.trace:11.4g}  {r.verdict}"
+                f"{r.min_eigenvalue:11.4g} {r.trace:11.4g}{kfac}  {r.verdict}"
                 + ("" if r.converged else f" (not certified: {_why(r)})")
             )
         return "\n".join(lines)
@@ -107,9 +121,12 @@ def layer_report(
     rtol: float = 1e-6,
     seed: int | None = 0,
     io: ModelIO | None = None,
+    kfac: bool = False,
     _operator: Callable[..., Any] = HessianOperator,
+    _ggn: Callable[..., Any] = GGNOperator,
+    _kfac: Callable[..., Any] = KFACOperator,
 ) -> LayerReport:
-    """Top and bottom eigenvalue, trace and definiteness of each layer's Hessian block.
+    r"""Top and bottom eigenvalue, trace and definiteness of each layer's Hessian block.
 
     Args:
         model, loss_fn, data, io: as for :class:`hesse.HessianOperator`.
@@ -120,6 +137,11 @@ def layer_report(
             ``exact_limit``; a smaller block is formed densely (``P`` products), which
             gives its eigenvalues and trace exactly.
         rtol: eigenvalues below ``rtol * max|lambda|`` in magnitude count as zero.
+        kfac: also report, for each block of at most ``exact_limit`` parameters made of
+            ``nn.Linear`` / ``nn.Conv2d`` layers, type-2 KFAC's relative error against the
+            exact Gauss-Newton block, :math:`\|K_\ell - G_\ell\|_F / \|G_\ell\|_F`
+            (:class:`hesse.KFACOperator` and :class:`hesse.GGNOperator` on the block's
+            parameters, formed densely); ``None`` for the other blocks.
 
     For a float16 or bfloat16 model the products run in its dtype and the rest (the dense
     block, its eigenvalues, Lanczos) in float32; each row's ``error_floor`` says how far
@@ -128,9 +150,19 @@ def layer_report(
     seed = check_seed(seed)
     tol = check_real(tol, "tol", 0.0, 1.0, open_lo=True, open_hi=True)
     rtol = check_real(rtol, "rtol", 0.0, 1.0, open_hi=True)
+    if not isinstance(kfac, bool):
+        raise TypeError(f"kfac must be True or False, got {kfac!r}")
     blocks = dict(blocks) if blocks is not None else parameter_blocks(model)
     rows = []
     for name, params in blocks.items():
+        error = None
+        if kfac and _kfac_covers(model, params):
+            size = sum(dict(model.named_parameters())[p].numel() for p in params)
+            if size <= exact_limit:
+                error = _kfac_error(
+                    _kfac(model, loss_fn, data, params=list(params), io=io),
+                    _ggn(model, loss_fn, data, params=list(params), io=io),
+                )
         H = _operator(model, loss_fn, data, params=list(params), io=io).linearize()
         n = H.shape[0]
         dense = None
@@ -166,6 +198,26 @@ def layer_report(
                 rep.certified,
                 rep.error_floor,
                 H.dtype,
+                error,
             )
         )
-    return LayerReport(rows)
+    return LayerReport(rows, kfac)
+
+
+def _kfac_covers(model: nn.Module, params: Sequence[str]) -> bool:
+    """Whether every parameter of a block (by name) belongs to a layer KFAC covers."""
+    named = dict(model.named_parameters())
+    if any(not isinstance(p, str) or p not in named for p in params):
+        return False  # tensors, or names the operators will explain
+    fn = SimpleNamespace(model=model, names=list(params), _selected=[named[p] for p in params])
+    covered = [i for la in _layers(fn, strict=False) for i in (la.weight, la.bias)]
+    return len([i for i in covered if i is not None]) == len(params)
+
+
+def _kfac_error(K: Any, G: Any) -> float:
+    r""":math:`\|K - G\|_F / \|G\|_F` of two operators over the same parameters, formed
+    densely (half types in float32; 0 when both are 0)."""
+    k, g = promote(K).to_dense(), promote(G).to_dense()
+    norm = float(torch.linalg.matrix_norm(g))
+    diff = float(torch.linalg.matrix_norm(k - g))
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))

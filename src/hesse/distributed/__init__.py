@@ -10,7 +10,8 @@ rank, so :func:`hesse.eigenvalues`, :func:`hesse.trace`, :func:`hesse.spectral_d
 and :func:`hesse.linalg.cg` return the same on every rank as one process on all the data.
 
 The optimizers reduce every evaluation of the closure (loss, gradient, Hessian-vector
-products through its graph), weighted by each rank's ``samples``.
+products through its graph), weighted by each rank's ``samples``; :class:`KFAC` and the
+Kronecker-factored operators reduce their factors likewise.
 
 A rank whose local work raises still joins the collective, flagged: it raises its own
 error and every other rank a :class:`RankError` naming it. A rank that exits, crashes or
@@ -34,14 +35,17 @@ from hesse.distributed._comm import (
     set_default_timeout,
 )
 from hesse.distributed._operators import (
+    EKFACOperator,
     FiniteDifferenceHessian,
     FisherOperator,
     GGNOperator,
     HessianOperator,
+    KFACOperator,
     layer_report,
     loss_and_gradient,
 )
 from hesse.distributed._optim import (
+    KFAC,
     LBFGS,
     AdaHessian,
     HessianFree,
@@ -52,15 +56,18 @@ from hesse.distributed._optim import (
 
 __all__ = [
     # operators
+    "EKFACOperator",
     "FiniteDifferenceHessian",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "layer_report",
     "loss_and_gradient",
     # optimizers
     "AdaHessian",
     "HessianFree",
+    "KFAC",
     "LBFGS",
     "NewtonCG",
     "Sophia",

@@ -129,6 +129,103 @@ for _cls in (HessianOperator, GGNOperator, FisherOperator, FiniteDifferenceHessi
     )
 
 
+class _DataParallelKronecker:
+    """Mixin for the Kronecker-factored operators: each rank holds a shard of the data;
+    the factors' sums (and EKFAC's eigenvalue sums) are every rank's, all-reduced with the
+    sample counts and weights in one collective each (as kfac-pytorch and KAISA reduce
+    their factors), so every rank holds the factors of one process over the union of the
+    shards. Products, inverses, traces and log-determinants then need no communication."""
+
+    _empty_ok = True  # a rank may hold no batch; the others carry it
+    _factors_now = False  # computed once every rank has made its operator
+
+    def __init__(self, model, loss_fn, data, params=None, *, group=None, timeout=None, **kw):
+        """The local operator's own arguments, plus ``group`` and ``timeout``."""
+        local = _local_class(type(self))
+        self.comm = as_communicator(group, timeout)
+        self.comm.attempt(
+            lambda: local.__init__(self, model, loss_fn, data, params, **kw),
+            f"making a {type(self).__name__}",
+            params=lambda _: self.fn._selected,
+            flatten=lambda _: self.space.flatten(self.fn.params()),
+        )
+        # Rank 0's seed, offset by rank: each shard draws its own labels (fisher="mc").
+        seed = torch.tensor([self._seed], dtype=torch.int64)
+        self.comm.broadcast_(seed, f"sharing {type(self).__name__}'s seed")
+        self._seed = int(seed) % 2**62 + 1_000_003 * self.comm.rank
+        self.update()
+
+    def _reduce(self, compute, sizes: list[int], what: str) -> tuple[list[Tensor], float]:
+        """All-reduce the tensors ``compute()`` returns (with its weight) as one buffer."""
+        acc = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+        like = torch.zeros(sum(sizes), dtype=acc, device=self.device)
+
+        def flat() -> tuple[Tensor, float]:
+            parts, weight = compute()
+            return torch.cat([t.reshape(-1).to(acc) for t in parts]), weight
+
+        total, weight = self.comm.run_reduced(flat, like, what)
+        return list(total.to(self.dtype).split(sizes)), weight
+
+    def _factor_sums(self, per_batch):
+        local = _local_class(type(self))
+        dims = [(la.d, la.out) for la in self._layers]
+        sizes = [d * d for d, _ in dims] + [o * o for _, o in dims] + [1]
+
+        def compute():
+            A, G, count, total = local._factor_sums(self, per_batch)
+            return [*A, *G, torch.tensor([float(count)])], total
+
+        parts, total = self._reduce(compute, sizes, f"{type(self).__name__}'s factors")
+        count = round(float(parts[-1]))
+        if count == 0:
+            raise ValueError("no rank holds any data: every shard is empty")
+        k = len(dims)
+        A = [t.view(d, d) for t, (d, _) in zip(parts[:k], dims)]
+        G = [t.view(o, o) for t, (_, o) in zip(parts[k : 2 * k], dims)]
+        return A, G, count, total
+
+    def _eigenvalue_sums(self):
+        local = _local_class(type(self))
+        shapes = [(b.G.shape[0], b.A.shape[0]) for b in self.blocks]
+
+        def compute():
+            return local._eigenvalue_sums(self)
+
+        sizes = [o * d for o, d in shapes]
+        parts, total = self._reduce(compute, sizes, f"{type(self).__name__}'s eigenvalues")
+        if total == 0:
+            raise ValueError("no rank holds any data: every shard is empty")
+        return [t.view(o, d) for t, (o, d) in zip(parts, shapes)], total
+
+
+class KFACOperator(_DataParallelKronecker, operators.KFACOperator):
+    pass
+
+
+class EKFACOperator(_DataParallelKronecker, operators.EKFACOperator):
+    pass
+
+
+_KRONECKER_DOC = """
+    Same arguments as :class:`hesse.{name}`, with ``data`` this rank's shard (it may be
+    empty on some ranks), plus ``group`` and ``timeout`` as
+    :class:`hesse.distributed.GGNOperator`. The factors are sums over every rank's
+    batches, all-reduced when the operator is made and on :meth:`update` (call it on every
+    rank); products and inverses are then local and the same on every rank. With
+    ``fisher="mc"`` each rank draws its own labels from rank 0's seed.
+"""
+
+for _cls in (KFACOperator, EKFACOperator):
+    _base = _local_class(_cls)
+    _cls.__doc__ = (
+        f"Data-parallel :class:`hesse.{_cls.__name__}`: "
+        + (_base.__doc__ or "").strip().split("\n")[0]
+        + "\n"
+        + _KRONECKER_DOC.format(name=_cls.__name__)
+    )
+
+
 def loss_and_gradient(
     model: nn.Module,
     loss_fn,
@@ -198,23 +295,34 @@ def layer_report(
     **kwargs,
 ):
     """:func:`hesse.layer_report` over every rank's shard: each block's Hessian is a
-    :class:`HessianOperator` of this module, so every rank gets the report of one process
-    over all the data. Keyword arguments as :func:`hesse.layer_report`."""
+    :class:`HessianOperator` of this module (and with ``kfac=True`` its GGN and KFAC
+    blocks are this module's too), so every rank gets the report of one process over all
+    the data. Keyword arguments as :func:`hesse.layer_report`."""
     from hesse.analysis._layers import layer_report as local_report
 
     comm = as_communicator(group, timeout)
 
-    def make(*args, **kw):
-        return HessianOperator(*args, group=comm, **kw)
+    def on(cls):
+        return lambda *args, **kw: cls(*args, group=comm, **kw)
 
-    return local_report(model, loss_fn, data, _operator=make, **kwargs)
+    return local_report(
+        model,
+        loss_fn,
+        data,
+        _operator=on(HessianOperator),
+        _ggn=on(GGNOperator),
+        _kfac=on(KFACOperator),
+        **kwargs,
+    )
 
 
 __all__ = [
+    "EKFACOperator",
     "FiniteDifferenceHessian",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "layer_report",
     "loss_and_gradient",
 ]

@@ -71,7 +71,8 @@ class _DataParallelOptimizer(FlatOptimizer):
         self.comm = as_communicator(group, timeout)
 
         def make() -> None:  # a rank whose construction fails tells the others at once
-            if isinstance(kwargs.get("model"), torch.nn.parallel.DistributedDataParallel):
+            ddp = torch.nn.parallel.DistributedDataParallel
+            if isinstance(kwargs.get("model"), ddp) or isinstance(params, ddp):
                 raise ValueError(
                     "hesse.distributed's optimizers reduce gradients and curvature "
                     "themselves: pass the plain model (ddp.module), and call it, not the "
@@ -336,3 +337,69 @@ class Sophia(_DataParallelOptimizer, optim.Sophia):
             raise ValueError("no rank holds any data: every outputs_fn() returned 0 rows")
         g = total.div_(b)
         return [d.to(flat.dtype) for d in self._gnb_estimate(flat.split(g), b)]
+
+
+class KFAC(_DataParallelOptimizer, optim.KFAC):
+    __doc__ = (
+        _DOC.format(name="KFAC")
+        + """
+    The Kronecker factors are reduced as kfac-pytorch and KAISA reduce them: on the steps
+    that refresh them, each rank's factors (from its closure's pass, or with ``loss_fn``
+    those of a :class:`hesse.distributed.KFACOperator` over every rank's batch) are
+    all-reduced, weighted by ``samples``, in one collective; the running averages, the
+    eigendecompositions and the step are then the same on every rank: those of one
+    process on all the data.
+"""
+    )
+
+    def _check_step(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Exception | None]:
+        batch = kwargs.get("batch", args[0] if args else None)
+        update = int(self.global_state().get("step", 0)) % self.param_groups[0]["update_each"]
+        on_batch = update == 0 and self.loss_fn is not None and batch is not None
+        if self.samples > 0:  # a rank without data follows the others
+            return args, kwargs, super()._batch_error(update == 0, on_batch)
+        return args, kwargs, None
+
+    def _batch_error(self, update: bool, on_batch: bool) -> ValueError | None:
+        return None  # raised in the step's first collective (see _check_step)
+
+    def _factors_on_batch(self, update: bool, on_batch: bool) -> bool:
+        return update and self.loss_fn is not None and self._batch_everywhere
+
+    def _batch_operator(self, model, loss_fn, batch, *args, **kwargs):
+        if batch is None:  # this rank holds no data (samples=0)
+            batch = []
+        return dp_ops.KFACOperator(model, loss_fn, batch, *args, group=self.comm, **kwargs)
+
+    def _update_factors(self, seen: dict[str, list], group: dict) -> None:
+        layers = self._layers
+        sizes = [n for la in layers for n in (la.d * la.d, la.out * la.out, 1)]
+        acc = self.flat.dtype
+        acc = acc if acc in (torch.float32, torch.float64) else torch.float32
+        like = torch.zeros(sum(sizes), dtype=acc, device=self.flat.device)
+        w = float(self.samples)
+
+        def compute() -> tuple[Tensor, float]:
+            factors = self._closure_factors(seen, group) if w > 0 else {}
+            parts = []
+            for la in layers:
+                a, g = factors.get(la.name, (None, None))
+                if a is None:  # the layer took no part here: zeros, and no weight
+                    parts += [like.new_zeros(la.d * la.d), like.new_zeros(la.out * la.out)]
+                    parts.append(like.new_zeros(1))
+                else:
+                    parts += [a.reshape(-1).to(acc) * w, g.reshape(-1).to(acc) * w]
+                    parts.append(like.new_full((1,), w))
+            return (torch.cat(parts) if parts else like), w
+
+        total, _ = self.comm.run_reduced(compute, like, "KFAC's factors")
+        chunks = total.to(self.flat.dtype).split(sizes)
+        factors = {}
+        for j, la in enumerate(layers):
+            a, g, weight = chunks[3 * j : 3 * j + 3]
+            if float(weight) > 0:
+                factors[la.name] = (
+                    (a / weight).view(la.d, la.d),
+                    (g / weight).view(la.out, la.out),
+                )
+        self._average_in(factors, group["factor_decay"])

@@ -7,9 +7,10 @@ from hesse.operators._base import (
     ScaledOperator,
     SumOperator,
 )
+from hesse.operators._ekfac import EKFACOperator
 from hesse.operators._finite import FiniteDifferenceHessian
 from hesse.operators._function import FunctionHessian
-from hesse.operators._kfac import EKFACOperator, KFACOperator, KroneckerBlock
+from hesse.operators._kfac import KFACOperator, KroneckerBlock
 from hesse.operators._model import (
     FisherOperator,
     GGNOperator,

@@ -297,6 +297,8 @@ class KFACOperator(CurvatureOperator):
 
     symmetric = True
     psd = True
+    _empty_ok = False  # a data-parallel rank may hold no batch; the others carry it
+    _factors_now = True  # a data-parallel operator computes them after its ranks agree
 
     def __init__(
         self,
@@ -335,13 +337,14 @@ class KFACOperator(CurvatureOperator):
             )
         if fisher == "mc":
             self.curvature.check_fisher("mc")
-        self.data = _check_data(data, io=self.fn.io)
+        self.data = _check_data(data, self._empty_ok, io=self.fn.io)
         self._layers = _layers(self.fn)
         gen_device = generator.device if generator is not None else "cpu"
         self._seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
         self.chunk_size = max(self.shape[0], 1)
         self.blocks: list[KroneckerBlock] = []
-        self.update()
+        if self._factors_now:
+            self.update()
 
     @property
     def model(self) -> nn.Module:
@@ -419,7 +422,7 @@ class KFACOperator(CurvatureOperator):
                 x = seen[la.name][0]
                 per_layer.append((self._inputs(la, x), _output_rows(la.module, torch.stack(gs))))
             yield weight, per_layer
-        if not found:
+        if not found and not self._empty_ok:
             raise ValueError("data is empty: expected at least one batch (inputs, targets)")
         if losses and not all_finite(*losses):
             for loss in losses:
@@ -435,23 +438,31 @@ class KFACOperator(CurvatureOperator):
             rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
         return rows
 
-    def _accumulate(self, per_batch) -> tuple[list[Tensor], list[Tensor]]:
-        """The factors ``A`` and ``G`` of every layer over the data."""
+    def _factor_sums(self, per_batch) -> tuple[list[Tensor], list[Tensor], int, float]:
+        """Each layer's sums over the data of the input terms and of the (weighted)
+        gradient terms, the number of samples and the batches' total weight: what the
+        data-parallel operator adds up over ranks."""
         mean = self.reduction == "mean"
         expand = self.weight_sharing == "expand"
-        A_sum: list[Tensor | None] = [None] * len(self._layers)
-        G_sum: list[Tensor | None] = [None] * len(self._layers)
+        kw = dict(dtype=self.dtype, device=self.device)
+        A_sum = [torch.zeros(la.d, la.d, **kw) for la in self._layers]
+        G_sum = [torch.zeros(la.out, la.out, **kw) for la in self._layers]
         count, total = 0, 0.0
         for weight, per_layer in per_batch:
             w = weight if mean else 1.0
             for j, (x, g) in enumerate(per_layer):
                 a, gg = batch_factors(x, g, expand)
-                A_sum[j] = a if A_sum[j] is None else A_sum[j].add_(a)
-                G_sum[j] = gg.mul_(w) if G_sum[j] is None else G_sum[j].add_(gg, alpha=w)
+                A_sum[j].add_(a)
+                G_sum[j].add_(gg, alpha=w)
             count += per_layer[0][0].shape[0]
             total += weight
+        return A_sum, G_sum, count, total
+
+    def _accumulate(self, per_batch) -> tuple[list[Tensor], list[Tensor]]:
+        """The factors ``A`` and ``G`` of every layer over the data."""
+        A_sum, G_sum, count, total = self._factor_sums(per_batch)
         A = [a / count for a in A_sum]
-        G = [g / total for g in G_sum] if mean else list(G_sum)
+        G = [g / total for g in G_sum] if self.reduction == "mean" else G_sum
         return A, G
 
     def update(self) -> None:
@@ -630,91 +641,3 @@ class _EigenKronecker(CurvatureOperator):
     def _block(self, j: int, M: Tensor) -> Tensor:
         qa, qg = self._bases[j]
         return qg @ (self.diags[j] * (qg.T @ M @ qa)) @ qa.T
-
-
-class EKFACOperator(KFACOperator):
-    r"""Eigenvalue-corrected KFAC (George et al. 2018): KFAC's eigenbasis :math:`Q_G
-    \otimes Q_A` per layer, with the eigenvalues refitted to the per-sample gradients,
-
-    .. math:: \Lambda_{ij} = \sum_n \sum_k \big(Q_G^\top \nabla_{\bar W} f_{nk}\,
-        Q_A\big)_{ij}^2, \qquad \nabla_{\bar W} f_{nk} = \sum_r g_{nrk} \bar x_{nr}^\top,
-
-    weighted over batches as :math:`G` (per sample in the type-2 / Monte-Carlo sense: one
-    gradient per sample and column, as curvlinops). Of all matrices diagonal in that
-    eigenbasis it is the closest to the curvature in Frobenius norm. Arguments as
-    :class:`KFACOperator`; with ``refit=False`` the eigenvalues are KFAC's (the operator
-    equals KFAC) until :meth:`refit`.
-    """
-
-    def __init__(self, *args, refit: bool = True, **kwargs):
-        self._refit_now = bool(refit)
-        super().__init__(*args, **kwargs)
-
-    def update(self) -> None:
-        """Compute the factors, their eigenbasis and (unless made with ``refit=False``)
-        the refitted eigenvalues again, at the current parameters."""
-        super().update()
-        for b in self.blocks:
-            la, _, lg, _ = b.eigh()
-            b.eigenvalues = lg[:, None] * la[None, :]
-        if self._refit_now:
-            self.refit()
-
-    def refit(self) -> None:
-        """Refit the eigenvalues in the current eigenbasis (one pass over the data)."""
-        mean = self.reduction == "mean"
-        sums: list[Tensor | None] = [None] * len(self.blocks)
-        total = 0.0
-        for weight, per_layer in self._batches():
-            w = weight if mean else 1.0
-            for j, (x, g) in enumerate(per_layer):
-                _, qa, _, qg = self.blocks[j].eigh()
-                e = _rotated_square_sum(x @ qa, g @ qg)
-                sums[j] = e.mul_(w) if sums[j] is None else sums[j].add_(e, alpha=w)
-            total += weight
-        for b, s in zip(self.blocks, sums):
-            b.eigenvalues = s / total if mean else s
-            check_finite(b.eigenvalues, f"the eigenvalues of layer {b.module!r}")
-        self._refit_now = True
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        def block(j: int, M: Tensor) -> Tensor:
-            b = self.blocks[j]
-            _, qa, _, qg = b.eigh()
-            return qg @ (b.eigenvalues * (qg.T @ M @ qa)) @ qa.T
-
-        return _apply(self, V, block)
-
-    def _spectra(self) -> list[Tensor]:
-        return [b.eigenvalues for b in self.blocks]
-
-    def trace(self) -> Tensor:
-        """The sum of the eigenvalues."""
-        return sum(b.eigenvalues.sum() for b in self.blocks)
-
-    def frobenius_norm(self) -> Tensor:
-        """The root of the sum of the squared eigenvalues."""
-        return torch.sqrt(sum(b.eigenvalues.square().sum() for b in self.blocks))
-
-    def inverse(self, damping: float, *, method: str = "exact") -> CurvatureOperator:
-        r""":math:`(Q \operatorname{diag}(\Lambda) Q^\top + \lambda I)^{-1} = Q
-        \operatorname{diag}(1 / (\Lambda + \lambda)) Q^\top` (``method="exact"`` only: the
-        refitted eigenvalues are not a Kronecker product to damp factor by factor)."""
-        if method != "exact":
-            raise ValueError(f"EKFAC's inverse has method='exact' only, got {method!r}")
-        damping = _check_damping(damping)
-        return _EigenKronecker(self, [1.0 / (b.eigenvalues + damping) for b in self.blocks])
-
-
-def _rotated_square_sum(xr: Tensor, gr: Tensor) -> Tensor:
-    """``sum_{k,n} (sum_r gr[k,n,r,:] xr[n,r,:]^T)^2`` for ``xr (N, R, d)`` and
-    ``gr (K, N, R, out)``: without weight sharing, from the squares of the rotated rows
-    (no per-sample gradient is formed); with it, one column's per-sample gradients at a
-    time."""
-    if xr.shape[1] == 1:
-        return torch.einsum("kno,nd->od", gr[:, :, 0].square(), xr[:, 0].square())
-    total = None
-    for gk in gr:
-        e = torch.einsum("nro,nrd->nod", gk, xr).square_().sum(0)
-        total = e if total is None else total.add_(e)
-    return total

@@ -217,11 +217,9 @@ class KFAC(FlatOptimizer):
         t = int(state.get("step", 0))
         update = t % group["update_each"] == 0
         on_batch = update and self.loss_fn is not None and batch is not None
-        if update and group["fisher"] != "empirical" and not on_batch:
-            raise ValueError(
-                f"fisher={group['fisher']!r} computes the factors on a batch: pass "
-                "step(closure, batch=(inputs, targets)) (and loss_fn= to the optimizer)"
-            )
+        error = self._batch_error(update, on_batch)
+        if error is not None:
+            raise error
         seen: dict[str, list] = {}
         handles = []
         if update and not on_batch:
@@ -235,7 +233,7 @@ class KFAC(FlatOptimizer):
                 h.remove()
         if not ev.finite:
             raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
-        if on_batch:
+        if self._factors_on_batch(update, on_batch):
             self._update_factors_on(batch, group, t)
         elif update:
             self._update_factors(seen, group)
@@ -245,8 +243,29 @@ class KFAC(FlatOptimizer):
         state["step"] = t + 1
         return torch.tensor(ev.loss)
 
+    def _batch_error(self, update: bool, on_batch: bool) -> ValueError | None:
+        """The error of a step that must compute the factors on a batch but has none."""
+        fisher = self.param_groups[0]["fisher"]
+        if update and fisher != "empirical" and not on_batch:
+            return ValueError(
+                f"fisher={fisher!r} computes the factors on a batch: pass "
+                "step(closure, batch=(inputs, targets)) (and loss_fn= to the optimizer)"
+            )
+        return None
+
+    def _factors_on_batch(self, update: bool, on_batch: bool) -> bool:
+        """Whether this step's factors come from the batch (after the evaluation: the
+        data-parallel optimizer decides it from every rank's)."""
+        return on_batch
+
     def _update_factors(self, seen: dict[str, list], group: dict) -> None:
         """The factors from the closure's pass (empirical Fisher), averaged in."""
+        self._average_in(self._closure_factors(seen, group), group["factor_decay"])
+
+    def _closure_factors(
+        self, seen: dict[str, list], group: dict
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """This step's factors from the closure's pass, for the layers that took part."""
         expand = group["weight_sharing"] == "expand"
         factors = {}
         for la in self._layers:
@@ -269,7 +288,7 @@ class KFAC(FlatOptimizer):
                     rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
             a, gg = batch_factors(rows, g, expand)
             factors[la.name] = (a / n, gg * n)  # a mean over samples; gradients of a mean loss
-        self._average_in(factors, group["factor_decay"])
+        return factors
 
     def _update_factors_on(self, batch, group: dict, t: int) -> None:
         """The factors of :class:`hesse.KFACOperator` on ``batch``, averaged in."""
@@ -277,7 +296,7 @@ class KFAC(FlatOptimizer):
             self._names[i] for la in self._layers for i in (la.weight, la.bias) if i is not None
         ]
         gen = torch.Generator().manual_seed(group["seed"] * 1_000_003 + t)
-        op = KFACOperator(
+        op = self._batch_operator(
             self.model,
             self.loss_fn,
             batch,
@@ -290,6 +309,9 @@ class KFAC(FlatOptimizer):
             io=self.io,
         )
         self._average_in({b.module: (b.A, b.G) for b in op.blocks}, group["factor_decay"])
+
+    def _batch_operator(self, *args, **kwargs) -> KFACOperator:
+        return KFACOperator(*args, **kwargs)
 
     def _average_in(self, factors: dict[str, tuple[Tensor, Tensor]], rho: float) -> None:
         for la in self._layers:
