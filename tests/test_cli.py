@@ -61,7 +61,9 @@ def optimum(name: str):
 # ------------------------------------------------------------------ the command itself
 
 
-@pytest.mark.parametrize("command", [None, "demo", "problems", "compare", "spectrum", "convexity"])
+@pytest.mark.parametrize(
+    "command", [None, "demo", "problems", "compare", "spectrum", "convexity", "prune"]
+)
 def test_every_command_has_help(capsys, command):
     code, out, _ = run(capsys, *([command] if command else []), "--help")
     assert code == 0 and out.startswith("usage: hesse")

@@ -22,6 +22,7 @@ from hesse.analysis import (
     spectral_density,
     trace,
 )
+from hesse.compress import PruneReport, prune
 from hesse.func import (
     FiniteDifferenceWarning,
     ModelIO,
@@ -95,6 +96,9 @@ __all__ = [
     "OptimizeResult",
     "OptimizeWarning",
     "minimize",
+    # compression
+    "PruneReport",
+    "prune",
     # core
     "NonFiniteError",
     "progress",

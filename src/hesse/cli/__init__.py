@@ -1,8 +1,8 @@
 """The ``hesse`` command (layer 8: argument parsing, progress, tables and files; the
 mathematics is the library's).
 
-Commands: ``demo``, ``problems``, ``compare``, ``spectrum`` and ``convexity``; ``hesse
-COMMAND --help`` says more. Needs the ``cli`` extra: ``pip install 'hesse[cli]'``.
+Commands: ``demo``, ``problems``, ``compare``, ``spectrum``, ``convexity`` and ``prune``;
+``hesse COMMAND --help`` says more. Needs the ``cli`` extra: ``pip install 'hesse[cli]'``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     from hesse.cli._analysis import add_convexity, add_spectrum
     from hesse.cli._compare import add_compare
     from hesse.cli._demo import add_demo
+    from hesse.cli._prune import add_prune
 
     parser = _Parser(
         prog="hesse",
-        description="The Hessian in machine learning: a demo on bundled data, and the "
-        "comparison of optimisers, the spectrum and the convexity of any model.",
+        description="The Hessian in machine learning: a demo on bundled data, the "
+        "comparison of optimisers, the spectrum and the convexity of any model, and its "
+        "Hessian-based pruning.",
         epilog="Run `hesse COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"hesse {__version__}")
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare(sub, parent)
     add_spectrum(sub, parent)
     add_convexity(sub, parent)
+    add_prune(sub, parent)
     return parser
 
 

@@ -62,12 +62,22 @@ def integer(lo: int = 1, hi: int = 2**31 - 1) -> Callable[[str], int]:
 
 def positive(text: str) -> float:
     """An argparse type: a finite number > 0 (a usage error otherwise)."""
+    return _number(text, strict=True)
+
+
+def nonnegative(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a usage error otherwise)."""
+    return _number(text, strict=False)
+
+
+def _number(text: str, strict: bool) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    if not (math.isfinite(v) and (v > 0 if strict else v >= 0)):
+        bound = "> 0" if strict else ">= 0"
+        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
     return v
 
 

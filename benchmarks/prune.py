@@ -1,0 +1,264 @@
+"""Pruning without fine-tuning: test accuracy against sparsity for each method of
+:func:`hesse.prune`, and the time per layer of the layer-wise OBS methods against width.
+
+Models:
+
+* the digits MLP 64-64-10 and CNN of :mod:`hesse.problems` (``mlp-digits``, ``cnn-digits``,
+  float32), trained with full-batch Adam (lr 1e-2, 500 steps, seed 0), pruned at 50 to 90 %
+  and with the 2:4 pattern, calibrated on ``CALIBRATION`` training samples (seeded);
+* the character-level GPT of ``examples/char_gpt_spectrum.py`` (about 30k parameters, 400
+  AdamW steps), pruned at 50 and 70 %: next-character accuracy and loss on its fixed
+  evaluation batches, calibrated on other batches (``--no-gpt`` skips it).
+
+Every method prunes every linear and convolutional layer (GPT's output layer, tied to the
+embedding, is left out), the same share of each; 2:4 leaves out the layers whose inputs
+per output are not a multiple of 4 (the CNN's first convolution, 9). OBD's diagonal of
+the GGN on the calibration set is computed once per model and shared by the sparsities:
+exact for the MLP (one product per weight), a Hutchinson estimate from ``OBD_MATVECS``
+products for the CNN and the GPT (their exact diagonals cost tens of minutes on two busy
+cores). Global OBS needs the dense inverse curvature of all weights (4,736 for the MLP:
+about a minute per sparsity on one core); ``--obs`` adds it for the digits MLP.
+
+Timing: one ``nn.Linear(d, d)`` at 50 % sparsity on ``4 d`` correlated inputs; the
+seconds the method spends on the layer (``LayerPrune.seconds``: without the pass over the
+data), the median of ``--rounds``.
+
+Run::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/prune.py            # a few minutes
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/prune.py --quick    # a short check
+
+The figures go to ``benchmarks/results/prune.json`` (``prune_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hesse
+from hesse.compress import default_layers, prune
+from hesse.problems import problem
+from hvp_cost import RESULTS, machine
+
+METHODS = ("magnitude", "obd", "layer-obs", "sparsegpt")
+SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
+CALIBRATION = 512
+TRAIN_STEPS = 500
+OBD_MATVECS = 100
+OBD_HUTCHINSON = {"method": "hutchinson", "num_matvecs": OBD_MATVECS, "seed": 0}
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "char_gpt_spectrum.py"
+
+
+def train(p, model: nn.Module, steps: int) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    X, y = p.train
+    for _ in range(steps):
+        opt.zero_grad()
+        p.loss_fn(model(X), y).backward()
+        opt.step()
+    model.eval()
+
+
+def obd_diagonal(model, loss_fn, data, **kw) -> torch.Tensor:
+    """The GGN's diagonal over the pruned weights, once per model."""
+    weights = [model.get_submodule(n).weight for n in default_layers(model)]
+    op = hesse.GGNOperator(model, loss_fn, data, params=weights)
+    return hesse.diagonal(op, **kw).estimate
+
+
+def sweep(model, loss_fn, calib, evaluate, levels, methods, diag) -> list[dict[str, Any]]:
+    """Each method at each level (a sparsity or a pattern) on a copy of ``model``."""
+    runs = []
+    names = default_layers(model)
+    sizes = [model.get_submodule(n).weight.numel() for n in names]
+    pieces = dict(zip(names, torch.split(diag, sizes)))
+    for method in methods:
+        for level in levels:
+            pruned = copy.deepcopy(model)
+            kw = {"pattern": level} if isinstance(level, str) else {"sparsity": level}
+            if isinstance(level, str):  # the layers whose inputs the groups tile
+                m = int(level.split(":")[1])
+                kw["params"] = [
+                    n for n in names if model.get_submodule(n).weight[0].numel() % m == 0
+                ]
+            if method == "obd":  # the entries of the pruned layers
+                chosen = kw.get("params", names)
+                kw["diagonal"] = torch.cat([pieces[n] for n in chosen])
+            report = prune(pruned, loss_fn, calib, method=method, **kw)
+            row = {
+                "method": method,
+                "level": level,
+                "sparsity": report.sparsity,
+                **evaluate(pruned),
+                "calibration_loss": report.loss_after,
+                "seconds": report.seconds,
+            }
+            runs.append(row)
+            print(
+                f"  {method:>9} {level!s:>4}: accuracy {row['accuracy']:.4f}, loss "
+                f"{row['loss']:.4f} ({row['seconds']:.2f} s)",
+                flush=True,
+            )
+    return runs
+
+
+def digits(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    p = problem(name)
+    torch.manual_seed(args.seed)
+    model = p.make_model()
+    train(p, model, TRAIN_STEPS)
+    g = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(p.train[0].shape[0], generator=g)[:CALIBRATION]
+    calib = (p.train[0][idx], p.train[1][idx])
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        out = m(p.test[0])
+        return {"accuracy": p.metric(out, p.test[1]), "loss": float(p.loss_fn(out, p.test[1]))}
+
+    dense = evaluate(model)
+    print(f"{name}: dense accuracy {dense['accuracy']:.4f}", flush=True)
+    tic = time.perf_counter()
+    how = {"method": "exact"} if name == "mlp-digits" else OBD_HUTCHINSON
+    diag = obd_diagonal(model, p.loss_fn, calib, **how)
+    diag_s = time.perf_counter() - tic
+    methods = METHODS + (("obs",) if args.obs and name == "mlp-digits" else ())
+    levels = (0.5, 0.7, "2:4") if args.quick else (*SPARSITIES, "2:4")
+    runs = sweep(model, p.loss_fn, calib, evaluate, levels, methods, diag)
+    return {"dense": dense, "obd_diagonal": {**how, "seconds": diag_s}, "runs": runs}
+
+
+def char_gpt(args: argparse.Namespace) -> dict[str, Any]:
+    spec = importlib.util.spec_from_file_location("char_gpt_spectrum", EXAMPLE)
+    ex = importlib.util.module_from_spec(spec)
+    sys.modules["char_gpt_spectrum"] = ex
+    spec.loader.exec_module(ex)
+    text = ex.load_text()
+    tok = ex.Tokenizer(text)
+    ids = tok.encode(text)
+    torch.manual_seed(args.seed)
+    model = ex.CharGPT(ex.Config(vocab=len(tok)))
+    evaluation = ex.eval_batches(ids, 4, 64, model.cfg.block, seed=args.seed)
+    calib = ex.eval_batches(ids, 4, 64, model.cfg.block, seed=args.seed + 1)
+    ex.train(model, ids, evaluation, steps=400, seed=args.seed, analyse=None)
+    model.eval()
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        hits = total = 0
+        loss = 0.0
+        for x, y in evaluation:
+            logits = m(x)
+            hits += int((logits.argmax(-1) == y).sum())
+            total += y.numel()
+            loss += float(ex.loss_fn(logits, y)) * y.numel()
+        return {"accuracy": hits / total, "loss": loss / total}
+
+    dense = evaluate(model)
+    print(f"char-gpt: dense next-character accuracy {dense['accuracy']:.4f}", flush=True)
+    diag = obd_diagonal(model, ex.loss_fn, calib, **OBD_HUTCHINSON)
+    levels = (0.5,) if args.quick else (0.5, 0.7)
+    return {
+        "dense": dense,
+        "runs": sweep(model, ex.loss_fn, calib, evaluate, levels, METHODS, diag),
+    }
+
+
+def timing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Seconds per layer of layer-obs and sparsegpt on an nn.Linear(d, d)."""
+    rows = []
+    widths = {"layer-obs": (64, 128, 256), "sparsegpt": (64, 128, 256, 512, 1024)}
+    if args.quick:
+        widths = {"layer-obs": (64, 128), "sparsegpt": (64, 128, 256)}
+    for method, ds in widths.items():
+        for d in ds:
+            g = torch.Generator().manual_seed(d)
+            X = torch.randn(4 * d, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5
+            data = (X, torch.zeros(4 * d, d))
+            seconds = []
+            for _ in range(args.rounds):
+                layer = nn.Linear(d, d)
+                r = prune(layer, nn.MSELoss(), data, method=method, sparsity=0.5)
+                seconds.append(r.layers[""].seconds)
+            rows.append({"method": method, "width": d, "seconds": statistics.median(seconds)})
+            print(f"  {method:>9} d={d:>5}: {rows[-1]['seconds']:.3f} s per layer", flush=True)
+    return rows
+
+
+def targets(models: dict[str, Any]) -> dict[str, Any]:
+    """At 70 %: layer-obs within 5 points of dense; above magnitude where it loses > 5."""
+    out = {}
+    for name in ("mlp-digits", "cnn-digits"):
+        if name not in models:
+            continue
+        d = models[name]
+        at = {r["method"]: r["accuracy"] for r in d["runs"] if r["level"] == 0.7}
+        dense = d["dense"]["accuracy"]
+        out[name] = {
+            "dense": dense,
+            "layer_obs_at_70": at["layer-obs"],
+            "magnitude_at_70": at["magnitude"],
+            "layer_obs_within_5_points": dense - at["layer-obs"] <= 0.05,
+            "layer_obs_above_magnitude": at["layer-obs"] > at["magnitude"],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sparsities and widths")
+    parser.add_argument("--obs", action="store_true", help="add global OBS on the digits MLP")
+    parser.add_argument("--no-gpt", action="store_true", help="skip the character-level GPT")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    out = args.out or RESULTS / ("prune_quick.json" if args.quick else "prune.json")
+    tic = time.perf_counter()
+    models = {name: digits(name, args) for name in ("mlp-digits", "cnn-digits")}
+    if not args.no_gpt:
+        models["char-gpt"] = char_gpt(args)
+    print("time per layer against width (50 % sparsity):", flush=True)
+    results = {
+        "machine": machine(torch.device("cpu")),
+        "config": {
+            "train_steps": TRAIN_STEPS,
+            "calibration_samples": CALIBRATION,
+            "damping": 0.01,
+            "sequential": True,
+            "blocksize": 128,
+            "seed": args.seed,
+            "quick": args.quick,
+        },
+        "accuracy": models,
+        "targets": targets(models),
+        "timing": timing(args),
+    }
+    results["seconds"] = time.perf_counter() - tic
+    # other work on the machine shows in the timings: the load during the run
+    results["load_average_1_5_15"] = list(os.getloadavg())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for name, t in results["targets"].items():
+        print(
+            f"{name}: dense {t['dense']:.4f}, at 70 %: layer-obs {t['layer_obs_at_70']:.4f}, "
+            f"magnitude {t['magnitude_at_70']:.4f}"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
