@@ -41,12 +41,17 @@ bench: bench-deps
 	OMP_NUM_THREADS=2 $(PY) benchmarks/hvp_cost.py
 
 # On a machine with a CUDA GPU and a CUDA build of torch (GPU_PY): the CUDA tests (fused
-# attention and cuDNN RNN kernels, products on the device, bf16) and the GPU benchmark of a
-# transformer's Hessian-vector product. Figures go to benchmarks/results/.
+# attention and cuDNN RNN kernels, products on the device, bf16, the nccl backend of
+# hesse.distributed), then the GPU benchmarks: a transformer's Hessian-vector product, the
+# HVP cost of the foundation's MLP and CNN, and the memory budget against PyHessian (the
+# last needs the bench extra's peers; without them it fails alone and the rest still runs).
+# Figures go to benchmarks/results/*_cuda.json.
 GPU_PY ?= python3
 gpu-check:
 	PYTHONPATH=src $(GPU_PY) -m pytest -q -p no:cacheprovider -k "cuda" tests
 	PYTHONPATH=src $(GPU_PY) benchmarks/transformer_hvp.py --device cuda
+	PYTHONPATH=src $(GPU_PY) benchmarks/hvp_cost.py --device cuda --quick
+	-PYTHONPATH=src $(GPU_PY) benchmarks/memory_budget.py --device cuda --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

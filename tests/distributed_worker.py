@@ -565,13 +565,57 @@ def exits(rank, world, out):
         out["error"] = f"{type(err).__name__}: {err}"
 
 
+def nccl(rank, world, out):
+    """The nccl backend on CUDA tensors (one GPU per rank): products, an eigenvalue, a trace
+    and three L-BFGS steps over the shards, against one process on all the data."""
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    model, loss_fn, x, y = problem()
+    model, x, y = model.to(dev), x.to(dev), y.to(dev)
+    lo, hi = shard_bounds(rank, world)
+    H = hd.HessianOperator(model, loss_fn, batches(x[lo:hi], y[lo:hi]))
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(2)).to(dev)
+    out["hv"] = (H @ V).cpu()
+    out["eig"] = hesse.eigenvalues(H, k=1, seed=0, tol=1e-10).eigenvalues.cpu()
+    out["trace"] = hesse.trace(H, "hutchinson", 20, seed=0).estimate
+    opt = hd.LBFGS(model.parameters(), samples=hi - lo, max_iter=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x[lo:hi]), y[lo:hi])
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    out["x"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
+    out["seconds_in_collectives"] = H.comm.seconds
+    if rank == 0:
+        ref_model = problem()[0].to(dev)
+        Hf = hesse.HessianOperator(ref_model, loss_fn, (x, y))
+        out["ref_hv"] = (Hf @ V).cpu()
+        out["ref_eig"] = hesse.eigenvalues(Hf, k=1, seed=0, tol=1e-10).eigenvalues.cpu()
+        out["ref_trace"] = hesse.trace(Hf, "hutchinson", 20, seed=0).estimate
+        ref = hesse.optim.LBFGS(ref_model.parameters(), max_iter=3)
+
+        def ref_closure():
+            ref.zero_grad()
+            loss = loss_fn(ref_model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            ref.step(ref_closure)
+        out["ref_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()]).cpu()
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # here, not at import: pytest imports this file
     dist.init_process_group(
-        "gloo",
+        os.environ.get("BACKEND", "gloo"),
         init_method=f"file://{os.environ['STORE']}",
         rank=rank,
         world_size=world,
@@ -583,7 +627,7 @@ def main() -> None:
     except BaseException as err:
         out["uncaught"] = "".join(traceback.format_exception(err))
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    if scenario in ("operators", "optimizers", "edges", "precision", "disagree", "kfac"):
+    if scenario in ("operators", "optimizers", "edges", "precision", "disagree", "kfac", "nccl"):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

@@ -341,3 +341,26 @@ def test_bad_timeout_and_samples():
         hesse.distributed.set_default_timeout(0)
     with pytest.raises(ValueError, match="samples must be"):
         hesse.distributed._optim._check_samples(-1)
+
+
+_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.skipif(
+    _GPUS == 0 or not torch.distributed.is_nccl_available(), reason="needs a CUDA device and nccl"
+)
+@pytest.mark.parametrize("world", [1, 2], ids=["1 rank", "2 ranks"])
+def test_nccl_on_cuda_matches_one_process(tmp_path, world):
+    """The nccl path (CUDA buffers, polled completion, the operand check on the device):
+    one rank on one GPU, and two ranks where two GPUs exist (nccl refuses two ranks on one
+    GPU)."""
+    if world > _GPUS:
+        pytest.skip(f"needs {world} CUDA devices, this machine has {_GPUS}")
+    results, _, logs = launch("nccl", world, tmp_path, env={"BACKEND": "nccl"})
+    _ok(results, logs)
+    ref = results[0]
+    for res in results:
+        torch.testing.assert_close(res["hv"], ref["ref_hv"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res["eig"], ref["ref_eig"], rtol=1e-8, atol=1e-10)
+        assert abs(res["trace"] - ref["ref_trace"]) <= 1e-8 * abs(ref["ref_trace"])
+        torch.testing.assert_close(res["x"], ref["ref_x"], rtol=1e-8, atol=1e-10)
