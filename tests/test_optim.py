@@ -297,6 +297,71 @@ def test_adahessian_and_sophia_share_the_hutchinson_estimate():
         torch.testing.assert_close(est, scale * a)
 
 
+@pytest.mark.parametrize(
+    "make, settings",
+    [
+        (AdaHessian, {"update_each": 3, "n_samples": 2, "seed": 5, "lr": 0.05}),
+        (Sophia, {"update_each": 2, "estimator": "hutchinson", "seed": 7, "lr": 0.01}),
+        (LBFGS, {"history_size": 3, "max_iter": 2, "line_search": "armijo"}),
+    ],
+    ids=["AdaHessian", "Sophia", "LBFGS"],
+)
+def test_state_dict_records_every_setting(make, settings):
+    """Settings such as update_each and seed live in param_groups: an optimizer made with
+    the defaults and given the state_dict of one made otherwise continues exactly as it."""
+    X, y = _data()
+    model_a = _mlp()
+    opt_a = make(model_a.parameters(), **settings)
+    _run(model_a, opt_a, 3, X, y)
+    saved_model = copy.deepcopy(model_a.state_dict())
+    saved_opt = copy.deepcopy(opt_a.state_dict())
+    for key, value in settings.items():
+        assert saved_opt["param_groups"][0][key] == value
+    losses_a, params_a = _run(model_a, opt_a, 4, X, y)
+
+    model_b = _mlp()
+    model_b.load_state_dict(saved_model)
+    opt_b = make(model_b.parameters())  # the defaults
+    opt_b.load_state_dict(saved_opt)
+    for key, value in settings.items():
+        if key != "lr":
+            assert getattr(opt_b, key, opt_b.param_groups[0][key]) == value
+    losses_b, params_b = _run(model_b, opt_b, 4, X, y)
+    assert losses_a == losses_b
+    for a, b in zip(params_a, params_b):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "make, key, value",
+    [(AdaHessian, "update_each", 2), (Sophia, "seed", 3), (LBFGS, "history_size", 5)],
+)
+def test_a_setting_of_the_whole_optimizer_is_the_same_in_every_group(make, key, value):
+    model = _mlp()
+    X, y = _data()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = make([{"params": first}, {"params": second, key: value}])
+    with pytest.raises(ValueError, match=f"{key} is one setting of the whole"):
+        opt.step(_closure(model, opt, X, y))
+
+
+def test_a_state_saved_before_the_settings_were_recorded_still_loads():
+    """A state_dict without update_each/seed/n_samples in its groups (saved by an earlier
+    version) keeps this optimizer's."""
+    X, y = _data()
+    model = _mlp()
+    opt = AdaHessian(model.parameters(), lr=0.05, update_each=2, seed=3)
+    _run(model, opt, 2, X, y)
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        for key in ("update_each", "n_samples", "seed"):
+            del group[key]
+    fresh = AdaHessian(model.parameters(), lr=0.05, update_each=2, seed=3)
+    fresh.load_state_dict(old)
+    assert (fresh.update_each, fresh.seed, fresh.n_samples) == (2, 3, 1)
+    _run(model, fresh, 2, X, y)
+
+
 def test_sophia_gnb_estimator():
     model = _mlp()
     X, y = _data()

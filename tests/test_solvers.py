@@ -19,6 +19,8 @@ from hesse.solvers import (
     dfp_update,
     eigen_newton,
     exact_step,
+    initial_step,
+    line_search,
     sr1_update,
     strong_wolfe,
     update_radius,
@@ -162,6 +164,34 @@ def test_lbfgs_two_loop_equals_bfgs_from_the_same_pairs():
     torch.testing.assert_close(mem.apply(v), H @ v)
     torch.testing.assert_close(mem.direction(v), -(H @ v))
     assert len(mem) == 4
+
+
+def test_lbfgs_memory_first_step_and_update():
+    """The L-BFGS descent both front ends call: min(1, 1/||g||_2) without pairs, 1 with;
+    a pair with s'y <= 0 and no B s is not kept, a damped one is."""
+    g = torch.tensor([3.0, 4.0], dtype=f64)
+    mem = LBFGSMemory(size=2)
+    assert mem.first_step(g) == initial_step(g) == pytest.approx(0.2)
+    assert initial_step(g / 10) == 1.0
+    s = torch.tensor([1.0, 0.0], dtype=f64)
+    assert not mem.update(s, -s) and len(mem) == 0
+    assert mem.update(s, -s, 2 * s) and len(mem) == 1  # Powell-damped: s'r = 0.2 s'Bs
+    assert float(mem.s[0] @ mem.y[0]) == pytest.approx(0.2 * 2.0)
+    assert mem.first_step(g) == 1.0
+
+
+def test_line_search_by_name():
+    def phi(a):
+        return (a - 2.0) ** 2, 2 * (a - 2.0), a
+
+    for kind, direct in (
+        ("strong-wolfe", lambda: strong_wolfe(phi, 4.0, -4.0, 0.5, c2=0.1)),
+        ("wolfe", lambda: strong_wolfe(phi, 4.0, -4.0, 0.5, c2=0.1, strong=False)),
+        ("armijo", lambda: armijo(phi, 4.0, -4.0, 0.5)),
+    ):
+        assert line_search(kind, phi, 4.0, -4.0, 0.5, c2=0.1) == direct()
+    with pytest.raises(ValueError, match="line search must be one of"):
+        line_search("exact", phi, 4.0, -4.0)
 
 
 def test_curvature_pair_damping_and_skipping():

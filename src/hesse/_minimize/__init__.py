@@ -18,7 +18,7 @@ from hesse._minimize._objective import Objective
 from hesse._minimize._result import STATUSES, OptimizeResult
 from hesse._minimize._run import Run, Stop
 from hesse.func._tensor import _check_point
-from hesse.solvers import CORRECTIONS, Tolerances, default_tolerances
+from hesse.solvers import CORRECTIONS, LINE_SEARCHES, Tolerances, default_tolerances
 
 #: Line-search methods and their directions.
 _LINE_SEARCH = {
@@ -56,7 +56,6 @@ _COMMON = {
     "saddle_check": None,
     "curvature_tol": None,
 }
-LINE_SEARCHES = ("strong-wolfe", "wolfe", "armijo")
 _LS = {"line_search": "strong-wolfe", "c1": 1e-4, "c2": 0.9}
 _TR = {"initial_radius": 1.0, "max_radius": 1e4}
 _OPTIONS: dict[str, dict[str, Any]] = {
@@ -126,7 +125,9 @@ def _options(method: str, options: dict | None) -> dict[str, Any]:
                 f"initial_radius must not exceed max_radius, got initial_radius={r0!r} > "
                 f"max_radius={r_max!r}"
             )
-    for key in ("memory", "cg_max_iter", "max_fev"):
+    if "memory" in known:  # no default to fall back on: None is refused like 0
+        out["memory"] = _positive_int("memory", out["memory"])
+    for key in ("cg_max_iter", "max_fev"):  # None: the default
         if out.get(key) is not None:
             out[key] = _positive_int(key, out[key])
     for key in ("history", "saddle_check"):

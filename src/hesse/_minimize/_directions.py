@@ -16,6 +16,7 @@ from hesse.solvers import (
     eigen_newton,
     forcing_rtol,
     initial_scale,
+    initial_step,
     repeat_decrease_step,
     truncated_newton,
 )
@@ -59,7 +60,7 @@ class Gradient(Direction):
         self.last_decrease = old.f - new.f
 
     def first_step(self, pt, d):
-        default = min(1.0, 1.0 / max(pt.g_norm(2), 1e-300))
+        default = initial_step(pt.g)
         return repeat_decrease_step(self.last_decrease, float(torch.dot(pt.g, d)), default)
 
 
@@ -131,7 +132,7 @@ class InverseUpdate(Direction):
         return -pt.g if self.H is None else -(self.H @ pt.g)
 
     def first_step(self, pt, d):
-        return min(1.0, 1.0 / max(pt.g_norm(2), 1e-300)) if self.H is None else 1.0
+        return initial_step(pt.g) if self.H is None else 1.0
 
     def update(self, old, new, alpha, d):
         pair = curvature_pair(alpha * d, new.g - old.g, -alpha * old.g)
@@ -152,7 +153,9 @@ def dfp(obj, options):
 
 
 class LBFGS(Direction):
-    """L-BFGS: the two-loop recursion over the last ``memory`` pairs."""
+    """L-BFGS: the two-loop recursion over the last ``memory`` pairs. Direction, first
+    step and update are :class:`~hesse.solvers.LBFGSMemory`'s, the same calls as
+    :class:`hesse.optim.LBFGS` makes."""
 
     def __init__(self, obj, options):
         super().__init__(obj, options)
@@ -165,9 +168,7 @@ class LBFGS(Direction):
         return self.memory.direction(pt.g)
 
     def first_step(self, pt, d):
-        return min(1.0, 1.0 / max(pt.g_norm(2), 1e-300)) if not len(self.memory) else 1.0
+        return self.memory.first_step(pt.g)
 
     def update(self, old, new, alpha, d):
-        pair = curvature_pair(alpha * d, new.g - old.g, -alpha * old.g)
-        if pair is not None:
-            self.memory.push(*pair)
+        self.memory.update(alpha * d, new.g - old.g, -alpha * old.g)

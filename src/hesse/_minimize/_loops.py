@@ -16,9 +16,10 @@ from hesse.solvers import (
     damped_newton,
     exact_step,
     forcing_rtol,
+    initial_step,
+    line_search,
     lm_damping,
     sr1_update,
-    strong_wolfe,
     update_radius,
 )
 
@@ -62,13 +63,7 @@ def line_search_loop(run: Run, direction: Direction, x0, options: dict):
             df = float(torch.dot(trial.g, d)) if trial.finite else math.nan
             return trial.f, df, trial
 
-        alpha0 = direction.first_step(pt, d)
-        if search != "armijo":
-            ls = strong_wolfe(
-                phi, pt.f, slope, alpha0, c1=c1, c2=c2, strong=search == "strong-wolfe"
-            )
-        else:
-            ls = armijo(phi, pt.f, slope, alpha0, c1=c1)
+        ls = line_search(search, phi, pt.f, slope, direction.first_step(pt, d), c1=c1, c2=c2)
         if not ls.accepted:
             if not fallback and not torch.equal(d, -pt.g):
                 direction.reset()
@@ -173,7 +168,7 @@ def nag_loop(run: Run, x0, options: dict):
     run.record(pt)
     x_prev = pt.x
     t = 1.0
-    alpha = min(1.0, 1.0 / max(pt.g_norm(2), 1e-300))
+    alpha = initial_step(pt.g)
     while True:
         if run.converged(pt):
             nxt = _stationary(run, pt, False)

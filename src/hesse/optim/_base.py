@@ -215,6 +215,25 @@ def _tensors(value: object) -> Iterator[Tensor]:
             yield from _tensors(v)
 
 
+class GroupSetting:
+    """An optimizer-wide setting (a refresh schedule, a seed, a search) kept in every
+    parameter group, so that ``state_dict()`` records it and ``load_state_dict()``
+    restores it, and read or written as an attribute (``opt.seed``): reading gives the
+    first group's value, writing sets every group's."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None):
+        if obj is None:
+            return self
+        return obj.param_groups[0][self.name]
+
+    def __set__(self, obj: object, value: object) -> None:
+        for group in obj.param_groups:
+            group[self.name] = value
+
+
 class FlatOptimizer(Optimizer):
     """An optimizer that sees its parameters as one flat vector (:class:`FlatParams`, built
     on first use) and keeps its global state under the first parameter, so that
@@ -226,14 +245,22 @@ class FlatOptimizer(Optimizer):
     construction: these optimizers' ``lr`` scales a search or a step and must be > 0), and
     ``_state_keys`` (every key their state may hold), which :meth:`load_state_dict` checks
     so that the state of another optimizer class or of another model is refused at once.
+    ``_global_settings`` names the group keys that are one setting of the whole optimizer
+    (read from the first group, e.g. through a :class:`GroupSetting`): every group must
+    hold the same value. ``_late_settings`` names those recorded in the groups only
+    since hesse 0.1 (they were attributes): a state saved before lacks them and keeps this
+    optimizer's values.
     """
 
     _flat: FlatParams | None = None
     _group_checks: ClassVar[dict[str, Callable[[object, str], object]]] = {}
     _state_keys: frozenset[str] = frozenset()
+    _global_settings: tuple[str, ...] = ()
+    _late_settings: tuple[str, ...] = ()
 
     def check_groups(self) -> None:
         """Re-validate the hyper-parameters of every group (cheap: a few comparisons)."""
+        first = self.param_groups[0]
         for i, group in enumerate(self.param_groups):
             for key, check in self._group_checks.items():
                 name = f"param_groups[{i}][{key!r}]"
@@ -243,6 +270,13 @@ class FlatOptimizer(Optimizer):
                         "(a state_dict of another optimizer class?)"
                     )
                 check(group[key], name)
+            for key in self._global_settings:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"param_groups[{i}][{key!r}] is {group[key]!r} but "
+                        f"param_groups[0][{key!r}] is {first[key]!r}: {key} is one setting "
+                        f"of the whole {type(self).__name__}, the same in every group"
+                    )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, then a check that the state is
@@ -250,6 +284,11 @@ class FlatOptimizer(Optimizer):
         a ValueError says what does not match."""
         before = (self.state, self.param_groups)
         super().load_state_dict(state_dict)
+        kept = before[1][0]
+        for group in self.param_groups:  # saved before these settings were recorded
+            for key in self._late_settings:
+                if key not in group:
+                    group[key] = kept[key]
         try:
             self._check_loaded()
         except ValueError:

@@ -10,19 +10,39 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_seed
 from hesse.func._model import _DEFAULT_IO
-from hesse.optim._base import Closure, FlatOptimizer, check_betas, check_float, check_int
+from hesse.optim._base import (
+    Closure,
+    FlatOptimizer,
+    GroupSetting,
+    check_betas,
+    check_float,
+    check_int,
+)
 from hesse.solvers import hutchinson_diagonal_probe
+
+
+def _check_seed(value: object, name: str) -> int:
+    try:
+        return check_seed(value, name, allow_none=False)
+    except TypeError as err:  # one exception type for every bad hyper-parameter
+        raise ValueError(str(err)) from None
 
 
 class _DiagonalCurvature(FlatOptimizer):
     """The shared part: the closure run with the gradient's graph every ``update_each``
-    steps, the probe drawn from a generator whose state lives in ``self.state`` (so a
-    restored optimizer draws the same probes)."""
+    steps, the probe drawn from a generator seeded with (``seed``, step), both in the
+    state dict (so a restored optimizer draws the same probes).
 
-    def __init__(self, params, defaults, seed: int):
-        super().__init__(params, defaults)
-        self.seed = int(seed)
+    ``update_each`` and ``seed`` (and each subclass's own such settings) are kept in the
+    parameter groups, where ``state_dict()`` records them; they are one setting for the
+    whole optimizer, the same in every group."""
+
+    update_each = GroupSetting()
+    seed = GroupSetting()
+    _global_settings = ("update_each", "seed")
+    _late_settings = ("update_each", "seed")
 
     def _global(self) -> dict:
         state = self.global_state()
@@ -34,7 +54,12 @@ class _DiagonalCurvature(FlatOptimizer):
         """The probes of step t come from a generator seeded with (seed, t): a restored
         optimizer (whose state holds t) draws the same probes as one never interrupted."""
         step = int(self._global()["step"])
-        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+        # (mod 2^63: a seed near 2^63 does not overflow; the same value below it)
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + step) % 2**63)
+
+    def _refresh(self) -> bool:
+        """Whether this step draws a new estimate of the diagonal."""
+        return self._global()["step"] % self.update_each == 0
 
     def _probe(self, ev, samples: int) -> list[Tensor]:
         flat = self.flat
@@ -68,9 +93,12 @@ class AdaHessian(_DiagonalCurvature):
         v_t = \beta_2 v_{t-1} + (1-\beta_2) D_t^2, \quad
         \theta_t = \theta_{t-1} - \eta\, \frac{\hat m_t}{(\sqrt{\hat v_t})^k + \epsilon},
 
-    :math:`D_t = z \odot H z` spatially averaged for convolution kernels, :math:`k` the
-    Hessian power; decoupled weight decay. The closure is plain; the optimizer runs it with
-    ``backward(create_graph=True)`` itself on the steps that refresh :math:`D`.
+    :math:`D_t = z \odot H z` spatially averaged for convolution kernels, refreshed every
+    ``update_each`` steps and the last one reused in between (the "Hessian delay"; every
+    step averages it into :math:`v`, so the bias correction :math:`1 - \beta_2^t` is
+    exact), :math:`k` the Hessian power; decoupled weight decay. The closure is plain; the
+    optimizer runs it with ``backward(create_graph=True)`` itself on the steps that refresh
+    :math:`D`.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -94,8 +122,14 @@ class AdaHessian(_DiagonalCurvature):
         "eps": check_float,
         "weight_decay": check_float,
         "hessian_power": partial(check_float, hi=1.0),
+        "update_each": check_int,
+        "n_samples": check_int,
+        "seed": _check_seed,
     }
     _state_keys = frozenset(("step", "hess_diag", "exp_avg", "exp_hessian_diag_sq"))
+    n_samples = GroupSetting()
+    _global_settings = ("update_each", "seed", "n_samples")
+    _late_settings = ("update_each", "seed", "n_samples")
 
     def __init__(
         self,
@@ -115,16 +149,17 @@ class AdaHessian(_DiagonalCurvature):
             "eps": check_float(eps, "eps"),
             "weight_decay": check_float(weight_decay, "weight_decay"),
             "hessian_power": check_float(hessian_power, "hessian_power", hi=1.0),
+            "update_each": check_int(update_each, "update_each"),
+            "n_samples": check_int(n_samples, "n_samples"),
+            "seed": _check_seed(seed, "seed"),
         }
-        self.update_each = check_int(update_each, "update_each")
-        self.n_samples = check_int(n_samples, "n_samples")
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> Tensor:
         self.check_groups()
         state = self._global()
-        refresh = state["step"] % self.update_each == 0
+        refresh = self._refresh()
         ev = self._evaluate_checked(closure, refresh)
         if refresh:
             diag = self._probe(ev, self.n_samples)
@@ -148,10 +183,14 @@ class AdaHessian(_DiagonalCurvature):
             v = [st["exp_hessian_diag_sq"] for st in states]
             torch._foreach_mul_(m, b1)
             torch._foreach_add_(m, gs, alpha=1 - b1)
-            if refresh:
-                d = [st["hess_diag"] for st in states]
-                torch._foreach_mul_(v, b2)
-                torch._foreach_addcmul_(v, d, d, value=1 - b2)
+            # v averages D^2 at every step, with the last D between refreshes (the
+            # "Hessian delay" of Yao et al.): so that the bias correction 1 - b2^t, which
+            # counts every step, is the right one (averaged only on refreshes, v was
+            # divided by 1 - b2^t for fewer terms than t, and the step too long by up to
+            # sqrt(update_each))
+            d = [st["hess_diag"] for st in states]
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, d, d, value=1 - b2)
             denom = torch._foreach_div(v, 1 - b2**t)
             torch._foreach_sqrt_(denom)
             if group["hessian_power"] != 1.0:
@@ -164,6 +203,12 @@ class AdaHessian(_DiagonalCurvature):
 
 
 ESTIMATORS = ("hutchinson", "gnb")
+
+
+def _check_estimator(value: object, name: str) -> str:
+    if value not in ESTIMATORS:
+        raise ValueError(f"{name} must be one of {ESTIMATORS}, got {value!r}")
+    return value
 
 
 class Sophia(_DiagonalCurvature):
@@ -207,8 +252,14 @@ class Sophia(_DiagonalCurvature):
         "rho": partial(check_float, open_lo=True),
         "weight_decay": check_float,
         "eps": partial(check_float, open_lo=True),
+        "update_each": check_int,
+        "estimator": _check_estimator,
+        "seed": _check_seed,
     }
     _state_keys = frozenset(("step", "exp_avg", "hessian"))
+    estimator = GroupSetting()
+    _global_settings = ("update_each", "seed", "estimator")
+    _late_settings = ("update_each", "seed", "estimator")
 
     def __init__(
         self,
@@ -222,18 +273,17 @@ class Sophia(_DiagonalCurvature):
         estimator: str = "hutchinson",
         seed: int = 0,
     ):
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         defaults = {
             "lr": check_float(lr, "lr"),
             "betas": check_betas(betas),
             "rho": check_float(rho, "rho", open_lo=True),
             "weight_decay": check_float(weight_decay, "weight_decay"),
             "eps": check_float(eps, "eps", open_lo=True),
+            "update_each": check_int(update_each, "update_each"),
+            "estimator": _check_estimator(estimator, "estimator"),
+            "seed": _check_seed(seed, "seed"),
         }
-        self.update_each = check_int(update_each, "update_each")
-        self.estimator = estimator
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults)
 
     def _gnb(self, outputs_fn: Callable[[], Tensor]) -> list[Tensor]:
         grads, b = self._gnb_gradient(outputs_fn, self._generator(torch.device("cpu")))
@@ -273,7 +323,7 @@ class Sophia(_DiagonalCurvature):
     def step(self, closure: Closure, outputs_fn: Callable[[], Tensor] | None = None) -> Tensor:
         self.check_groups()
         state = self._global()
-        refresh = state["step"] % self.update_each == 0
+        refresh = self._refresh()
         if self.estimator == "gnb" and refresh and outputs_fn is None:
             raise ValueError("estimator='gnb' needs step(closure, outputs_fn=...) on refresh steps")
         ev = self._evaluate_checked(closure, refresh and self.estimator == "hutchinson")

@@ -9,9 +9,12 @@ tolerances, as pure functions and small state objects over flat tensors.
 
 from hesse.solvers._diagonal import hutchinson_diagonal_probe, rademacher_like
 from hesse.solvers._linesearch import (
+    LINE_SEARCHES,
     LineSearchResult,
     armijo,
     cubic_minimizer,
+    initial_step,
+    line_search,
     repeat_decrease_step,
     strong_wolfe,
 )
@@ -50,9 +53,12 @@ __all__ = [
     "hutchinson_diagonal_probe",
     "rademacher_like",
     # line searches
+    "LINE_SEARCHES",
     "LineSearchResult",
     "armijo",
     "cubic_minimizer",
+    "initial_step",
+    "line_search",
     "repeat_decrease_step",
     "strong_wolfe",
     # Newton directions

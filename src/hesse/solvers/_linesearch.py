@@ -1,4 +1,6 @@
-r"""Line searches along a descent direction: backtracking Armijo and strong Wolfe.
+r"""Line searches along a descent direction: backtracking Armijo and strong (or weak)
+Wolfe, chosen by name through :func:`line_search`, and the first trial step of a search
+that has no curvature information yet (:func:`initial_step`).
 
 Both work on the one-dimensional restriction :math:`\phi(\alpha) = f(x + \alpha d)`, given
 as a function ``phi(alpha) -> (phi, phi', payload)`` (``payload`` is whatever the caller
@@ -14,10 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 Phi = Callable[[float], tuple[float, float, Any]]
 
 #: How far a step is cut back after a non-finite trial.
 NON_FINITE_SHRINK = 0.25
+
+#: The searches :func:`line_search` knows by name.
+LINE_SEARCHES = ("strong-wolfe", "wolfe", "armijo")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,52 @@ def repeat_decrease_step(
     if last_decrease is None or not last_decrease > 0 or not slope < 0:
         return default
     return min(cap, 1.01 * 2.0 * last_decrease / -slope)
+
+
+def initial_step(g: Tensor) -> float:
+    r"""The first trial step along :math:`-g` (or any direction scaled like it) before
+    there is curvature information: :math:`\min(1, 1/\|g\|_2)`, so that the first trial
+    point is at most a unit distance away (scipy's L-BFGS-B and BFGS do the same).
+
+    Every method that starts from steepest descent uses it (``hesse.minimize``'s gradient
+    descent, BFGS, DFP, L-BFGS, NAG, and :class:`hesse.optim.LBFGS`): one rule, so that two
+    front ends of one method take the same first step. (:class:`torch.optim.LBFGS` uses
+    :math:`1/\|g\|_1`, which shrinks with the number of parameters.)
+
+    Example:
+        >>> initial_step(torch.tensor([3.0, 4.0]))
+        0.2
+        >>> initial_step(torch.tensor([0.3, 0.4]))
+        1.0
+    """
+    norm = float(torch.linalg.vector_norm(g))
+    return min(1.0, 1.0 / max(norm, 1e-300))
+
+
+def line_search(
+    kind: str,
+    phi: Phi,
+    f0: float,
+    df0: float,
+    alpha0: float = 1.0,
+    *,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+) -> LineSearchResult:
+    """The line search named ``kind`` (one of :data:`LINE_SEARCHES`): ``"strong-wolfe"``
+    and ``"wolfe"`` are :func:`strong_wolfe` with the strong or the weak curvature
+    condition, ``"armijo"`` is :func:`armijo` (``c2`` unused).
+
+    Example:
+        >>> phi = lambda a: ((a - 2.0) ** 2, 2 * (a - 2.0), None)
+        >>> line_search("armijo", phi, 4.0, -4.0).alpha
+        1.0
+    """
+    if kind == "armijo":
+        return armijo(phi, f0, df0, alpha0, c1=c1)
+    if kind in ("strong-wolfe", "wolfe"):
+        return strong_wolfe(phi, f0, df0, alpha0, c1=c1, c2=c2, strong=kind == "strong-wolfe")
+    raise ValueError(f"line search must be one of {LINE_SEARCHES}, got {kind!r}")
 
 
 def armijo(

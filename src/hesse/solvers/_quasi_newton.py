@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hesse.solvers._linesearch import initial_step
+
 #: Powell's damping threshold (Nocedal & Wright, Procedure 18.2).
 DAMPING_THRESHOLD = 0.2
 
@@ -116,6 +118,12 @@ class LBFGSMemory:
     The state is plain lists of tensors (``s``, ``y``, ``rho``), which an optimizer can put
     in its ``state_dict``.
 
+    The memory is L-BFGS's whole *descent*: :meth:`direction` (the two-loop recursion),
+    :meth:`first_step` (the first trial step of the line search) and :meth:`update` (the
+    curvature pair of an accepted step, Powell-damped). ``hesse.minimize(method="l-bfgs")``
+    and :class:`hesse.optim.LBFGS` call these three and :func:`~hesse.solvers.line_search`,
+    so that they take the same iterates.
+
     Example:
         >>> m = LBFGSMemory(size=5)
         >>> m.push(torch.tensor([1.0, 0.0]), torch.tensor([4.0, 0.0]))
@@ -163,3 +171,20 @@ class LBFGSMemory:
     def direction(self, g: Tensor) -> Tensor:
         """The quasi-Newton direction :math:`-H g`."""
         return self.apply(g).neg_()
+
+    def first_step(self, g: Tensor) -> float:
+        r"""The line search's first trial step along the direction: 1 once there is a pair
+        (:math:`H_0 = \gamma I` sizes the step), else :func:`~hesse.solvers.initial_step`
+        (the direction is then :math:`-g`)."""
+        return 1.0 if self.s else initial_step(g)
+
+    def update(self, s: Tensor, y: Tensor, Bs: Tensor | None = None) -> bool:
+        r"""Learn from a step ``s`` with gradient change ``y``: the pair of
+        :func:`curvature_pair` (Powell-damped with ``Bs``; after a line search along
+        :math:`d = -Hg`, :math:`B s = -\alpha g`), pushed unless it is unsafe. Returns
+        whether a pair was kept."""
+        pair = curvature_pair(s, y, Bs)
+        if pair is None:
+            return False
+        self.push(*pair)
+        return True
