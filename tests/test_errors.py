@@ -65,7 +65,7 @@ def test_parameter_errors(setup):
     frozen = mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter that requires grad"):
         HessianOperator(frozen, loss_fn, data)
-    with pytest.raises(ValueError, match="params names 'nope', but the model has no parameter of that name"):
+    with pytest.raises(ValueError, match="params names 'nope', but the model has no parameter"):
         HessianOperator(model, loss_fn, data, params=["nope"])
     with pytest.raises(ValueError, match="not a parameter of the model"):
         HessianOperator(model, loss_fn, data, params=[torch.zeros(3)])
@@ -117,7 +117,7 @@ def test_non_finite_loss_is_reported(setup):
     X = X.clone()
     X[0, 0] = float("inf")
     H = HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
-    with pytest.raises(NonFiniteError, match="the curvature product .* NaN or infinity in the inputs"):
+    with pytest.raises(NonFiniteError, match="curvature product .* NaN or infinity in the inputs"):
         H @ torch.ones(H.shape[0], dtype=torch.float64)
 
 

@@ -15,7 +15,14 @@ Example:
     14.203125
 """
 
-from hesse.problems._datasets import PROBLEMS, Problem, load_into, problem
+from hesse.problems._datasets import (
+    FEATURES,
+    PROBLEMS,
+    Problem,
+    load_into,
+    problem,
+    synthetic_logistic,
+)
 from hesse.problems._functions import FUNCTIONS, ClassicFunction, classic_function
 
 __all__ = [
@@ -24,6 +31,9 @@ __all__ = [
     "Problem",
     "load_into",
     "problem",
+    # synthetic data problems
+    "FEATURES",
+    "synthetic_logistic",
     # test functions
     "FUNCTIONS",
     "ClassicFunction",

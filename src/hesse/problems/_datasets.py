@@ -285,6 +285,87 @@ def _cnn_digits(dtype, device) -> Problem:
     )
 
 
+#: The feature models of :func:`synthetic_logistic`.
+FEATURES = ("independent", "correlated")
+
+
+def synthetic_logistic(
+    n: int = 200_000,
+    d: int = 100,
+    *,
+    features: str = "independent",
+    rho: float = 0.999,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Problem:
+    r"""L2-regularised binary logistic regression on seeded synthetic data: tall
+    (:math:`n \gg d`), for second-order methods on large data.
+
+    Features :math:`x_i \sim N(0, \Sigma)` with :math:`\Sigma = I` (``"independent"``) or
+    :math:`\Sigma_{jk} = \rho^{|j-k|}` (``"correlated"``, an AR(1) process along the
+    features: eigenvalues from :math:`(1-\rho)/(1+\rho)` to :math:`(1+\rho)/(1-\rho)`, a
+    condition number of :math:`4 \cdot 10^6` at :math:`\rho = 0.999`, which first-order
+    methods feel); labels :math:`y_i \sim \mathrm{Bernoulli}(\sigma(x_i^\top w^* + b^*))`
+    for a seeded :math:`w^* \sim N(0, I/d)` scaled to :math:`\|w^*\|_\Sigma = 3`
+    (a noisy, not separable, problem) and :math:`b^* = 0.5`. The model is
+    ``nn.Linear(d, 1)`` from zero, the loss ``BCEWithLogitsLoss`` and the penalty
+    :math:`\lambda = 1/n` on the weight (not the intercept): the objective of
+    scikit-learn's ``LogisticRegression(C=1)``. The test set is 10% more draws.
+
+    Args:
+        n, d: samples and features of the training set.
+        features: ``"independent"`` or ``"correlated"``.
+        rho: the correlation of neighbouring features for ``"correlated"``.
+        seed: the seed of every draw (data and :math:`w^*`), on the CPU.
+        dtype, device: of the tensors and the model.
+
+    Example:
+        >>> p = synthetic_logistic(1000, 5, features="correlated")
+        >>> p.train[0].shape, p.l2
+        (torch.Size([1000, 5]), 0.001)
+    """
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    for name, v in (("n", n), ("d", d)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not 0 <= rho < 1:
+        raise ValueError(f"rho must be in [0, 1), got {rho!r}")
+    gen = torch.Generator().manual_seed(seed)
+    n_test = max(1, n // 10)
+    Z = torch.randn(n + n_test, d, generator=gen, dtype=torch.float64)
+    if features == "correlated":  # AR(1) along the features: x_j = rho x_{j-1} + ...
+        X = torch.empty_like(Z)
+        X[:, 0] = Z[:, 0]
+        s = math.sqrt(1 - rho * rho)
+        for j in range(1, d):
+            X[:, j] = rho * X[:, j - 1] + s * Z[:, j]
+        idx = torch.arange(d, dtype=torch.float64)
+        cov = rho ** (idx[:, None] - idx[None, :]).abs()
+    else:
+        X, cov = Z, torch.eye(d, dtype=torch.float64)
+    w = torch.randn(d, generator=gen, dtype=torch.float64)
+    w *= 3.0 / math.sqrt(float(w @ cov @ w))
+    p = torch.sigmoid(X @ w + 0.5)
+    y = (torch.rand(n + n_test, generator=gen, dtype=torch.float64) < p).to(torch.float64)
+    dev = torch.device(device) if device is not None else None
+    Xt, yt = X.to(dtype=dtype, device=dev), y[:, None].to(dtype=dtype, device=dev)
+    kind = f"AR(1) features, rho {rho:g}" if features == "correlated" else "independent features"
+    return Problem(
+        f"logistic-synthetic-{features}",
+        f"binary logistic regression, {n} x {d} synthetic ({kind}), L2 1/n",
+        "classification",
+        lambda: _zeros(nn.Linear(d, 1).to(dtype=dtype, device=dev)),
+        nn.BCEWithLogitsLoss(),
+        (Xt[:n], yt[:n]),
+        (Xt[n:], yt[n:]),
+        l2=1.0 / n,
+        penalized=("weight",),
+        convex=True,
+    )
+
+
 #: name -> (builder(dtype, device), default dtype)
 _BUILDERS: dict[str, tuple[Callable[[Any, Any], Problem], torch.dtype]] = {
     "linear-diabetes": (_linear_diabetes, torch.float64),

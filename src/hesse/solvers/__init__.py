@@ -23,11 +23,13 @@ from hesse.solvers._newton import (
     NewtonStep,
     cholesky_newton,
     damped_newton,
+    damped_newton_step,
     eigen_floor,
     eigen_newton,
     lm_damping,
     martens_damping,
     shifted_cholesky,
+    subsample_size,
     truncated_newton,
 )
 from hesse.solvers._quasi_newton import (
@@ -66,11 +68,13 @@ __all__ = [
     "NewtonStep",
     "cholesky_newton",
     "damped_newton",
+    "damped_newton_step",
     "eigen_floor",
     "eigen_newton",
     "lm_damping",
     "martens_damping",
     "shifted_cholesky",
+    "subsample_size",
     "truncated_newton",
     # quasi-Newton
     "LBFGSMemory",

@@ -1,0 +1,504 @@
+"""Second order on tall data: L2-regularised logistic regression, every solver side by side.
+
+Two problems from :func:`hesse.problems.synthetic_logistic` (seeded, float64, ``d = 100``
+features plus an intercept, ``lambda = 1/n`` on the weights: scikit-learn's
+``LogisticRegression(C=1)``), from zero, to the target
+
+    ||grad f(x)||_2 <= 1e-6 ||grad f(0)||_2:
+
+* **independent**: ``n`` samples (default 200,000) of independent standard features;
+* **correlated**: ``n / 2`` samples (default 100,000) of AR(1) features with correlation
+  0.999 between neighbours (the covariance's condition number is 4e6; first-order methods
+  take thousands of iterations).
+
+Solvers, each at its best setting (several are tried in an untimed calibration round, the
+fastest that reaches the target is kept), then timed twice, best of the two:
+
+* ``scipy.optimize.minimize(method="L-BFGS-B")`` on torch's value and gradient;
+* scikit-learn ``LogisticRegression(solver="lbfgs" | "newton-cg")``: its ``tol`` is a
+  gradient inf-norm, so the loosest of ``target * (1, 1/3, 1/10)`` that reaches the 2-norm
+  target is kept (``||g||_2 <= sqrt(P) ||g||_inf``: the last always does, unless its own
+  test on the change of ``f`` stops it first);
+* ``torch.optim.LBFGS`` (strong Wolfe; history 10 or 100);
+* ``hesse.minimize`` with ``l-bfgs``, ``newton-cg`` and ``trust-ncg`` (its own test is the
+  target: ``options={"gtol": 0, "grad_rtol": 1e-6, "norm": 2}``);
+* ``hesse.optim.SubsampledNewton`` on ``nn.Linear(d, 1)`` (``curvature="ggn"``, the
+  Hessian of a logistic regression; dense subsampled curvature solved by Cholesky; a few
+  subsample sizes and growth rates).
+
+Same target, measured the same way: where the benchmark calls the objective (scipy,
+torch.optim, SubsampledNewton), the run ends at the first evaluation whose gradient meets
+the target, and the point is the one evaluated; scikit-learn and ``hesse.minimize`` stop by
+their own tests. Every run is then checked, outside the timing, by the 2-norm of the
+gradient of the benchmark's own ``f`` at the returned point; a run that misses the target
+or passes the time limit (``--time-limit``, 90 s) is reported as such, not as a time.
+
+Threads. torch uses ``--threads`` (default 2); numpy's OpenBLAS (scikit-learn's products)
+is set to the same number through ``OPENBLAS_NUM_THREADS`` before numpy loads, unless the
+environment sets it (the value is recorded). scipy's L-BFGS-B here spends its time in
+torch's products, so it follows torch's threads. Set ``OPENBLAS_NUM_THREADS=1`` yourself to
+compare with ``benchmarks/minimize.py``, which runs numpy on one thread.
+
+Run (from the repository root; the machine should be otherwise idle)::
+
+    .venv/bin/python benchmarks/logistic.py             # full size: ~20 min on 2 cores
+    .venv/bin/python benchmarks/logistic.py --quick     # n = 20,000: ~1 min
+    .venv/bin/python benchmarks/logistic.py --n 50000 --solvers hesse:subsampled-newton
+
+Results: a table per problem, and ``benchmarks/results/logistic.json`` (``_quick`` or
+``_n<N>`` in the name for other sizes) with the machine, versions, load average and every
+run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_THREADS = 2
+for _i, _a in enumerate(sys.argv):  # before numpy loads OpenBLAS: its thread count
+    if _a == "--threads" and _i + 1 < len(sys.argv):
+        _THREADS = int(sys.argv[_i + 1])
+    elif _a.startswith("--threads="):
+        _THREADS = int(_a.split("=", 1)[1])
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_THREADS))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import scipy.optimize  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import hesse  # noqa: E402
+from hesse.problems import synthetic_logistic  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hvp_cost import machine, version  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 1e-6
+D = 100
+
+
+class Reached(BaseException):
+    """The objective met the target: the run ends here (a BaseException, so that no
+    solver's ``except Exception`` swallows it)."""
+
+
+class OverTime(BaseException):
+    """The run's time limit passed."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise OverTime
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@dataclass
+class Logistic:
+    """``f(x) = mean BCE(X w + b, y) + l2/2 |w|^2`` with ``x = [w; b]``."""
+
+    name: str
+    problem: hesse.problems.Problem
+    X: Tensor
+    y: Tensor
+    Xn: np.ndarray
+    yn: np.ndarray
+    l2: float
+    g0: float = math.nan
+    f0: float = math.nan
+
+    @property
+    def P(self) -> int:
+        return self.X.shape[1] + 1
+
+    def fun(self, x: Tensor) -> Tensor:
+        w, b = x[:-1], x[-1]
+        z = self.X @ w + b
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            z, self.y
+        ) + 0.5 * self.l2 * torch.dot(w, w)
+
+    def value_grad(self, x: Tensor) -> tuple[float, Tensor]:
+        with torch.enable_grad():
+            x = x.detach().clone().requires_grad_()
+            f = self.fun(x)
+            (g,) = torch.autograd.grad(f, x)
+        return float(f.detach()), g
+
+    @property
+    def target(self) -> float:
+        return TARGET * self.g0
+
+
+def make(name: str, n: int) -> Logistic:
+    p = synthetic_logistic(n, D, features=name, seed=0)
+    X, y = p.train
+    lg = Logistic(name, p, X, y[:, 0].contiguous(), X.numpy(), y[:, 0].numpy(), p.l2)
+    lg.f0, g = lg.value_grad(torch.zeros(lg.P, dtype=torch.float64))
+    lg.g0 = float(g.norm())
+    return lg
+
+
+# -- solvers: each returns (x, info) ---------------------------------------------------------
+Fn = Callable[[Logistic, Any], tuple[Tensor, dict]]
+
+
+class Watch:
+    """Wraps the value and gradient: ends the run at the first point that meets the target."""
+
+    def __init__(self, lg: Logistic):
+        self.lg, self.nfev, self.x = lg, 0, None
+
+    def check(self, x: Tensor, g: Tensor) -> None:
+        self.nfev += 1
+        if float(g.norm()) <= self.lg.target:
+            self.x = x.detach().clone()
+            raise Reached
+
+
+def scipy_lbfgsb(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
+    watch = Watch(lg)
+
+    def fg(xn: np.ndarray) -> tuple[float, np.ndarray]:
+        x = torch.from_numpy(xn)
+        f, g = lg.value_grad(x)
+        watch.check(x, g)
+        return f, g.numpy()
+
+    try:
+        r = scipy.optimize.minimize(
+            fg,
+            np.zeros(lg.P),
+            jac=True,
+            method="L-BFGS-B",
+            options={
+                "maxcor": setting,
+                "gtol": 0.0,
+                "ftol": 0.0,
+                "maxiter": 10**6,
+                "maxfun": 10**6,
+            },
+        )
+        return torch.from_numpy(r.x), {"nfev": watch.nfev, "status": str(r.message)}
+    except Reached:
+        return watch.x, {"nfev": watch.nfev}
+
+
+def sklearn_solver(solver: str) -> Fn:
+    def fn(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
+        from sklearn.linear_model import LogisticRegression
+
+        m = LogisticRegression(C=1.0, solver=solver, tol=setting * lg.target, max_iter=10**6)
+        m.fit(lg.Xn, lg.yn)
+        x = np.concatenate([m.coef_.ravel(), m.intercept_])
+        return torch.from_numpy(x), {"nit": int(m.n_iter_[0])}
+
+    return fn
+
+
+def torch_lbfgs(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
+    x = torch.zeros(lg.P, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [x],
+        lr=1,
+        max_iter=10**6,
+        max_eval=10**7,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        history_size=setting,
+        line_search_fn="strong_wolfe",
+    )
+    watch = Watch(lg)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        f = lg.fun(x)
+        f.backward()
+        watch.check(x, x.grad)
+        return f
+
+    try:
+        opt.step(closure)
+        return x.detach(), {"nfev": watch.nfev}
+    except Reached:
+        return watch.x, {"nfev": watch.nfev}
+
+
+def hesse_minimize(method: str) -> Fn:
+    def fn(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
+        r = hesse.minimize(
+            lg.fun,
+            torch.zeros(lg.P, dtype=torch.float64),
+            method,
+            options={"gtol": 0.0, "grad_rtol": TARGET, "norm": 2},
+        )
+        return r.x, {"nit": r.nit, "nfev": r.nfev, "nhvp": r.nhvp, "status": r.status}
+
+    return fn
+
+
+def hesse_subsampled(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
+    p = lg.problem
+    model = p.make_model()
+    X, y = p.train
+    opt = hesse.optim.SubsampledNewton(
+        model.parameters(),
+        model=model,
+        loss_fn=p.loss_fn,
+        l2=p.l2,
+        curvature="ggn",
+        max_iter=10**4,
+        **setting,
+    )
+    watch = Watch(lg)
+
+    def flat() -> Tensor:
+        return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), y) + p.regularizer(model)
+        loss.backward()
+        watch.check(flat(), torch.cat([model.weight.grad.reshape(-1), model.bias.grad]))
+        return loss
+
+    try:
+        opt.step(closure, batch=(X, y))
+        x = flat()
+    except Reached:
+        x = watch.x
+    st = opt.global_state()
+    return x, {
+        "nfev": watch.nfev,
+        "nit": st.get("step"),
+        "final_subsample": st.get("subsample_size"),
+    }
+
+
+@dataclass(frozen=True)
+class Solver:
+    key: str
+    library: str
+    fn: Fn
+    settings: tuple = (None,)
+    setting_name: str = ""
+
+
+SN_SETTINGS = (  # the subsample at the start, its growth with the gradient, its cap
+    {"subsample": 0.01, "subsample_growth": 0.5, "subsample_max": 0.05},
+    {"subsample": 0.01, "subsample_growth": 0.5, "subsample_max": 0.1},
+    {"subsample": 0.02, "subsample_growth": 0.5, "subsample_max": 0.25},
+)
+SOLVERS = [
+    Solver("scipy:L-BFGS-B", "scipy", scipy_lbfgsb, (10, 30), "maxcor"),
+    Solver("sklearn:lbfgs", "sklearn", sklearn_solver("lbfgs"), (1.0, 1 / 3, 0.1), "tol/target"),
+    Solver(
+        "sklearn:newton-cg",
+        "sklearn",
+        sklearn_solver("newton-cg"),
+        (1.0, 1 / 3, 0.1),
+        "tol/target",
+    ),
+    Solver("torch.optim:LBFGS", "torch", torch_lbfgs, (10, 100), "history_size"),
+    Solver("hesse:l-bfgs", "hesse", hesse_minimize("l-bfgs")),
+    Solver("hesse:newton-cg", "hesse", hesse_minimize("newton-cg")),
+    Solver("hesse:trust-ncg", "hesse", hesse_minimize("trust-ncg")),
+    Solver("hesse:subsampled-newton", "hesse", hesse_subsampled, SN_SETTINGS, "setting"),
+]
+SEQUENTIAL_LADDER = ("sklearn:lbfgs", "sklearn:newton-cg")  # loosest first: stop at success
+
+
+def run(s: Solver, lg: Logistic, setting: Any, limit: float) -> dict:
+    """One run, timed end to end, then checked (outside the time) on our own f."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning and the like
+        t0 = time.perf_counter()
+        try:
+            with time_limit(limit):
+                x, info = s.fn(lg, setting)
+        except OverTime:
+            return {"ok": False, "error": f"over the {limit:g} s limit", "seconds": None}
+        except Exception as e:  # a solver that fails is reported, not fatal
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"[:300], "seconds": None}
+        secs = time.perf_counter() - t0
+    f, g = lg.value_grad(x.to(torch.float64))
+    rel = float(g.norm()) / lg.g0
+    return {"ok": rel <= TARGET * (1 + 1e-9), "seconds": secs, "rel_grad": rel, "f": f, **info}
+
+
+def run_problem(lg: Logistic, solvers: list[Solver], args: argparse.Namespace) -> dict:
+    print(
+        f"\n== {lg.name}: n = {lg.X.shape[0]}, d = {D} (+ intercept), lambda = 1/n; "
+        f"f(0) = {lg.f0:.6f}, ||g(0)||_2 = {lg.g0:.4e}"
+    )
+    rows: dict[str, dict] = {}
+    for s in solvers:
+        tried = []
+        for setting in s.settings:
+            r = run(s, lg, setting, args.time_limit)
+            tried.append({"setting": setting, **r})
+            if r["ok"] and s.key in SEQUENTIAL_LADDER:
+                break
+        good = [t for t in tried if t["ok"]]
+        best = min(good, key=lambda t: t["seconds"]) if good else None
+        rows[s.key] = {"library": s.library, "setting_name": s.setting_name, "calibration": tried}
+        if best is None:
+            last = tried[-1]
+            rows[s.key].update(
+                status=last.get("error") or f"missed target (rel. grad {last['rel_grad']:.1e})",
+                seconds=None,
+            )
+            print(f"  {s.key:<26} {rows[s.key]['status']}", flush=True)
+            continue
+        timed = [run(s, lg, best["setting"], args.time_limit) for _ in range(args.rounds)]
+        ok = [t for t in timed if t["ok"]]
+        rows[s.key].update(
+            setting=best["setting"],
+            timed=timed,
+            status="reached target" if len(ok) == len(timed) else "missed target in a timed run",
+            seconds=min(t["seconds"] for t in ok) if ok else None,
+            rel_grad=max(t["rel_grad"] for t in timed if "rel_grad" in t),
+            **{k: timed[-1].get(k) for k in ("nit", "nfev", "nhvp", "final_subsample")},
+        )
+        print(
+            f"  {s.key:<26} {fmt(rows[s.key]['seconds'], '8.3f')} s  setting {best['setting']}",
+            flush=True,
+        )
+    peers = [k for k, r in rows.items() if r["library"] != "hesse" and r["seconds"] is not None]
+    mine = [k for k, r in rows.items() if r["library"] == "hesse" and r["seconds"] is not None]
+    best_peer = min(peers, key=lambda k: rows[k]["seconds"]) if peers else None
+    best_hesse = min(mine, key=lambda k: rows[k]["seconds"]) if mine else None
+    for r in rows.values():
+        r["ratio_to_best_peer"] = (
+            r["seconds"] / rows[best_peer]["seconds"]
+            if best_peer and r["seconds"] is not None
+            else None
+        )
+    print_table(lg, rows, args.rounds)
+    summary = {
+        "best_peer": best_peer,
+        "best_hesse": best_hesse,
+        "hesse_best_over_best_peer": rows[best_hesse]["ratio_to_best_peer"] if best_hesse else None,
+    }
+    print(
+        f"  best peer: {best_peer}; hesse's best: {best_hesse}, "
+        f"{fmt(summary['hesse_best_over_best_peer'], '.2f')} x the best peer"
+    )
+    return {
+        "n": lg.X.shape[0],
+        "d": D,
+        "lambda": lg.l2,
+        "f0": lg.f0,
+        "g0_norm_2": lg.g0,
+        **summary,
+        "solvers": rows,
+    }
+
+
+def fmt(x: float | None, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width) if width else 1)
+    return format(x, spec)
+
+
+def print_table(lg: Logistic, rows: dict[str, dict], rounds: int) -> None:
+    head = f"{'solver':<26} {'seconds':>8} {'x best peer':>11} {'rel grad':>9} {'nfev':>6}  status"
+    print(f"\n{lg.name}, best of {rounds} timed runs\n{head}\n{'-' * len(head)}")
+    for k, r in rows.items():
+        print(
+            f"{k:<26} {fmt(r['seconds'], '8.3f')} {fmt(r['ratio_to_best_peer'], '11.2f')} "
+            f"{fmt(r.get('rel_grad'), '9.1e')} {fmt(r.get('nfev'), '6')}  {r['status']}"
+        )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--n",
+        type=int,
+        default=200_000,
+        help="samples of the independent problem (the correlated one has n/2); default 200000",
+    )
+    p.add_argument("--quick", action="store_true", help="n = 20000, one timed run (~1 min)")
+    p.add_argument("--rounds", type=int, default=2, help="timed runs per solver (best of)")
+    p.add_argument("--time-limit", type=float, default=90.0, help="seconds per run (90)")
+    p.add_argument("--threads", type=int, default=2, help="torch and OpenBLAS threads (2)")
+    p.add_argument(
+        "--problems",
+        nargs="+",
+        choices=["independent", "correlated"],
+        default=["independent", "correlated"],
+    )
+    p.add_argument(
+        "--solvers", nargs="+", choices=[s.key for s in SOLVERS], help="a subset of the solvers"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.rounds = 20_000, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    solvers = [s for s in SOLVERS if not args.solvers or s.key in args.solvers]
+    meta = {
+        **machine(torch.device("cpu")),
+        "numpy": np.__version__,
+        "peers": {d: version(d) for d in ("scipy", "scikit-learn")},
+        "cpu_count": os.cpu_count(),
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "load_average_start": os.getloadavg(),
+        "target_rel_grad_2norm": TARGET,
+        "rounds": args.rounds,
+        "time_limit_s": args.time_limit,
+    }
+    print(
+        f"torch {meta['torch']} ({meta['threads']} threads), OPENBLAS_NUM_THREADS="
+        f"{meta['OPENBLAS_NUM_THREADS']}, {meta['cpu']}; load average "
+        f"{', '.join(f'{v:.2f}' for v in meta['load_average_start'])}"
+    )
+    start = time.perf_counter()
+    out: dict[str, Any] = {"meta": meta, "problems": {}}
+    for name in args.problems:
+        n = args.n if name == "independent" else args.n // 2
+        out["problems"][name] = run_problem(make(name, n), solvers, args)
+    meta["total_seconds"] = time.perf_counter() - start
+    meta["load_average_end"] = os.getloadavg()
+    suffix = "_quick" if args.quick else "" if args.n == 200_000 else f"_n{args.n}"
+    if args.solvers or len(args.problems) < 2:  # a part of the benchmark: its own file
+        suffix += "_part"
+    path = RESULTS / f"logistic{suffix}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=float))
+    print(
+        f"\nwrote {path} ({meta['total_seconds']:.0f} s); load average at the end "
+        f"{', '.join(f'{v:.2f}' for v in meta['load_average_end'])}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
