@@ -233,3 +233,52 @@ def test_a_closure_that_never_calls_backward_is_refused(name):
     with pytest.raises(ValueError, match=r"call loss.backward\(\) in the closure"):
         opt.step(closure)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("cls", [hesse.optim.AdaHessian, hesse.optim.Sophia])
+def test_weight_decay_skips_a_parameter_without_gradient(cls):
+    """As torch.optim's AdamW: a parameter the loss does not use is neither decayed nor
+    moved, while the used ones are."""
+    model, x, y = _problem()
+    unused = torch.nn.Parameter(torch.ones(3))
+    opt = cls([*model.parameters(), unused], weight_decay=0.1, lr=0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.step(closure)
+    assert torch.equal(unused.detach(), torch.ones(3))
+    assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert "exp_avg" not in opt.state[unused]
+
+
+@pytest.mark.parametrize("name", ["NewtonCG", "HessianFree", "SubsampledNewton"])
+def test_newton_methods_refuse_per_group_hyper_parameters(name):
+    """One Newton step moves every parameter: a group's own lr would be ignored (a group
+    with lr 1e-12 moved by 0.3), so it is refused; a group added with the defaults is
+    taken."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    cls = getattr(hesse.optim, name)
+    opt = cls([{"params": a.parameters()}, {"params": b.parameters(), "lr": 1e-12}])
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(b(a(x)), y)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in b.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] is 1e-12 but"):
+        opt.step(closure)
+    assert all(torch.equal(p0, p) for p0, p in zip(before, b.parameters()))
+    opt = cls(a.parameters())
+    opt.add_param_group({"params": b.parameters()})
+    opt.step(closure)
+    assert not all(torch.equal(p0, p) for p0, p in zip(before, b.parameters()))

@@ -205,10 +205,14 @@ class _DataParallelOptimizer(FlatOptimizer):
             if local is not None:
                 local.release()
             return Evaluation(loss, None, None)
-        # .grad holds the reduced gradient, as after DistributedDataParallel's backward.
+        # .grad holds the reduced gradient, as after DistributedDataParallel's backward; on
+        # every rank alike, also where this rank's closure left it None (a parameter unused
+        # by its shard), so that every rank updates the same parameters.
         for p, gp in zip(flat.params, flat.split(g)):
             if p.grad is not None:
                 p.grad.copy_(gp)
+            else:
+                p.grad = gp.detach().clone()
         return _ReducedEvaluation(loss, g, flat, local, comm, w, weight)
 
     def _batch_curvature(self, data):

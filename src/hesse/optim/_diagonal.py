@@ -174,6 +174,7 @@ class AdaHessian(_DiagonalCurvature):
             b1, b2 = group["betas"]
             gs = ev.grads[i : i + len(ps)]
             i += len(ps)
+            ps, (gs,) = _with_grad(ps, gs)
             states = [self.state[p] for p in ps]
             for p, st in zip(ps, states):
                 if "exp_avg" not in st:
@@ -200,6 +201,16 @@ class AdaHessian(_DiagonalCurvature):
                 torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_addcdiv_(ps, m, denom, value=-group["lr"] / (1 - b1**t))
         return torch.tensor(ev.loss)
+
+
+def _with_grad(ps: list[Tensor], *lists: list[Tensor]) -> tuple[list[Tensor], tuple]:
+    """The parameters that have a gradient after the closure, and the matching entries
+    of ``lists``: as torch.optim's Adam and AdamW, a parameter without one (unused in this
+    forward pass) is skipped, neither decayed nor moved, and its moments are left alone."""
+    keep = [j for j, p in enumerate(ps) if p.grad is not None]
+    if len(keep) == len(ps):
+        return ps, lists
+    return [ps[j] for j in keep], tuple([x[j] for j in keep] for x in lists)
 
 
 ESTIMATORS = ("hutchinson", "gnb")
@@ -335,6 +346,9 @@ class Sophia(_DiagonalCurvature):
         for group, ps in zip(self.param_groups, self.flat.groups):
             b1, b2 = group["betas"]
             gs = ev.grads[i : i + len(ps)]
+            ds = diag[i : i + len(ps)] if refresh else gs
+            i += len(ps)
+            ps, (gs, ds) = _with_grad(ps, gs, ds)
             states = [self.state[p] for p in ps]
             for p, st in zip(ps, states):
                 if "exp_avg" not in st:
@@ -346,8 +360,7 @@ class Sophia(_DiagonalCurvature):
             torch._foreach_add_(m, gs, alpha=1 - b1)
             if refresh:
                 torch._foreach_mul_(h, b2)
-                torch._foreach_add_(h, diag[i : i + len(ps)], alpha=1 - b2)
-            i += len(ps)
+                torch._foreach_add_(h, ds, alpha=1 - b2)
             if group["weight_decay"]:
                 torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
             # clip(m / max(rho h, eps), 1) = sign(m) min(|m| / max(rho h, eps), 1)

@@ -62,6 +62,9 @@ class _TruncatedNewton(FlatOptimizer):
     #: Defaults of subclasses.
     _backtrack_cg = False
     _line_search = "armijo"
+    #: One Newton step for all parameters: a group may not set its own (it would be
+    #: ignored); freeze the parameters that must not move instead (requires_grad=False).
+    _global_settings = ("lr", "damping", "adapt_damping", "cg_max_iter", "cg_rtol", "warm_start")
     _group_checks: ClassVar[dict[str, Callable]] = {
         "lr": partial(check_float, open_lo=True),
         "damping": check_float,
