@@ -6,6 +6,7 @@ References are the blocks of ``GGNOperator(...).to_dense()`` (tested against an 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -808,3 +809,39 @@ def test_layer_report_gives_kfacs_error_against_the_exact_ggn_block():
     assert all(r.kfac_error is not None and r.kfac_error < 1e-12 for r in rep.rows)
     with pytest.raises(TypeError, match="kfac"):
         hesse.layer_report(model, loss, (X, y), kfac="yes")
+
+
+def test_kfac_optimizer_kl_clip_scales_the_step():
+    """kl_clip: the step is the unclipped one times nu = min(1, sqrt(kappa / |lr^2 d.g|)),
+    with d the preconditioned direction (-step / lr) and g the gradient, computed here from
+    the unclipped step; a large kappa changes nothing."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    lr, kappa = 0.5, 1e-4
+
+    def one_step(kl_clip):
+        model = copy.deepcopy(base)
+        opt = hesse.optim.KFAC(model, lr=lr, damping=0.1, kl_clip=kl_clip)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return torch.cat(
+            [(p - q).reshape(-1) for p, q in zip(model.parameters(), base.parameters())]
+        )
+
+    model = copy.deepcopy(base)
+    nn.functional.mse_loss(model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    free = one_step(None)
+    nu = min(1.0, math.sqrt(kappa / abs(lr * float(free @ g))))
+    assert nu < 0.5  # the case clips
+    torch.testing.assert_close(one_step(kappa), nu * free, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(one_step(1e6), free, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kl_clip"):
+        hesse.optim.KFAC(base, kl_clip=-1.0)

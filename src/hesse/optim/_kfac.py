@@ -3,6 +3,7 @@ with the damped inverse of running-average Kronecker factors."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
@@ -79,6 +80,11 @@ class KFAC(FlatOptimizer):
             that require grad.
         io, likelihood: for the batches and the loss (with ``loss_fn``), as
             :class:`hesse.KFACOperator`.
+        kl_clip: if given, :math:`\kappa`: the preconditioned step is scaled by
+            :math:`\nu = \min(1, \sqrt{\kappa / |\eta^2 \sum d_t^\top g_t|})` before the
+            momentum (Ba, Grosse & Martens 2017; kfac-pytorch's ``kl_clip``), which bounds
+            the change of the model's predictive distribution a step may make; without
+            it a large step where the factors are small can diverge.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -111,7 +117,9 @@ class KFAC(FlatOptimizer):
         "fisher": _check_choice(FISHER_TYPES),
         "mc_samples": check_int,
         "seed": lambda v, name: check_seed(v, name, allow_none=False),
+        "kl_clip": lambda v, name: None if v is None else check_float(v, name, open_lo=True),
     }
+    _late_settings = ("kl_clip",)
     _state_keys = frozenset(("step", "A", "G", "eig", "momentum_buffer"))
 
     def __init__(
@@ -134,6 +142,7 @@ class KFAC(FlatOptimizer):
         params=None,
         io=None,
         likelihood: str | None = None,
+        kl_clip: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -158,6 +167,7 @@ class KFAC(FlatOptimizer):
             "fisher": fisher,
             "mc_samples": mc_samples,
             "seed": seed,
+            "kl_clip": kl_clip,
         }
         for key, check in self._group_checks.items():
             defaults[key] = check(defaults[key], key)
@@ -362,9 +372,22 @@ class KFAC(FlatOptimizer):
                 d[id(p)] = R[:, start : start + part.shape[1]].reshape(p.shape)
                 start += part.shape[1]
                 done.add(id(p))
+        steps = {}
         for p in flat.params:
             group = self.param_groups[group_of[id(p)]]
-            step = d[id(p)] if id(p) in done else d[id(p)] / group["damping"]
+            steps[id(p)] = d[id(p)] if id(p) in done else d[id(p)] / group["damping"]
+        clip = self.param_groups[0]["kl_clip"]
+        if clip is not None:
+            vg = sum(
+                float((steps[id(p)] * g).sum()) * self.param_groups[group_of[id(p)]]["lr"] ** 2
+                for p, g in zip(flat.params, grads)
+            )
+            nu = min(1.0, math.sqrt(clip / abs(vg))) if vg != 0 else 1.0
+            if nu < 1.0:
+                steps = {k: v * nu for k, v in steps.items()}
+        for p in flat.params:
+            group = self.param_groups[group_of[id(p)]]
+            step = steps[id(p)]
             if group["momentum"]:
                 st = self.state[p]
                 if "momentum_buffer" not in st:
