@@ -224,6 +224,33 @@ def test_result_reads_like_scipy():
     assert "success" in repr(r)
 
 
+def test_raise_for_status_names_the_status_and_the_remedy():
+    p = classic_function("rosenbrock")
+    good = minimize(p.fun, p.x0(), "trust-ncg")
+    assert good.raise_for_status() is good
+    cases = [
+        ({"max_iter": 3}, "max_iterations", "raise max_iter"),
+        ({"options": {"max_fev": 7}}, "max_evaluations", 'raise options["max_fev"]'),
+    ]
+    for kwargs, status, remedy in cases:
+        r = minimize(p.fun, p.x0(), "bfgs", **kwargs)
+        with pytest.raises(hesse.linalg.NotConvergedError) as info:
+            r.raise_for_status()
+        text = str(info.value)
+        assert f"'{status}'" in text and remedy in text and "method='bfgs'" in text
+        assert r.message in text
+    bad = minimize(lambda x: (x**2).sum() / 0.0, torch.ones(2, dtype=f64), "bfgs")
+    assert bad.status == "non_finite"
+    with pytest.raises(RuntimeError, match="start from a point where fun"):
+        bad.raise_for_status()
+
+
+def test_every_failure_status_has_advice():
+    from hesse._minimize._result import ADVICE, STATUSES
+
+    assert {s for s, ok in STATUSES.items() if not ok} <= set(ADVICE)
+
+
 def test_matches_scipy_on_the_same_problem():
     scipy_optimize = pytest.importorskip("scipy.optimize")
     p = classic_function("wood")

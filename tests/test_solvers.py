@@ -7,9 +7,16 @@ import pytest
 import torch
 
 from hesse.linalg import cg
+from hesse.operators import DenseOperator
 from hesse.solvers import (
+    ETA,
+    DampedSubproblem,
+    ExactSubproblem,
     LBFGSMemory,
+    NielsenDamping,
     SteihaugPath,
+    TrustRadius,
+    TrustStep,
     armijo,
     bfgs_update,
     cholesky_newton,
@@ -18,9 +25,12 @@ from hesse.solvers import (
     default_tolerances,
     dfp_update,
     eigen_newton,
+    escape_direction,
+    escape_saddle,
     exact_step,
     initial_step,
     line_search,
+    negative_curvature,
     sr1_update,
     strong_wolfe,
     update_radius,
@@ -312,6 +322,132 @@ def test_radius_update():
     assert update_radius(8.0, 0.9, 8.0, True, 10.0) == 10.0
     assert update_radius(1.0, 0.9, 0.5, False, 10.0) == 1.0
     assert update_radius(1.0, 0.5, 1.0, True, 10.0) == 1.0
+
+
+def test_damped_subproblem_solves_the_trust_region_of_its_own_length():
+    B, g = sym(5, 11), torch.linspace(-1.0, 2.0, 5, dtype=f64)
+    lam1 = float(np.linalg.eigvalsh(B.numpy())[0])
+    assert lam1 < 0
+    sub = DampedSubproblem(B, g)
+    assert sub.step(-lam1 - 0.1) is None  # B + mu I indefinite: no step of that size
+    for mu in (-lam1 + 0.05, -lam1 + 1.0, -lam1 + 50.0):
+        s = sub.step(mu)
+        p = np.linalg.solve(B.numpy() + mu * np.eye(5), -g.numpy())  # the LM step, by hand
+        np.testing.assert_allclose(s.step.numpy(), p, rtol=1e-9, atol=1e-12)
+        assert s.predicted == pytest.approx(-(g.numpy() @ p + 0.5 * p @ B.numpy() @ p), rel=1e-9)
+        # N&W Theorem 4.1: -(B + mu I)^-1 g with B + mu I > 0 solves the subproblem of
+        # radius |p| (what makes Levenberg-Marquardt a trust region with mu for the radius).
+        exact = exact_step(B, g, float(np.linalg.norm(p)))
+        torch.testing.assert_close(exact.step, s.step, rtol=1e-6, atol=1e-9)
+    assert sub.initial_damping() == pytest.approx(1e-3 * float(B.diagonal().abs().max()))
+
+
+@pytest.mark.parametrize("make", ["steihaug", "exact"])
+def test_trust_subproblems_share_one_interface(make):
+    B, g = sym(6, 12), torch.linspace(-1.0, 1.0, 6, dtype=f64)
+    if make == "steihaug":
+        sub = SteihaugPath(B, g, rtol=1e-10, max_iter=50)
+    else:
+        sub = ExactSubproblem(B, g)
+    for radius in (2.0, 0.5, 0.01):
+        s = sub.step(radius)
+        assert isinstance(s, TrustStep)
+        assert float(s.step.norm()) <= radius * (1 + 1e-9)
+        model = float(g @ s.step + 0.5 * s.step @ B @ s.step)
+        assert s.predicted == pytest.approx(-model, rel=1e-9) and s.predicted > 0
+    if make == "exact":
+        torch.testing.assert_close(sub.step(0.5).step, exact_step(B, g, 0.5).step)
+
+
+def test_size_rules():
+    r = TrustRadius(1.0, 3.0)
+    assert r.size(None) == 1.0 and r.threshold == ETA
+    assert not r.accepts(ETA) and r.accepts(ETA + 1e-12)
+    r.update(0.9, 1.0, True)  # good and at the boundary: grow
+    assert r.size(None) == 2.0
+    r.update(0.9, 2.0, True)  # capped at max_radius
+    assert r.size(None) == 3.0
+    r.update(math.nan, 0.4, False)  # a failed trial: half the step
+    assert r.size(None) == 0.2 and r.exhausted(1.0, 1e-8) is None
+    assert "shrank" in r.exhausted(1.0, 0.1)  # 0.2 <= 0.1 (1 + 1)
+
+    d = NielsenDamping()
+    B = torch.diag(torch.tensor([4.0, -8.0], dtype=f64))
+    assert d.size(DampedSubproblem(B, torch.ones(2, dtype=f64))) == pytest.approx(8e-3)
+    assert not d.accepts(0.0) and d.accepts(1e-12)
+    d.update(-math.inf, 0.0, False)  # failure: mu nu, nu doubled
+    assert (d.mu, d.nu) == (pytest.approx(16e-3), 4.0)
+    d.update(0.5, 1.0, False)  # success at rho = 1/2: factor max(1/3, 1 - 0) = 1, nu = 2
+    assert (d.mu, d.nu) == (pytest.approx(16e-3), 2.0)
+    d.update(1.0, 1.0, False)  # rho = 1: factor max(1/3, 0) = 1/3
+    assert d.mu == pytest.approx(16e-3 / 3) and d.exhausted(0.0, 1e-8) is None
+    d.mu = math.inf
+    assert "damping" in d.exhausted(0.0, 1e-8)
+
+
+# -- saddles ----------------------------------------------------------------------------
+def _saddle_matrix(n=5, seed=13):
+    """A symmetric matrix with eigenvalues -1 (the most negative), -0.5 and positives."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))
+    lam = torch.tensor([2.0, -1.0, 3.0, -0.5, 0.7][:n], dtype=f64)
+    return Q @ torch.diag(lam) @ Q.T
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_negative_curvature_is_the_most_negative_eigenpair(dense):
+    A = _saddle_matrix()
+    w, V = np.linalg.eigh(A.numpy())
+    lam, v = negative_curvature(A if dense else DenseOperator(A))  # Lanczos: full Krylov
+    assert lam == pytest.approx(w[0], abs=1e-8) and w[0] == pytest.approx(-1.0)
+    assert float(v.norm()) == pytest.approx(1.0)
+    assert abs(float(v.numpy() @ V[:, 0])) == pytest.approx(1.0, abs=1e-6)  # up to sign
+
+
+@pytest.mark.parametrize("k", [1.0, 0.01, 1.9997])  # 1.9997: t = 1/2 passes only if c = 1e-4
+def test_escape_from_a_saddle_of_a_quartic(k):
+    # f(x) = (x-c)'A(x-c)/2 + k ((x-c)'q)^4, q the eigenvector of A's eigenvalue -1: a
+    # saddle at c, |c| = 16, so the first trial step is sqrt(16) = 4. Along q,
+    # f(c + t q) - f(c) = -t^2/2 + k t^4, and the step is accepted when that is below
+    # -1e-4 t^2 / 2, i.e. t^2 < (1 - 1e-4) / (2k): the first of 4, 2, 1, ... that is.
+    A = _saddle_matrix()
+    q = torch.from_numpy(np.linalg.eigh(A.numpy())[1][:, 0])
+    c = torch.full((5,), 16.0 / math.sqrt(5), dtype=f64)
+
+    def f(x):
+        y = x - c
+        return float(0.5 * y @ A @ y + k * (y @ q) ** 4)
+
+    calls = []
+
+    def phi(x):
+        calls.append(x)
+        return f(x), len(calls)
+
+    lam, v = negative_curvature(A)
+    out = escape_saddle(phi, c, f(c), torch.zeros(5, dtype=f64), lam, v)
+    halvings = max(0, math.ceil(math.log2(4.0 / math.sqrt((1 - 1e-4) / (2 * k)))))
+    assert out.step == pytest.approx(4.0 * 0.5**halvings, rel=1e-12)
+    assert out.trials == halvings + 1 == len(calls)
+    assert abs(float(out.direction @ q)) == pytest.approx(1.0)  # the eigenvector, up to sign
+    torch.testing.assert_close(calls[-1], c + out.step * out.direction)
+    assert out.value == f(calls[-1]) < f(c) and out.payload == len(calls)
+
+
+def test_escape_direction_sign_non_finite_trials_and_failure():
+    v = torch.tensor([0.0, 1.0], dtype=f64)
+    assert torch.equal(escape_direction(torch.tensor([1.0, 0.5], dtype=f64), v), -v)
+    assert torch.equal(escape_direction(torch.tensor([1.0, -0.5], dtype=f64), v), v)
+    assert torch.equal(escape_direction(torch.zeros(2, dtype=f64), v), v)
+    x0 = torch.zeros(2, dtype=f64)
+
+    def phi(x):  # f = -t^2 / 2 along v, but not finite beyond t = 0.3
+        t = float(x[1])
+        return (math.nan if t > 0.3 else -0.5 * t * t), None
+
+    out = escape_saddle(phi, x0, 0.0, x0, -1.0, v)
+    assert out.step == 0.25 and out.trials == 3
+    assert escape_saddle(lambda x: (1.0, None), x0, 0.0, x0, -1.0, v, max_halvings=5) is None
 
 
 def test_cg_reports_the_model_value():

@@ -1,14 +1,22 @@
-"""The search directions of the line-search methods: thin state around the mathematics of
-:mod:`hesse.solvers`."""
+"""The search directions of the line-search methods, and the models of the trust-region
+methods: thin state around the mathematics of :mod:`hesse.solvers`."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from hesse._minimize._objective import Objective, Point
 from hesse.solvers import (
+    DampedSubproblem,
+    ExactSubproblem,
     LBFGSMemory,
+    NielsenDamping,
+    SteihaugPath,
+    TrustRadius,
+    TrustSubproblem,
     bfgs_update,
     cholesky_newton,
     curvature_pair,
@@ -18,6 +26,7 @@ from hesse.solvers import (
     initial_scale,
     initial_step,
     repeat_decrease_step,
+    sr1_update,
     truncated_newton,
 )
 
@@ -172,3 +181,110 @@ class LBFGS(Direction):
 
     def update(self, old, new, alpha, d):
         self.memory.update(alpha * d, new.g - old.g, -alpha * old.g)
+
+
+# -- trust regions ---------------------------------------------------------------------
+class TrustModel:
+    """A trust-region method: ``subproblem(pt)`` is the model built at ``pt`` (a
+    :class:`~hesse.solvers.TrustSubproblem`), ``size_rule()`` the rule for its size
+    (:class:`~hesse.solvers.TrustRadius` or :class:`~hesse.solvers.NielsenDamping`),
+    ``observe`` learns from a finite trial point (SR1), ``hessian(pt)`` is the dense
+    Hessian where the model is built on it (also used for the saddle test), else ``None``."""
+
+    graph = True  # evaluate the points with the gradient's graph (Hessian products)
+    trial_graph = True  # likewise the trial points
+
+    def __init__(self, obj: Objective, options: dict):
+        self.obj = obj
+        self.radius = options.get("initial_radius", 1.0)
+        self.max_radius = options.get("max_radius", math.inf)
+
+    def size_rule(self) -> TrustRadius | NielsenDamping:
+        return TrustRadius(self.radius, self.max_radius)
+
+    def hessian(self, pt: Point) -> Tensor | None:
+        return None
+
+    def subproblem(self, pt: Point) -> TrustSubproblem:
+        raise NotImplementedError
+
+    def observe(self, old: Point, trial: Point, p: Tensor, first: bool) -> None:
+        pass
+
+
+class _DenseHessian(TrustModel):
+    """A model on the dense Hessian, formed once per point."""
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self._H, self._at = None, None
+
+    def hessian(self, pt):
+        if self._at is not pt:
+            self._H, self._at = self.obj.hessian(pt), pt
+        return self._H
+
+
+class TrustNCG(TrustModel):
+    """trust-ncg: the Steihaug-Toint CG path on Hessian-vector products, to the forcing
+    tolerance; a rejected step re-cuts the same path, for free."""
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self.max_cg = options["cg_max_iter"] or 20 * obj.n
+        self._path, self._at = None, None
+
+    def subproblem(self, pt):
+        if self._at is not pt:
+            rtol = forcing_rtol(pt.g_norm(2))
+            self._path = SteihaugPath(self.obj.operator(pt), pt.g, rtol=rtol, max_iter=self.max_cg)
+            self._at = pt
+        return self._path
+
+
+class TrustExact(_DenseHessian):
+    """trust-exact: the exact subproblem on the dense Hessian (Moré-Sorensen)."""
+
+    def subproblem(self, pt):
+        return ExactSubproblem(self.hessian(pt), pt.g)
+
+
+class LevenbergMarquardt(_DenseHessian):
+    """newton with ``correction="lm"``: the damped Newton step on the dense Hessian, the
+    damping adapted by the reduction ratio (Nielsen)."""
+
+    def size_rule(self):
+        return NielsenDamping()
+
+    def subproblem(self, pt):
+        return DampedSubproblem(self.hessian(pt), pt.g)
+
+
+class SR1(TrustModel):
+    """sr1: the exact subproblem on a symmetric-rank-1 approximation :math:`B`, started
+    as :math:`I`, scaled after the first trial by :math:`y^\top y / s^\top y` (N&W eq.
+    6.20) and updated at every finite trial point, accepted or not."""
+
+    graph = False
+
+    def __init__(self, obj, options):
+        super().__init__(obj, options)
+        self.B = torch.eye(obj.n, dtype=obj.dtype, device=obj.device)
+
+    def subproblem(self, pt):
+        return ExactSubproblem(self.B, pt.g)
+
+    def observe(self, old, trial, p, first):
+        s, y = p, trial.g - old.g
+        if first and float(torch.dot(s, y)) > 0:
+            self.B = self.B * (float(torch.dot(y, y)) / float(torch.dot(s, y)))
+        self.B = sr1_update(self.B, s, y)
+
+
+#: The trust-region methods of :func:`hesse.minimize`.
+TRUST_MODELS = {
+    "trust-ncg": TrustNCG,
+    "trust-exact": TrustExact,
+    "sr1": SR1,
+    "newton": LevenbergMarquardt,  # with correction="lm"
+}

@@ -7,21 +7,9 @@ import math
 
 import torch
 
-from hesse._minimize._directions import Direction, InverseUpdate, Newton
+from hesse._minimize._directions import TRUST_MODELS, Direction, InverseUpdate, Newton
 from hesse._minimize._run import Run, Stop
-from hesse.solvers import (
-    ETA,
-    SteihaugPath,
-    armijo,
-    damped_newton,
-    exact_step,
-    forcing_rtol,
-    initial_step,
-    line_search,
-    lm_damping,
-    sr1_update,
-    update_radius,
-)
+from hesse.solvers import armijo, initial_step, line_search
 
 
 def _stationary(run: Run, pt, graph: bool, H=None):
@@ -80,82 +68,47 @@ def line_search_loop(run: Run, direction: Direction, x0, options: dict):
 
 
 def trust_region_loop(run: Run, method: str, x0, options: dict):
-    """Model + trust region (trust-ncg, trust-exact, sr1) or adaptive damping (newton with
-    ``correction="lm"``): a step is accepted when the actual reduction is at least
-    ``ETA`` times the model's."""
-    obj = run.obj
-    graph = method in ("trust-ncg", "trust-exact", "newton")
-    pt = run.first(x0, graph)
+    """Model + region (trust-ncg, trust-exact, sr1, and newton with ``correction="lm"``,
+    whose region is a damping): the subproblem built at the point gives the step for the
+    region's size; a step is accepted when the ratio of actual to predicted reduction
+    passes the size rule's threshold, and the rule updates the size from that ratio."""
+    model = TRUST_MODELS[method](run.obj, options)
+    region = model.size_rule()
+    pt = run.first(x0, model.graph)
     run.record(pt)
-    radius = options.get("initial_radius", 1.0)
-    max_radius = options.get("max_radius", math.inf)
-    mu, nu = None, 2.0
-    B = None
-    H, H_at = None, None
-    path, path_at = None, None
     while True:
-        if method in ("trust-exact", "newton") and H_at is not pt:
-            H, H_at = obj.hessian(pt), pt
+        H = model.hessian(pt)  # dense models: formed once per point, also for the saddle test
         if run.converged(pt):
-            nxt = _stationary(run, pt, graph, H)
+            nxt = _stationary(run, pt, model.graph, H)
             if nxt is None:
                 raise Stop("converged", "the gradient norm is below the tolerance")
             pt = nxt
             continue
-        if method == "trust-ncg":
-            if path_at is not pt:  # a rejected step re-cuts the same CG path, for free
-                max_cg = options["cg_max_iter"] or 20 * obj.n
-                path = SteihaugPath(
-                    obj.operator(pt), pt.g, rtol=forcing_rtol(pt.g_norm(2)), max_iter=max_cg
-                )
-                path_at = pt
-            sub = path.step(radius)
-        elif method == "trust-exact":
-            sub = exact_step(H, pt.g, radius)
-        elif method == "sr1":
-            if B is None:
-                B = torch.eye(obj.n, dtype=obj.dtype, device=obj.device)
-            sub = exact_step(B, pt.g, radius)
-        else:  # Levenberg-Marquardt damping
-            if mu is None:
-                mu = 1e-3 * max(float(H.diagonal().abs().max()), 1e-12)
-            step = damped_newton(H, pt.g, mu)
-            if step is None:
-                mu, nu = lm_damping(mu, nu, -1.0)
-                continue
-            p = step.direction
-            pred = -float(torch.dot(pt.g, p) + 0.5 * torch.dot(p, H @ p))
-            sub = None
-        p = sub.step if sub is not None else p
-        pred = sub.predicted if sub is not None else pred
+        sub = model.subproblem(pt)  # the same object after a rejected step (trust-ncg)
+        step = sub.step(region.size(sub))
+        if step is None:  # no step of this size (LM: B + mu I indefinite): a failed step
+            region.update(-math.inf, 0.0, False)
+            continue
+        p = step.step
         step_norm = float(torch.linalg.vector_norm(p))
         if step_norm == 0.0:
             raise Stop("no_progress", "the model's step is zero: no decrease is possible")
-        if pred > 0:
-            trial = run.evaluate(pt.x + p, graph or method == "sr1")
-            rho = (pt.f - trial.f) / pred if trial.finite else -math.inf
-        else:  # rounding swamped the model's decrease (badly scaled): try a smaller region
-            trial, rho = None, -math.inf
-        if method == "sr1" and trial is not None and trial.finite:
-            s, y = p, trial.g - pt.g
-            if run.nit == 0 and float(torch.dot(s, y)) > 0:  # scale B0 (N&W eq. 6.20)
-                B = B * (float(torch.dot(y, y)) / float(torch.dot(s, y)))
-            B = sr1_update(B, s, y)
-        if sub is not None:
-            radius = update_radius(radius, rho, step_norm, sub.on_boundary, max_radius)
-        else:
-            mu, nu = lm_damping(mu, nu, rho)
-        if rho > (ETA if sub is not None else 0.0):
+        trial, rho = None, -math.inf
+        if step.predicted > 0:  # else rounding swamped the model's decrease: shrink
+            trial = run.evaluate(pt.x + p, model.trial_graph)
+            if trial.finite:
+                rho = (pt.f - trial.f) / step.predicted
+                model.observe(pt, trial, p, run.nit == 0)
+        region.update(rho, step_norm, step.on_boundary)
+        if region.accepts(rho):
             old, pt = pt, trial
             run.after_step(old, pt, step_norm)
             continue
         run.nit += 1
         run.check_budget()
-        x_norm = float(torch.linalg.vector_norm(pt.x))
-        if sub is not None and radius <= run.tol.xtol * (1.0 + x_norm):
-            raise Stop("no_progress", "the trust region shrank to nothing without a decrease")
-        if sub is None and not math.isfinite(mu):
-            raise Stop("no_progress", "the damping grew without bound without a decrease")
+        why = region.exhausted(float(torch.linalg.vector_norm(pt.x)), run.tol.xtol)
+        if why is not None:
+            raise Stop("no_progress", why)
 
 
 def nag_loop(run: Run, x0, options: dict):

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from hesse.linalg import NotConvergedError
+
 #: How a run can end, and whether that counts as success.
 STATUSES = {
     "converged": True,  # the gradient test passed (and, for second-order methods, no
@@ -19,6 +21,22 @@ STATUSES = {
     "no_progress": False,  # no acceptable step: a line search failed, a trust region collapsed
     "non_finite": False,
     "callback": False,
+}
+
+#: What to change when a run ends with a status that is not a success.
+ADVICE = {
+    "ftol": "f stopped changing with the gradient still large: rescale x so that its "
+    "entries are of similar size, or try another method",
+    "xtol": "the steps became negligible with the gradient still large: rescale x so that "
+    "its entries are of similar size, or try another method",
+    "max_iterations": "raise max_iter, or use a method with second-order information "
+    "(trust-ncg, newton-cg)",
+    "max_evaluations": 'raise options["max_fev"]',
+    "no_progress": "check that fun is smooth and its gradient correct (pass grad= or "
+    "compare with finite differences), rescale x, or try another method",
+    "non_finite": "start from a point where fun and its gradient are finite, or bound the "
+    "variables so that fun stays finite",
+    "callback": "the callback asked to stop; the best point so far is returned",
 }
 
 
@@ -63,6 +81,27 @@ class OptimizeResult:
     method: str = ""
     hess_inv: Tensor | None = None
     history: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    def raise_for_status(self) -> OptimizeResult:
+        """Return ``self`` if the run succeeded, else raise
+        :class:`hesse.linalg.NotConvergedError` naming the method, the status, what
+        happened and what to change (the ``throw=True`` of lineax, on request).
+
+        Example:
+            >>> import torch, hesse
+            >>> f = lambda x: ((x - 1) ** 2).sum()
+            >>> x0 = torch.zeros(3, dtype=torch.float64)
+            >>> hesse.minimize(f, x0, "bfgs").raise_for_status().status
+            'converged'
+        """
+        if self.success:
+            return self
+        advice = ADVICE.get(self.status, "")
+        raise NotConvergedError(
+            f"minimize(method={self.method!r}) did not succeed: status {self.status!r} "
+            f"after {self.nit} iterations and {self.nfev} evaluations: {self.message}"
+            + (f". To fix: {advice}" if advice else "")
+        )
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)

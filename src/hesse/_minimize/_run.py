@@ -13,8 +13,7 @@ from torch import Tensor
 from hesse._core import NonFiniteError
 from hesse._minimize._objective import Objective, Point
 from hesse._minimize._result import STATUSES, OptimizeResult
-from hesse.linalg import lanczos
-from hesse.solvers import Tolerances
+from hesse.solvers import Tolerances, escape_saddle, negative_curvature
 
 
 class Stop(Exception):
@@ -117,12 +116,12 @@ class Run:
             }
         )
 
-    # -- saddles -----------------------------------------------------------------------
+    # -- saddles ---------------------------------------------------------------------
     def negative_curvature(self, pt: Point, H: Tensor | None = None) -> tuple[float, Tensor] | None:
-        """A direction of negative curvature at a stationary ``pt``, if there is one:
-        from the dense Hessian's eigendecomposition when ``H`` is given, else from Lanczos
-        on at most 20 Hessian-vector products; the curvature along the direction found must
-        be below ``-curvature_tol``."""
+        """A direction of negative curvature at a stationary ``pt``, if there is one
+        (:func:`hesse.solvers.negative_curvature`): from the dense Hessian when ``H`` is
+        given or ``n <= 16``, else from Lanczos on at most 20 Hessian-vector products; the
+        curvature along the direction found must be below ``-curvature_tol``."""
         if not self.saddle_check:
             return None
         try:
@@ -130,23 +129,9 @@ class Run:
                 pt = self.obj.evaluate(pt.x, graph=True)
                 if not pt.finite or pt.hvp is None:
                     return None
-            if H is not None or self.obj.n <= 16:
-                H = self.obj.hessian(pt) if H is None else H
-                evals, vecs = torch.linalg.eigh(H)
-                lam, v = float(evals[0]), vecs[:, 0]
-            else:
-                # A few Lanczos steps: a Ritz value is the Rayleigh quotient of its vector,
-                # so theta < 0 already proves negative curvature along that vector (no
-                # residual needed); a search that finds none within the budget accepts.
-                r = lanczos(
-                    self.obj.operator(pt),
-                    1,
-                    "smallest",
-                    tol=1e-2,
-                    max_iter=min(self.obj.n, 20),
-                    seed=0,
-                )
-                lam, v = float(r.eigenvalues[0]), r.eigenvectors[:, 0]
+            if H is None and self.obj.n <= 16:
+                H = self.obj.hessian(pt)
+            lam, v = negative_curvature(H if H is not None else self.obj.operator(pt))
         except NonFiniteError:
             return None
         if lam < -self.curvature_tol:
@@ -154,22 +139,22 @@ class Run:
         return None
 
     def escape(self, pt: Point, lam: float, v: Tensor, graph: bool) -> Point:
-        """Leave a saddle along the unit direction ``v`` of curvature ``lam < 0``: the step
-        ``t`` from 1 is halved until ``f`` falls by at least ``1e-4 |lam| t^2 / 2`` (the
-        second-order analogue of the Armijo condition; the slope is zero there)."""
-        d = v if float(torch.dot(pt.g, v)) <= 0 else -v
-        t = max(1.0, float(torch.linalg.vector_norm(pt.x))) ** 0.5
-        for _ in range(40):
-            trial = self.evaluate(pt.x + t * d, graph)
-            if trial.finite and trial.f < pt.f - 1e-4 * 0.5 * abs(lam) * t * t:
-                self.after_step(pt, trial, t)
-                return trial
-            t *= 0.5
-        raise Stop(
-            "no_progress",
-            f"a stationary point with negative curvature ({lam:.3e}) that no step along its "
-            "direction could leave: a saddle point, not a minimum",
-        )
+        """Leave a saddle along the unit direction ``v`` of curvature ``lam < 0``
+        (:func:`hesse.solvers.escape_saddle`), as one iteration."""
+
+        def phi(y: Tensor) -> tuple[float, Point]:
+            trial = self.evaluate(y, graph)
+            return (trial.f if trial.finite else math.nan), trial
+
+        out = escape_saddle(phi, pt.x, pt.f, pt.g, lam, v)
+        if out is None:
+            raise Stop(
+                "no_progress",
+                f"a stationary point with negative curvature ({lam:.3e}) that no step along "
+                "its direction could leave: a saddle point, not a minimum",
+            )
+        self.after_step(pt, out.payload, out.step)
+        return out.payload
 
     # -- the result --------------------------------------------------------------------
     def result(self, pt: Point, status: str, message: str) -> OptimizeResult:

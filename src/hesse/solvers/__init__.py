@@ -2,12 +2,19 @@
 
 Descent directions (modified Newton, truncated CG), quasi-Newton updates (BFGS, DFP, SR1,
 the L-BFGS two-loop recursion), line searches (backtracking Armijo, strong Wolfe), trust
-regions (Steihaug-CG, the exact small subproblem, the radius update) and default
-tolerances, as pure functions and small state objects over flat tensors.
+regions (a subproblem object per method and a size rule), the escape from saddle points
+along negative curvature, and default tolerances, as pure functions and small state
+objects over flat tensors.
 :func:`hesse.minimize` and :mod:`hesse.optim` drive these; neither has its own copy.
 """
 
 from hesse.solvers._diagonal import hutchinson_diagonal_probe, rademacher_like
+from hesse.solvers._escape import (
+    EscapeStep,
+    escape_direction,
+    escape_saddle,
+    negative_curvature,
+)
 from hesse.solvers._linesearch import (
     LINE_SEARCHES,
     LineSearchResult,
@@ -43,8 +50,13 @@ from hesse.solvers._quasi_newton import (
 from hesse.solvers._stopping import Tolerances, default_tolerances, forcing_rtol
 from hesse.solvers._trust import (
     ETA,
+    DampedSubproblem,
+    ExactSubproblem,
+    NielsenDamping,
     SteihaugPath,
+    TrustRadius,
     TrustStep,
+    TrustSubproblem,
     exact_step,
     steihaug_step,
     update_radius,
@@ -54,6 +66,11 @@ __all__ = [
     # diagonal estimates
     "hutchinson_diagonal_probe",
     "rademacher_like",
+    # saddle escape
+    "EscapeStep",
+    "escape_direction",
+    "escape_saddle",
+    "negative_curvature",
     # line searches
     "LINE_SEARCHES",
     "LineSearchResult",
@@ -85,8 +102,13 @@ __all__ = [
     "sr1_update",
     # trust regions
     "ETA",
+    "DampedSubproblem",
+    "ExactSubproblem",
+    "NielsenDamping",
     "SteihaugPath",
+    "TrustRadius",
     "TrustStep",
+    "TrustSubproblem",
     "exact_step",
     "steihaug_step",
     "update_radius",

@@ -4,16 +4,29 @@ and the radius update (Nocedal & Wright 2006, ch. 4).
 The subproblem is solved matrix-free by Steihaug-Toint CG (:func:`hesse.linalg.cg` with a
 radius) or, for small dense :math:`B`, exactly (Moré & Sorensen 1983), here through the
 eigendecomposition of :math:`B`, which also settles the "hard case" directly.
+Levenberg-Marquardt is the same loop with the damping :math:`\mu` in place of the radius
+(the step :math:`-(B + \mu I)^{-1} g` solves the subproblem of radius its own length).
+
+Every method is a *subproblem* built at a point, with ``step(size) -> TrustStep | None``
+(:class:`SteihaugPath`, :class:`ExactSubproblem`, :class:`DampedSubproblem`), and a *size
+rule* that says which size to ask for, how it changes with the reduction ratio, when a
+step is accepted and when the region is used up (:class:`TrustRadius`,
+:class:`NielsenDamping`). A loop needs nothing else (``hesse.minimize``'s
+``trust_region_loop``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from hesse.linalg import Status
+from hesse.solvers._newton import damped_newton, lm_damping
 
 #: Accept a step when the actual reduction is at least this share of the predicted one.
 ETA = 0.15
@@ -40,6 +53,14 @@ class TrustStep:
     min_eigenvector: Tensor | None = None
 
 
+class TrustSubproblem(Protocol):
+    """A model built at one point; ``step(size)`` is its step for a region of that size
+    (a radius, or a damping), or ``None`` when the model has no step of that size (the
+    size rule then treats it as a failed step)."""
+
+    def step(self, size: float) -> TrustStep | None: ...
+
+
 class SteihaugPath:
     r"""The Steihaug-Toint truncated CG path for :math:`\min g^\top p + \tfrac12 p^\top B p`
     (N&W Algorithm 7.2), kept so that a smaller radius costs no new product.
@@ -63,7 +84,7 @@ class SteihaugPath:
         self.q = 0.0  # model value at x
         self.segments: list[tuple[Tensor, Tensor, float, float, float, float]] = []
         self.products = 0
-        self.ended: str | None = None  # "converged", "negative_curvature", "max_iterations"
+        self.ended: Status | None = None  # CONVERGED, NEGATIVE_CURVATURE, MAX_ITERATIONS
         self.curvature: float | None = None
         self.neg_direction: Tensor | None = None
 
@@ -71,10 +92,10 @@ class SteihaugPath:
         """Run CG until it stops or its iterate leaves the ball of ``radius``."""
         while self.ended is None and float(torch.linalg.vector_norm(self.x)) < radius:
             if math.sqrt(float(self.rr)) <= self.target:
-                self.ended = "converged"
+                self.ended = Status.CONVERGED
                 return
             if len(self.segments) >= self.max_iter:
-                self.ended = "max_iterations"
+                self.ended = Status.MAX_ITERATIONS
                 return
             Bp = self.B @ self.p
             self.products += 1
@@ -85,7 +106,7 @@ class SteihaugPath:
                 self.curvature = pBp / float(torch.dot(self.p, self.p))
                 self.neg_direction = self.p
                 self.segments.append((self.x, self.p, math.inf, self.q, rr, pBp))
-                self.ended = "negative_curvature"
+                self.ended = Status.NEGATIVE_CURVATURE
                 return
             alpha = rr / pBp
             self.segments.append((self.x, self.p, alpha, self.q, rr, pBp))
@@ -122,6 +143,54 @@ def steihaug_step(B: object, g: Tensor, radius: float, *, rtol: float, max_iter:
         tensor([1., 1.], dtype=torch.float64)
     """
     return SteihaugPath(B, g, rtol=rtol, max_iter=max_iter).step(radius)
+
+
+class ExactSubproblem:
+    r"""The subproblem with a small dense symmetric :math:`B`, solved exactly for each
+    radius by :func:`exact_step` (trust-exact on the Hessian, SR1 on its approximation).
+
+    Example:
+        >>> B = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> sub = ExactSubproblem(B, torch.tensor([-2.0, -1.0], dtype=torch.float64))
+        >>> sub.step(10.0).step, sub.step(10.0).on_boundary
+        (tensor([1., 1.], dtype=torch.float64), False)
+    """
+
+    def __init__(self, B: Tensor, g: Tensor):
+        self.B, self.g = B, g
+
+    def step(self, radius: float) -> TrustStep:
+        return exact_step(self.B, self.g, radius)
+
+
+class DampedSubproblem:
+    r"""Levenberg-Marquardt: for the damping :math:`\mu` the step
+    :math:`p = -(B + \mu I)^{-1} g` (:func:`damped_newton`), which minimises the model
+    within the radius :math:`\|p\|` (N&W Theorem 4.1), with the model's reduction
+    :math:`-(g^\top p + \tfrac12 p^\top B p)`; ``None`` when :math:`B + \mu I` is not
+    positive definite.
+
+    Example:
+        >>> B = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+        >>> sub = DampedSubproblem(B, torch.tensor([1.0, 1.0], dtype=torch.float64))
+        >>> sub.step(0.5) is None, sub.step(3.0).step
+        (True, tensor([-0.2500, -0.5000], dtype=torch.float64))
+    """
+
+    def __init__(self, B: Tensor, g: Tensor):
+        self.B, self.g = B, g
+
+    def initial_damping(self) -> float:
+        r"""Nielsen's start: :math:`10^{-3} \max_i |B_{ii}|` (at least :math:`10^{-15}`)."""
+        return 1e-3 * max(float(self.B.diagonal().abs().max()), 1e-12)
+
+    def step(self, mu: float) -> TrustStep | None:
+        newton = damped_newton(self.B, self.g, mu)
+        if newton is None:
+            return None
+        p, g = newton.direction, self.g
+        predicted = -float(torch.dot(g, p) + 0.5 * torch.dot(p, self.B @ p))
+        return TrustStep(p, predicted, False)
 
 
 def exact_step(B: Tensor, g: Tensor, radius: float, *, rtol: float = 1e-10) -> TrustStep:
@@ -218,3 +287,71 @@ def update_radius(
     if rho > 0.75 and on_boundary:
         return min(grow * radius, max_radius)
     return radius
+
+
+class TrustRadius:
+    r"""The size rule of a trust region: the radius, updated by :func:`update_radius`; a
+    step is accepted when :math:`\rho > \eta` (:data:`ETA`); the region is used up when
+    the radius falls below ``xtol`` relative to :math:`1 + \|x\|`.
+
+    Example:
+        >>> r = TrustRadius(1.0, 4.0)
+        >>> r.update(0.9, 1.0, True); r.size(None)
+        2.0
+        >>> r.update(0.1, 1.0, False); r.size(None), r.accepts(0.1)
+        (0.5, False)
+    """
+
+    threshold = ETA
+
+    def __init__(self, radius: float, max_radius: float = math.inf):
+        self.radius, self.max_radius = radius, max_radius
+
+    def size(self, sub: TrustSubproblem | None) -> float:
+        return self.radius
+
+    def accepts(self, rho: float) -> bool:
+        return rho > self.threshold
+
+    def update(self, rho: float, step_norm: float, on_boundary: bool) -> None:
+        self.radius = update_radius(self.radius, rho, step_norm, on_boundary, self.max_radius)
+
+    def exhausted(self, x_norm: float, xtol: float) -> str | None:
+        if self.radius <= xtol * (1.0 + x_norm):
+            return "the trust region shrank to nothing without a decrease"
+        return None
+
+
+class NielsenDamping:
+    r"""The size rule of Levenberg-Marquardt: the damping :math:`\mu`, started by the
+    subproblem (:meth:`DampedSubproblem.initial_damping`) and updated by
+    :func:`lm_damping`; a step is accepted when it reduces :math:`f`
+    (:math:`\rho > 0`); the region is used up when :math:`\mu` is no longer finite.
+
+    Example:
+        >>> d = NielsenDamping()
+        >>> d.mu = 1.0; d.update(-1.0, 0.0, False); d.mu, d.nu
+        (2.0, 4.0)
+    """
+
+    threshold = 0.0
+
+    def __init__(self) -> None:
+        self.mu: float | None = None
+        self.nu = 2.0
+
+    def size(self, sub: DampedSubproblem) -> float:
+        if self.mu is None:
+            self.mu = sub.initial_damping()
+        return self.mu
+
+    def accepts(self, rho: float) -> bool:
+        return rho > self.threshold
+
+    def update(self, rho: float, step_norm: float, on_boundary: bool) -> None:
+        self.mu, self.nu = lm_damping(self.mu, self.nu, rho)
+
+    def exhausted(self, x_norm: float, xtol: float) -> str | None:
+        if not math.isfinite(self.mu):
+            return "the damping grew without bound without a decrease"
+        return None
