@@ -5,6 +5,7 @@ passes, and the special Hessians where OBS reduces to OBD and to magnitude pruni
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -89,7 +90,7 @@ def test_layer_obs_one_removal_per_row_is_the_best_refit(method):
     model = linear(W)
     report = prune(
         model, nn.MSELoss(), (X, torch.zeros(n, rows, dtype=F64)),
-        method=method, sparsity=1 / d, damping=0.0,
+        method=method, sparsity=1 / d, damping=0.0, allocation="row",
     )  # fmt: skip
     best_total = 0.0
     for r in range(rows):
@@ -116,7 +117,7 @@ def test_greedy_exact_obs_is_greedy_exhaustive_refit():
     model = linear(W)
     report = prune(
         model, nn.MSELoss(), (X, torch.zeros(n, rows, dtype=F64)),
-        method="layer-obs", sparsity=k / d, damping=0.0,
+        method="layer-obs", sparsity=k / d, damping=0.0, allocation="row",
     )  # fmt: skip
     total = 0.0
     for r in range(rows):
@@ -129,6 +130,88 @@ def test_greedy_exact_obs_is_greedy_exhaustive_refit():
         assert report.layers[""].mask[r].tolist() == [j in keep for j in range(d)]
         torch.testing.assert_close(model.weight[r].detach(), v)
     assert report.layers[""].predicted == pytest.approx(total, rel=1e-9)
+
+
+def greedy_refit_trace(w: torch.Tensor, X: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+    """Greedy exhaustive refit of one row to the end: for c = 0..d removals, the
+    reconstruction error and the refitted row."""
+    keep = list(range(w.numel()))
+    trace = [(0.0, w.clone())]
+    while keep:
+        errors = [(refit_error(w, X, [j for j in keep if j != q]), q) for q in keep]
+        (error, v), q = min(errors, key=lambda e: e[0][0])
+        keep.remove(q)
+        trace.append((error, v))
+    return trace
+
+
+@pytest.mark.parametrize("seed", [0, 9])
+def test_layer_allocation_is_the_best_spread_of_the_greedy_traces(seed):
+    """allocation='layer' (OBC): the layer's removals spread over the rows. Reference: each
+    row's greedy exhaustive-refit trace F_r(c), and a brute-force search over every count
+    vector with the layer's total for the least sum of F_r(c_r). A row of small weights
+    makes uneven counts win: the same count in every row must cost clearly more. Seed 9
+    has non-convex traces, where OBC's sorting of the raw step costs would lose 55 %."""
+    n, d, rows, k = 30, 4, 3, 6
+    X = correlated(n, d, 40 + seed)
+    W = torch.randn(rows, d, generator=_gen(41 + seed), dtype=F64)
+    W[1] *= 0.1
+    data = (X, torch.zeros(n, rows, dtype=F64))
+    traces = [greedy_refit_trace(W[r], X) for r in range(rows)]
+    totals = sorted(
+        (sum(traces[r][c][0] for r, c in enumerate(cs)), cs)
+        for cs in itertools.product(range(d + 1), repeat=rows)
+        if sum(cs) == k
+    )
+    (best, counts), second = totals[0], totals[1][0]
+    assert second > best * (1 + 1e-6)  # the winner is unique
+    assert len(set(counts)) > 1  # and uneven
+    model = linear(W)
+    layer = prune(model, nn.MSELoss(), data, method="layer-obs", sparsity=k / (rows * d),
+                  damping=0.0).layers[""]  # fmt: skip
+    assert layer.measured == pytest.approx(best, rel=1e-9)
+    assert layer.predicted == pytest.approx(best, rel=1e-9)
+    assert (~layer.mask).sum(1).tolist() == list(counts)
+    for r, c in enumerate(counts):
+        torch.testing.assert_close(model.weight[r].detach(), traces[r][c][1])
+    uniform = prune(linear(W), nn.MSELoss(), data, method="layer-obs", sparsity=k / (rows * d),
+                    damping=0.0, allocation="row").layers[""]  # fmt: skip
+    assert uniform.measured == pytest.approx(sum(t[k // rows][0] for t in traces), rel=1e-9)
+    assert layer.measured < 0.8 * uniform.measured
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_allocate_is_the_brute_force_optimum(exact, monkeypatch):
+    """The counts against a brute-force search over every count vector: exact (dynamic
+    programme) for any traces, and for convex traces by hull prices too; a non-convex
+    row (an expensive first removal, then cheap ones) the programme judges right, where
+    sorting the raw step costs (OBC) would take the cheap ones without the first."""
+    from hesse.compress import _obs
+
+    if not exact:
+        monkeypatch.setattr(_obs, "ALLOCATE_MAX_ENTRIES", 0)
+    g = _gen(42)
+    for convex in (True, False):
+        steps = torch.rand(4, 5, generator=g, dtype=F64)
+        if convex:
+            steps = steps.cumsum(1)
+        elif not exact:
+            continue
+        F = torch.cat([torch.zeros(4, 1, dtype=F64), steps.cumsum(1)], 1)
+        for k in (0, 3, 7, 12, 20):
+            best = min(
+                float(sum(F[r, c] for r, c in enumerate(cs)))
+                for cs in itertools.product(range(6), repeat=4)
+                if sum(cs) == k
+            )
+            counts = _obs.allocate(F, k)
+            assert int(counts.sum()) == k
+            assert float(F.gather(1, counts[:, None]).sum()) == pytest.approx(best, rel=1e-12)
+    # row 0 steps 1.0, 0.05, 0.05; row 1 steps 0.3, 0.35, 2.0: three removals cost 1.1 as
+    # (3, 0); the raw step costs' three cheapest give (2, 1), 1.35; hull prices (1, 2), 1.65
+    F = torch.tensor([[0, 1.0, 1.05, 1.1], [0, 0.3, 0.65, 2.65]], dtype=F64)
+    assert _obs.allocate(F, 3).tolist() == ([3, 0] if exact else [1, 2])
+    assert _obs.allocate(F, 2).tolist() == [0, 2]  # 0.65 against 1.05 or 1.3
 
 
 def _conv1d(W: torch.Tensor) -> nn.Module:
@@ -320,18 +403,89 @@ def test_obd_takes_a_precomputed_diagonal():
         prune(model, nn.CrossEntropyLoss(), data, method="obd", diagonal=torch.ones(3, dtype=F64))
 
 
-@pytest.mark.parametrize("method", METHODS)
+class _ClassesFirst(nn.Module):
+    """(N, T, C) outputs as (N, C, T), the layout CrossEntropyLoss takes."""
+
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def _diagonal_cases():
+    g = _gen(43)
+    model, (x, y) = mlp_cnn()  # Conv2d, eval-mode BatchNorm, Linear
+    yield "cnn, cross-entropy", model, nn.CrossEntropyLoss(), [(x[:20], y[:20]), (x[20:], y[20:])]
+    torch.manual_seed(1)
+    seq = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    xs = torch.randn(6, 7, 4, generator=g, dtype=F64)  # 7 positions per sample
+    ys = torch.randn(6, 7, 3, generator=g, dtype=F64)
+    yield "sequence, mse", seq, nn.MSELoss(), (xs, ys)
+    yield "sequence, sum of squares", seq, nn.MSELoss(reduction="sum"), (xs, ys)
+    labels = torch.randint(0, 3, (6, 7), generator=g)
+    batches = [(xs[:4], labels[:4]), (xs[4:], labels[4:])]
+    yield (
+        "sequence, cross-entropy",
+        nn.Sequential(seq, _ClassesFirst()),
+        nn.CrossEntropyLoss(),
+        batches,
+    )
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2)).double()
+    images = torch.randn(3, 2, 5, 5, generator=g, dtype=F64)
+    yield (
+        "images, bce",
+        conv,
+        nn.BCEWithLogitsLoss(),
+        (images, torch.rand(3, 2, 4, 4, generator=g, dtype=F64)),
+    )
+
+
+@pytest.mark.parametrize("case", list(_diagonal_cases()), ids=lambda c: c[0])
+def test_ggn_diagonal_by_backpropagated_columns_is_the_dense_ggns(case):
+    """obd's exact diagonal, from one backward pass per column of the output Hessian's
+    square root and output position, against the diagonal of the dense GGN (float64):
+    several positions per sample (sequences, images), batches of unequal size."""
+    from hesse.compress._diagonal import covered, ggn_diagonal
+    from hesse.compress._layers import select_layers
+
+    _, model, loss_fn, data = case
+    layers = select_layers(model, None)
+    assert covered(layers, loss_fn)
+    ggn = hesse.GGNOperator(model, loss_fn, data, params=[la.weight for la in layers])
+    expected = ggn.to_dense().diagonal()
+    got = ggn_diagonal(model, loss_fn, data, layers)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    assert float(expected.max()) > 0
+
+
+def test_obd_uses_the_backpropagated_diagonal_only_where_it_applies(monkeypatch):
+    """diagonal='exact' on the GGN of covered layers takes the backpropagated diagonal;
+    on the Fisher, the products (whose diagonal differs)."""
+    from hesse.compress import _prune
+
+    model, data = mlp_cnn()
+    calls = []
+    real = _prune.ggn_diagonal
+    monkeypatch.setattr(_prune, "ggn_diagonal", lambda *a: calls.append(1) or real(*a))
+    prune(copy.deepcopy(model), nn.CrossEntropyLoss(), data, method="obd")
+    assert calls == [1]
+    prune(copy.deepcopy(model), nn.CrossEntropyLoss(), data, method="obd", curvature="fisher")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("method", [*METHODS, "layer-obs by row"])
 def test_the_requested_sparsity_is_reached(method):
     model, data = mlp_cnn()
     targets = {"0": 0.25, "6": 0.7, "8": 0.5}
-    report = prune(model, nn.CrossEntropyLoss(), data, method=method, sparsity=targets)
+    kw = {"allocation": "row"} if method == "layer-obs by row" else {}
+    report = prune(
+        model, nn.CrossEntropyLoss(), data, method=method.split()[0], sparsity=targets, **kw
+    )
     assert list(report.layers) == list(targets)
     modules = dict(model.named_modules())
     for name, s in targets.items():
         layer = report.layers[name]
         weight = modules[name].weight.detach()
         rows, cols = weight.shape[0], weight[0].numel()
-        per_row = method == "layer-obs"  # the same count in every row
+        per_row = method == "layer-obs by row"  # the same count in every row
         expected = (
             math.floor(s * cols + 0.5) / cols
             if per_row
@@ -526,6 +680,7 @@ def test_transformer_encoder_linear_layers():
         ),
         ({"pattern": "1:3"}, ValueError, "divisible by 3, but layer '0' has 4 inputs"),
         ({"method": "obc"}, ValueError, "method must be one of"),
+        ({"allocation": "column"}, ValueError, "allocation must be one of"),
         ({"damping": -1.0}, ValueError, "damping must be"),
         ({"blocksize": 0}, ValueError, "blocksize must be a positive integer, got 0"),
         ({"sequential": "yes"}, TypeError, "sequential must be True or False"),
@@ -672,3 +827,66 @@ def test_cli_on_a_built_in_problem_and_its_errors(capsys):
         assert code == 2 and message in err, err
     code, _, err = _cli(capsys, "prune", "rosenbrock")
     assert code == 2 and "neither a built-in data problem" in err
+
+
+def test_cli_layers_choose_what_is_pruned(capsys, tmp_path):
+    """--layers NAMES prunes those layers only, as params=NAMES does in the library (obd's
+    exact diagonal included); a bad name or an unsupported layer is a usage error."""
+    import json
+
+    path = tmp_path / "mine.py"
+    path.write_text(USER_FILE)
+    argv = ["prune", path, "--methods", "layer-obs,obd", "--sparsities", "0.5", "--json"]
+    code, out, err = _cli(capsys, *argv, "--layers", "2")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["layers"] == ["2"] and res["skipped_layers"] == []
+    for run, method in zip(res["runs"], ["layer-obs", "obd"]):
+        assert [la["name"] for la in run["layers"]] == ["2"]
+        ns: dict = {}
+        exec(USER_FILE, ns)
+        r = prune(ns["model"], ns["loss_fn"], ns["data"], method=method, sparsity=0.5, params=["2"])
+        assert run["loss"] == pytest.approx(r.loss_after, rel=1e-6)
+        assert (ns["model"][0].weight != 0).all()
+    for layers, message in [
+        ("nope", "--layers: the model has no module named 'nope'"),
+        ("1", "--layers: layer '1' is a Tanh"),
+        (" , ", "--layers must name at least one module"),
+    ]:
+        code, _, err = _cli(capsys, *argv, "--layers", layers)
+        assert code == 2 and message in err, err
+
+
+def test_cli_pattern_skips_the_default_layers_it_does_not_fit(capsys):
+    """cnn-digits' first convolution has 9 inputs per output: with the default layers a
+    2:4 pattern leaves it dense, says so in the JSON and the table, and prunes the rest;
+    named in --layers it is an error."""
+    import json
+
+    argv = ["prune", "cnn-digits", "--pattern", "2:4", "--train-steps", "3", "--calibration", "64"]
+    argv += ["--methods", "magnitude,layer-obs"]
+    code, out, err = _cli(capsys, *argv, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["layers"] == ["2", "5"]
+    assert res["skipped_layers"] == [
+        {
+            "name": "0",
+            "inputs": 9,
+            "reason": "pattern 2:4: 9 inputs per output, not a multiple of 4",
+        }
+    ]
+    for run in res["runs"]:
+        assert [la["name"] for la in run["layers"]] == ["2", "5"]
+        assert all(la["sparsity"] == 0.5 for la in run["layers"])
+    code, out, err = _cli(capsys, *argv[:-2], "--methods", "magnitude")
+    assert code == 0, err
+    assert "Layers left dense" in out and "note: layer '0' left dense" in out
+    code, _, err = _cli(capsys, *argv, "--layers", "0,2")
+    assert code == 2
+    assert (
+        "--pattern 2:4 needs inputs per output divisible by 4, but layer '0' of --layers has 9"
+        in err
+    )
+    code, _, err = _cli(capsys, "prune", "cnn-digits", "--pattern", "2-4")
+    assert code == 2 and "--pattern: pattern must be a string 'N:M'" in err

@@ -23,7 +23,10 @@ from hesse.cli._common import (
     parse_dtype,
 )
 from hesse.cli._targets import USER_FILE_HELP, is_file, load_user_file
-from hesse.compress import METHODS, default_layers, prune
+from hesse.compress import METHODS, prune
+from hesse.compress._diagonal import covered, ggn_diagonal
+from hesse.compress._layers import select_layers
+from hesse.compress._mask import parse_pattern
 from hesse.problems import PROBLEMS, Problem, problem
 
 DEFAULT_METHODS = ("magnitude", "obd", "layer-obs", "sparsegpt")
@@ -61,7 +64,16 @@ def add_prune(sub: Any, parent: argparse.ArgumentParser) -> None:
         f"{','.join(map(str, DEFAULT_SPARSITIES))})",
     )
     p.add_argument(
-        "--pattern", metavar="N:M", help="N:M semi-structured sparsity instead of --sparsities"
+        "--pattern",
+        metavar="N:M",
+        help="N:M semi-structured sparsity instead of --sparsities; without --layers, the "
+        "layers whose inputs per output are not a multiple of M are left dense (noted)",
+    )
+    p.add_argument(
+        "--layers",
+        metavar="NAMES",
+        help="comma-separated module names of the layers to prune (default: every nn.Linear, "
+        "nn.Conv2d and Conv1D whose weight is its own; see `hesse.compress.default_layers`)",
     )
     p.add_argument(
         "--damping",
@@ -107,6 +119,10 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[float | None]]:
     if bad or not methods:
         raise UserError(f"--methods must list methods among {', '.join(METHODS)}, got {bad}")
     if args.pattern is not None:
+        try:
+            parse_pattern(args.pattern)
+        except ValueError as err:
+            raise UserError(f"--pattern: {err}") from err
         if args.sparsities is not None:
             raise UserError("--pattern N:M sets the sparsity (1 - N/M): drop --sparsities")
         return methods, [None]
@@ -168,22 +184,74 @@ def _load(
     return name, model, p.loss_fn, (X, y), None, p
 
 
+def _layers(args: argparse.Namespace, model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]:
+    """The layers to prune, and those a pattern leaves out: ``--layers`` as given (a pattern
+    that does not fit one is an error), or the default layers that the pattern fits."""
+    nm = parse_pattern(args.pattern)  # checked by _parse
+    try:
+        if args.layers is not None:
+            names = [n.strip() for n in args.layers.split(",") if n.strip()]
+            if not names:
+                raise UserError(f"--layers must name at least one module, got {args.layers!r}")
+            layers = select_layers(model, names)
+        else:
+            layers = select_layers(model, None)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"--layers: {err}" if args.layers is not None else str(err)) from err
+    skipped = []
+    if nm is not None:
+        for layer in layers:
+            inputs = layer.shape[1]
+            if inputs % nm[1] == 0:
+                continue
+            if args.layers is not None:
+                raise UserError(
+                    f"--pattern {args.pattern} needs inputs per output divisible by {nm[1]}, "
+                    f"but layer {layer.name!r} of --layers has {inputs}: leave it out of "
+                    "--layers (or leave --layers out to skip such layers)"
+                )
+            skipped.append(
+                {
+                    "name": layer.name,
+                    "inputs": inputs,
+                    "reason": f"pattern {args.pattern}: {inputs} inputs per output, not a "
+                    f"multiple of {nm[1]}",
+                }
+            )
+    names = [layer.name for layer in layers if layer.name not in {s["name"] for s in skipped}]
+    if not names:
+        raise UserError(
+            f"--pattern {args.pattern} fits none of the layers "
+            f"({', '.join(s['name'] + ': ' + str(s['inputs']) for s in skipped)} inputs per "
+            "output)"
+        )
+    return names, skipped
+
+
 def run_prune(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
     """``hesse prune TARGET``."""
     methods, sparsities = _parse(args)
     timer = Timer()
     name, model, loss_fn, data, io, p = _load(args, ui)
+    names, skipped = _layers(args, model)
+    for s in skipped:
+        ui.print(f"note: layer {s['name']!r} left dense ({s['reason']})")
     metric = p.metric_name if p is not None else None
     dense = {"method": "dense", "sparsity": 0.0, **evaluate(p, model)}
     diag = None
     if "obd" in methods:  # the curvature's diagonal, once for every sparsity
-        weights = [model.get_submodule(n).weight for n in default_layers(model)]
-        op = hesse.GGNOperator(model, loss_fn, data, params=weights, io=io)
-        n = op.shape[0] if args.diagonal == "exact" else args.matvecs
-        with ui.progress(f"the {args.diagonal} diagonal of the GGN ({n:,} products)"):
-            diag = hesse.diagonal(
-                op, args.diagonal, num_matvecs=args.matvecs, seed=args.seed
-            ).estimate
+        layers = select_layers(model, names)
+        if args.diagonal == "exact" and covered(layers, loss_fn):
+            with ui.progress("the exact diagonal of the GGN (backpropagated columns)"):
+                diag = ggn_diagonal(model, loss_fn, data, layers, io)
+        else:
+            weights = [layer.weight for layer in layers]
+            op = hesse.GGNOperator(model, loss_fn, data, params=weights, io=io)
+            n = op.shape[0] if args.diagonal == "exact" else args.matvecs
+            with ui.progress(f"the {args.diagonal} diagonal of the GGN ({n:,} products)"):
+                diag = hesse.diagonal(
+                    op, args.diagonal, num_matvecs=args.matvecs, seed=args.seed
+                ).estimate
     runs: list[dict[str, Any]] = []
     with ui.progress("pruning", total=len(methods) * len(sparsities)) as advance:
         for method in methods:
@@ -192,7 +260,7 @@ def run_prune(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
                 pruned = copy.deepcopy(model)
                 report = prune(
                     pruned, loss_fn, data, method=method, sparsity=s, pattern=args.pattern,
-                    io=io, damping=args.damping, seed=args.seed,
+                    params=names, io=io, damping=args.damping, seed=args.seed,
                     **({"diagonal": diag} if method == "obd" else {}),
                 )  # fmt: skip
                 dense.setdefault("loss", report.loss_before)
@@ -211,6 +279,12 @@ def run_prune(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
                 )
                 advance()
     _tables(dense, runs, methods, metric, ui)
+    if skipped:
+        ui.table(
+            "Layers left dense",
+            ["layer", "inputs per output", "why"],
+            [[s["name"], s["inputs"], s["reason"]] for s in skipped],
+        )
     results: dict[str, Any] = {
         "command": "prune",
         "target": name,
@@ -222,6 +296,8 @@ def run_prune(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
         "device": args.device,
         "seed": args.seed,
         "hesse_version": hesse.__version__,
+        "layers": names,
+        "skipped_layers": skipped,
         "dense": dense,
         "runs": runs,
     }

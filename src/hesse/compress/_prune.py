@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from hesse._core._checks import check_finite, check_real, check_seed
 from hesse.analysis import diagonal as diagonal_of
 from hesse.analysis._spectrum import DIAGONAL_METHODS
+from hesse.compress._diagonal import covered, ggn_diagonal
 from hesse.compress._layers import InputMoments, Layer, select_layers
 from hesse.compress._mask import check_pattern_fits, count, layer_sparsity, parse_pattern, select
 from hesse.compress._obs import damped, exact_obs, greedy_obs, inverse, sparsegpt
@@ -26,6 +27,8 @@ from hesse.operators._model import _check_data
 LAYERWISE = ("magnitude", "layer-obs", "sparsegpt")
 GLOBAL = ("obd", "obs")
 METHODS = (*LAYERWISE, *GLOBAL)
+#: How ``"layer-obs"`` spreads a layer's removals over its rows.
+ALLOCATIONS = ("layer", "row")
 #: The curvatures of the loss ``"obd"`` and ``"obs"`` use.
 CURVATURES = {"ggn": GGNOperator, "fisher": FisherOperator, "hessian": HessianOperator}
 #: The most weights global OBS prunes together: it holds the dense inverse of their
@@ -47,6 +50,7 @@ def prune(
     damping: float = 0.01,
     sequential: bool = True,
     blocksize: int = 128,
+    allocation: str = "layer",
     curvature: str = "ggn",
     diagonal: str | Tensor = "exact",
     num_matvecs: int = 100,
@@ -66,9 +70,13 @@ def prune(
       over ``data``, whose Hessian is :math:`H = \frac{2}{N} X X^\top` for every row of
       :math:`W`: greedy Optimal Brain Surgeon, one weight at a time, removing the weight
       of least :math:`w_q^2 / (2 [H^{-1}]_{qq})` and updating the rest of its row by
-      :math:`-\frac{w_q}{[H^{-1}]_{qq}} H^{-1} e_q`. Every row loses
-      ``round(sparsity * inputs)`` weights. Cost: :math:`O(\text{outputs} \cdot
-      \text{inputs}^3)` per layer.
+      :math:`-\frac{w_q}{[H^{-1}]_{qq}} H^{-1} e_q`. With ``allocation="layer"`` (OBC's
+      default) the layer's ``round(sparsity * size)`` removals are spread over its rows
+      at least total cost: every row is pruned to the end once, recording the cost of
+      each removal, the cheapest removals over all rows are taken (each row's costs
+      made convex, see below), and each row is pruned again to its own count; with
+      ``"row"`` every row loses ``round(sparsity * inputs)``. Cost: :math:`O(\text{outputs}
+      \cdot \text{inputs}^3)` per layer (about twice that for ``"layer"``).
     * ``"sparsegpt"``: SparseGPT (Frantar & Alistarh, "SparseGPT: massive language models
       can be accurately pruned in one-shot", ICML 2023): the same objective,
       approximately, for wide layers: one Cholesky factorisation of :math:`H^{-1}`,
@@ -77,9 +85,14 @@ def prune(
       \cdot \text{inputs}^2)`.
     * ``"obd"``: Optimal Brain Damage (LeCun, Denker & Solla, 1990): remove the weights of
       least saliency :math:`\frac12 H_{qq} w_q^2` in each layer, with the diagonal of the
-      ``curvature`` of the loss over ``data`` (``diagonal="exact"``: one product per
-      weight; ``"hutchinson"`` or ``"xdiag"``: estimated from ``num_matvecs`` products);
-      no update of the other weights.
+      ``curvature`` of the loss over ``data`` (``diagonal="exact"``: for the GGN of
+      ``nn.Linear`` and ``nn.Conv2d`` layers under ``MSELoss``, ``CrossEntropyLoss`` or
+      ``BCEWithLogitsLoss``, by backpropagating each column of the output Hessian's
+      square root, :math:`\operatorname{diag} G = \sum_{n,k} (\sum_r g_{nkr}
+      x_{nr}^\top)^{\odot 2}`, one backward pass per column and output position of a
+      sample; otherwise one curvature product per weight; ``"hutchinson"`` or
+      ``"xdiag"``: estimated from ``num_matvecs`` products); no update of the other
+      weights.
     * ``"obs"``: global Optimal Brain Surgeon (Hassibi & Stork, 1993) on the dense
       ``curvature`` :math:`H` of the loss with respect to all the pruned weights together
       (at most :data:`OBS_MAX_PARAMS` of them), damped: removes, one at a time, the weight
@@ -122,6 +135,10 @@ def prune(
             SparseGPT; 0 for the exact quadratic model, which needs :math:`H` definite).
         sequential: see above (layer-wise methods).
         blocksize: the columns of one lazy block of ``"sparsegpt"``.
+        allocation: how ``"layer-obs"`` without a pattern spreads a layer's removals
+            over its rows: ``"layer"`` (default) at least total cost of the greedy
+            traces, optimal when each row's cumulative cost is convex in its count
+            (else for its lower convex hull); ``"row"``: the same count in every row.
         curvature: ``"ggn"`` (default), ``"fisher"`` (empirical) or ``"hessian"``: the
             curvature of the loss for ``"obd"`` and ``"obs"``.
         diagonal, num_matvecs, seed: how ``"obd"`` gets the diagonal of the curvature
@@ -159,6 +176,7 @@ def prune(
     if not isinstance(diagonal, Tensor):
         diagonal = check_choice(diagonal, "diagonal", DIAGONAL_METHODS)
     seed = check_seed(seed)
+    allocation = check_choice(allocation, "allocation", ALLOCATIONS)
     if not isinstance(sequential, bool):
         raise TypeError(f"sequential must be True or False, got {sequential!r}")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
@@ -181,7 +199,8 @@ def prune(
     data = _check_data(data, io=fn.io)
     loss_before = _loss(fn, data)
     if method in LAYERWISE:
-        results = _layerwise(fn, data, layers, targets, method, nm, damping, sequential, blocksize)
+        results = _layerwise(fn, data, layers, targets, method, nm, damping, sequential,
+                             blocksize, allocation)  # fmt: skip
         objective = "reconstruction"
     else:
         op = CURVATURES[curvature](model, loss_fn, data, fn.names, io=fn.io)
@@ -226,7 +245,8 @@ def _moments(fn: ModelLoss, data: Iterable[Any], layers: Sequence[Layer]) -> Inp
     return moments
 
 
-def _layerwise(fn, data, layers, targets, method, nm, damping, sequential, blocksize):
+def _layerwise(fn, data, layers, targets, method, nm, damping, sequential, blocksize,
+               allocation):  # fmt: skip
     moments = _moments(fn, data, layers)
     by_name = {layer.name: layer for layer in layers}
     order = moments.order + [n for n in by_name if n not in moments.order]
@@ -246,9 +266,10 @@ def _layerwise(fn, data, layers, targets, method, nm, damping, sequential, block
             W_new, cost = W * mask, None
         else:
             Hinv = inverse(damped(H, damping), f"the input Hessian of layer {name!r}, damped,")
-            algorithm = exact_obs if method == "layer-obs" else sparsegpt
-            args = (blocksize,) if method == "sparsegpt" else ()
-            W_new, mask, cost = algorithm(W, Hinv, s, nm, *args)
+            if method == "layer-obs":
+                W_new, mask, cost = exact_obs(W, Hinv, s, nm, allocation)
+            else:
+                W_new, mask, cost = sparsegpt(W, Hinv, s, nm, blocksize)
         seconds = time.perf_counter() - tic
         check_finite(W_new, f"the pruned weight of layer {name!r}")
         with torch.no_grad():
@@ -288,7 +309,7 @@ def _global(op, fn, data, layers, targets, method, nm, damping, loss_before, dia
     w = torch.cat([layer.matrix(layer.weight.detach()).reshape(-1) for layer in layers])
     tic = time.perf_counter()
     if method == "obd":
-        diag = _diagonal(op, diagonal, num_matvecs, seed)
+        diag = _diagonal(op, fn, data, layers, diagonal, num_matvecs, seed)
         # a stochastic estimate can be negative where the GGN's diagonal is not
         saliency = diag[perm].clamp_min(0) * w * w / 2
         masks, costs = [], []
@@ -335,8 +356,10 @@ def _global(op, fn, data, layers, targets, method, nm, damping, loss_before, dia
     return results
 
 
-def _diagonal(op, diagonal: str | Tensor, num_matvecs: int, seed: int | None) -> Tensor:
-    """The diagonal of the curvature: given, or computed by :func:`hesse.diagonal`."""
+def _diagonal(op, fn, data, layers, diagonal, num_matvecs: int, seed: int | None) -> Tensor:
+    """The diagonal of the curvature: given; the GGN's exactly by backpropagating the
+    output Hessian's square root (:func:`ggn_diagonal`) where it applies; else computed by
+    :func:`hesse.diagonal`."""
     if isinstance(diagonal, Tensor):
         if diagonal.shape != (op.shape[0],):
             raise ValueError(
@@ -345,6 +368,8 @@ def _diagonal(op, diagonal: str | Tensor, num_matvecs: int, seed: int | None) ->
             )
         check_finite(diagonal, "diagonal")
         return diagonal.to(device=op.device, dtype=op.dtype)
+    if diagonal == "exact" and type(op) is GGNOperator and covered(layers, fn.loss_fn):
+        return ggn_diagonal(fn.model, fn.loss_fn, data, layers, fn.io)
     result = diagonal_of(op, method=diagonal, num_matvecs=num_matvecs, seed=seed)
     if not result.success:
         raise ValueError(f"the diagonal of the curvature failed: {result.message}")
