@@ -10,7 +10,7 @@ L-BFGS).
 from hesse import analysis, distributed, func, linalg, operators, optim, solvers
 from hesse._core import NonFiniteError, ParamSpace
 from hesse._core._progress import progress
-from hesse._minimize import OptimizeResult, OptimizeWarning, minimize
+from hesse._minimize import FiniteSum, OptimizeResult, OptimizeWarning, minimize
 from hesse.analysis import (
     ConvexityReport,
     Verdict,
@@ -93,6 +93,7 @@ __all__ = [
     "trace",
     "Status",
     # optimisation
+    "FiniteSum",
     "OptimizeResult",
     "OptimizeWarning",
     "minimize",

@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 from hesse._minimize._directions import LBFGS, Gradient, Newton, NewtonCG, bfgs, dfp
+from hesse._minimize._finite_sum import (
+    SUBSAMPLED_OPTIONS,
+    FiniteSum,
+    check_subsampled_options,
+    subsampled_newton_loop,
+)
 from hesse._minimize._loops import line_search_loop, nag_loop, trust_region_loop
 from hesse._minimize._objective import Objective
 from hesse._minimize._result import STATUSES, OptimizeResult
@@ -42,8 +48,12 @@ METHODS = (
     "gd",
     "nag",
 )
+#: Methods that need ``fun`` to be a :class:`FiniteSum` (they see its samples); they use
+#: second derivatives and check for saddles by default too.
+FINITE_SUM_METHODS = ("subsampled-newton",)
 #: Methods that use second derivatives, and so check for saddles by default.
 SECOND_ORDER = ("newton", "newton-cg", "trust-ncg", "trust-exact")
+_NAMES = (*METHODS, *FINITE_SUM_METHODS)
 
 _COMMON = {
     "gtol": None,
@@ -69,6 +79,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "l-bfgs": {**_LS, "memory": 10},
     "gd": dict(_LS),
     "nag": {},
+    "subsampled-newton": dict(SUBSAMPLED_OPTIONS),
 }
 _ALL_OPTIONS = set(_COMMON).union(*(set(o) for o in _OPTIONS.values()))
 
@@ -80,12 +91,18 @@ class OptimizeWarning(UserWarning):
 def _method(method: object) -> str:
     if not isinstance(method, str):
         raise TypeError(
-            f"method must be a string, one of {', '.join(METHODS)}; got {type(method).__name__}"
+            f"method must be a string, one of {', '.join(_NAMES)}; got {type(method).__name__}"
         )
     name = method.strip().lower().replace("_", "-")
-    name = {"lbfgs": "l-bfgs", "newtoncg": "newton-cg", "ncg": "newton-cg"}.get(name, name)
-    if name not in METHODS:
-        raise ValueError(f"unknown method {method!r}; hesse.minimize has: {', '.join(METHODS)}")
+    aliases = {
+        "lbfgs": "l-bfgs",
+        "newtoncg": "newton-cg",
+        "ncg": "newton-cg",
+        "ssn": "subsampled-newton",
+    }
+    name = aliases.get(name, name)
+    if name not in _NAMES:
+        raise ValueError(f"unknown method {method!r}; hesse.minimize has: {', '.join(_NAMES)}")
     return name
 
 
@@ -203,7 +220,14 @@ def minimize(
     ``"l-bfgs"``        the two-loop recursion over the last ``memory`` pairs (default 10)
     ``"gd"``            gradient descent with the same line search
     ``"nag"``           Nesterov's accelerated gradient, backtracking step, adaptive restart
+    ``"subsampled-newton"`` for a :class:`FiniteSum` (data plus a per-batch loss): the full
+                        gradient, the dense Hessian of a growing subsample, a damped
+                        Cholesky solve, a backtracking search on the full objective (the
+                        mathematics of :class:`hesse.optim.SubsampledNewton`)
     ==================  =====================================================================
+
+    ``fun`` may be a :class:`FiniteSum` for any method (it is a callable whose value is
+    the full objective); ``"subsampled-newton"`` needs one.
 
     Stops when :math:`\|\nabla f\|_\infty \le` ``tol`` (default :math:`\epsilon^{1/3}`
     of the dtype: 6e-6 in float64, 5e-3 in float32), when an iteration changes ``f`` or
@@ -237,6 +261,12 @@ def minimize(
             (``"strong-wolfe"``, ``"wolfe"`` (weak) or ``"armijo"``), ``c1``, ``c2``; trust regions:
             ``initial_radius`` :math:`\le` ``max_radius`` (finite, positive); ``correction``
             (newton), ``cg_max_iter`` (newton-cg, trust-ncg), ``memory`` (l-bfgs). An option
+            ``subsampled-newton``: ``subsample`` (samples, or a fraction of them, for the
+            first curvature; default 0.1), ``subsample_growth`` (:math:`\gamma` of
+            :func:`hesse.solvers.subsample_size`, default 0.5), ``subsample_max`` (a cap,
+            samples or fraction), ``damping`` (the initial :math:`\mu`, default 1e-3),
+            ``dense_max`` (the most unknowns it forms a Hessian for, default 4096),
+            ``seed``. An option
             of another method warns (:class:`OptimizeWarning`); an unknown one raises, and so
             does a value out of range (``nan`` or ``inf`` included).
 
@@ -259,6 +289,19 @@ def minimize(
         )
     name = _method(method)
     opts = _options(name, options)
+    if name in FINITE_SUM_METHODS:
+        if not isinstance(fun, FiniteSum):
+            raise TypeError(
+                f"method {name!r} subsamples the data, so fun must be a hesse.FiniteSum(loss, "
+                f"data) (a per-batch loss and its samples), got {type(fun).__name__}; for a "
+                "function of one tensor use 'newton', 'newton-cg' or 'trust-ncg'"
+            )
+        if grad is not None or hvp is not None:
+            raise ValueError(
+                f"method {name!r} differentiates the FiniteSum's loss by autograd; drop grad= "
+                "and hvp="
+            )
+        check_subsampled_options(opts, x0.numel())
     for what, f in (("grad", grad), ("hvp", hvp), ("callback", callback)):
         if f is not None and not callable(f):
             raise TypeError(f"{what} must be callable or None, got {type(f).__name__}")
@@ -267,7 +310,11 @@ def minimize(
     if tol is not None:
         tol = _number("tol", tol, positive=True)
     tols = _tolerances(x0.dtype, tol, opts)
-    saddle = opts["saddle_check"] if opts["saddle_check"] is not None else name in SECOND_ORDER
+    saddle = (
+        opts["saddle_check"]
+        if opts["saddle_check"] is not None
+        else name in (*SECOND_ORDER, *FINITE_SUM_METHODS)
+    )
     curv_tol = opts["curvature_tol"]  # 0 is a real choice, so test for None, not falsiness
     if curv_tol is None:
         curv_tol = torch.finfo(x0.dtype).eps ** (1.0 / 3.0)
@@ -287,6 +334,8 @@ def minimize(
     try:
         if name == "nag":
             nag_loop(run, x, opts)
+        elif name == "subsampled-newton":
+            subsampled_newton_loop(run, fun, x, opts)
         elif name in _TRUST or (name == "newton" and opts["correction"] == "lm"):
             trust_region_loop(run, name, x, opts)
         else:
@@ -317,4 +366,12 @@ def _no_point(run: Run, x: Tensor, end: Stop) -> OptimizeResult:
     )
 
 
-__all__ = ["METHODS", "OptimizeResult", "OptimizeWarning", "STATUSES", "minimize"]
+__all__ = [
+    "FINITE_SUM_METHODS",
+    "METHODS",
+    "FiniteSum",
+    "OptimizeResult",
+    "OptimizeWarning",
+    "STATUSES",
+    "minimize",
+]

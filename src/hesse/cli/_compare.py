@@ -4,7 +4,8 @@ Two ways to compare, chosen from the problem and the methods:
 
 * *minimise*: a convex problem or a classic function with :func:`hesse.minimize`'s
   methods (deterministic, full objective): iterations, function / gradient /
-  Hessian-vector counts, time, final value;
+  Hessian-vector counts, time, final value; a data problem's objective is a
+  :class:`hesse.FiniteSum`, so ``subsampled-newton`` minimises it too;
 * *train*: any data problem with optimizers for models (:func:`hesse.optim.compare`):
   steps, time, training loss and test metric.
 """
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 import hesse
-from hesse._minimize import METHODS
+from hesse._minimize import FINITE_SUM_METHODS, METHODS
 from hesse.cli._common import (
     Output,
     Timer,
@@ -32,7 +33,7 @@ from hesse.cli._common import (
     positive,
 )
 from hesse.optim import LBFGS, AdaHessian, HessianFree, NewtonCG, Sophia, SubsampledNewton
-from hesse.problems import FUNCTIONS, PROBLEMS, Problem, classic_function, problem
+from hesse.problems import FUNCTIONS, PROBLEMS, SCALABLE, Problem, classic_function, problem
 
 #: Optimizers for models: name -> (factory(model, loss_fn, lr, seed), default lr, what it is).
 TRAINERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], float, str]] = {
@@ -96,6 +97,11 @@ TRAINERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], float, str]] = {
 #: The names ``hesse compare`` knows, in both ways.
 ALL_METHODS = tuple(dict.fromkeys((*METHODS, *TRAINERS)))
 DEMO_MINIMIZE = ("newton", "newton-cg", "bfgs", "l-bfgs", "gd", "nag")
+#: Seconds per method on the synthetic problems by default: the first-order methods need
+#: thousands of iterations on logistic-correlated; the curves show how far they got.
+TIME_LIMIT = 5.0
+#: The default on the tall synthetic problems: every method of hesse.minimize.
+ALL_MINIMIZE = (*METHODS, *FINITE_SUM_METHODS)
 DEFAULT_TRAIN = ("hessian-free", "l-bfgs", "adam")
 
 
@@ -106,8 +112,9 @@ def add_compare(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="compare optimisation methods on one problem",
         description="Run several methods on PROBLEM on equal terms. A convex problem or a "
         "classic function with hesse.minimize's methods is minimised deterministically "
-        f"({', '.join(METHODS)}); otherwise the model is trained with optimizers "
-        f"({', '.join(TRAINERS)}) through hesse.optim.compare.",
+        f"({', '.join(METHODS)}, and {', '.join(FINITE_SUM_METHODS)} on a data problem); "
+        f"otherwise the model is trained with optimizers ({', '.join(TRAINERS)}) through "
+        "hesse.optim.compare.",
     )
     p.add_argument(
         "problem",
@@ -118,7 +125,17 @@ def add_compare(sub: Any, parent: argparse.ArgumentParser) -> None:
         "--methods",
         metavar="LIST",
         help="comma-separated methods (default: "
-        f"{','.join(DEMO_MINIMIZE)} to minimise, {','.join(DEFAULT_TRAIN)} to train)",
+        f"{','.join(DEMO_MINIMIZE)} to minimise, every method on {', '.join(SCALABLE)}; "
+        f"{','.join(DEFAULT_TRAIN)} to train)",
+    )
+    sizes = ", ".join(f"{k} {v}" for k, v in SCALABLE.items())
+    p.add_argument(
+        "--samples",
+        "--n",
+        dest="samples",
+        type=integer(),
+        metavar="N",
+        help=f"training samples of a synthetic problem (default: {sizes})",
     )
     p.add_argument(
         "--train",
@@ -129,6 +146,13 @@ def add_compare(sub: Any, parent: argparse.ArgumentParser) -> None:
     m.add_argument("--tol", type=positive, help="gradient tolerance (default 1e-8 in float64)")
     m.add_argument(
         "--max-iter", type=integer(), metavar="N", help="most iterations per method (default 2000)"
+    )
+    m.add_argument(
+        "--time-limit",
+        type=positive,
+        metavar="SECONDS",
+        help="seconds per method, after which its run stops (status time_limit; default: "
+        f"none, {TIME_LIMIT:g} s on {', '.join(SCALABLE)})",
     )
     t = p.add_argument_group("training (hesse.optim.compare)")
     t.add_argument("--epochs", type=positive, metavar="N", help="passes over the data (default 30)")
@@ -168,20 +192,36 @@ def run_compare(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
     timer = Timer()
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     name = args.problem
+    samples = getattr(args, "samples", None)
+    if samples is not None and name not in SCALABLE:
+        raise UserError(
+            f"--samples applies to the synthetic problems ({', '.join(SCALABLE)}); {name} has "
+            "a fixed size"
+        )
     if name in PROBLEMS:
-        p = problem(name, dtype, device)
+        p = problem(name, dtype, device, samples=samples)
         fun_ok = p.convex
     elif name.replace("_", "-").lower() in FUNCTIONS:
         p, fun_ok = None, True
     else:
         raise UserError(f"unknown problem {name!r}; `hesse problems` lists the built-in ones")
     wanted = parse_methods(args.methods, ())
-    minimise = fun_ok and not args.train and all(m in METHODS for m in (wanted or METHODS))
+    # a data problem's objective is a FiniteSum: the subsampling methods minimise it too
+    minimizers = (*METHODS, *FINITE_SUM_METHODS) if p is not None else METHODS
+    minimise = fun_ok and not args.train and all(m in minimizers for m in (wanted or METHODS))
+    if p is None and any(m in FINITE_SUM_METHODS for m in wanted):
+        raise UserError(
+            f"{', '.join(m for m in wanted if m in FINITE_SUM_METHODS)} subsamples data; "
+            f"{name} is a function of one vector: choose from {', '.join(METHODS)}"
+        )
     if args.train and p is None:
         raise UserError(f"--train needs a data problem; {name} is a function of one vector")
     if minimise:
         _refuse(args, ("epochs", "time_budget", "batch_size", "lr"), "training", name)
-        methods = wanted or list(DEMO_MINIMIZE)
+        limit = getattr(args, "time_limit", None)
+        if limit is None and name in SCALABLE:
+            limit = TIME_LIMIT
+        methods = wanted or list(ALL_MINIMIZE if name in SCALABLE else DEMO_MINIMIZE)
         if p is not None:
             torch.manual_seed(args.seed)
             fun, x0 = p.objective(p.make_model())
@@ -189,7 +229,7 @@ def run_compare(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
         else:
             f = classic_function(name)
             fun, x0, f_star = f.fun, f.x0(dtype=dtype or torch.float64, device=device), f.f_star
-        runs = minimize_all(fun, x0, methods, args.tol, args.max_iter, ui)
+        runs = minimize_all(fun, x0, methods, args.tol, args.max_iter, ui, limit)
         results = {"command": "compare", "mode": "minimize", "problem": name}
         results.update(minimize_summary(runs, f_star))
         print_minimize(results, ui, f"{name}: hesse.minimize from the same start")
@@ -211,7 +251,7 @@ def run_compare(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
                 f"{', '.join(not_here)} minimise a function of one vector and cannot train "
                 f"{name}'s model; choose from {', '.join(TRAINERS)}"
             )
-        _refuse(args, ("tol", "max_iter"), "minimizing", name)
+        _refuse(args, ("tol", "max_iter", "time_limit"), "minimizing", name)
         methods = wanted or list(DEFAULT_TRAIN)
         epochs = args.epochs if args.epochs is not None or args.time_budget else 30.0
         results = {"command": "compare", "mode": "train", "problem": name}
@@ -253,9 +293,11 @@ def _refuse(args: argparse.Namespace, options: tuple[str, ...], what: str, name:
 
 def minimize_all(
     fun: Callable, x0: torch.Tensor, methods: list[str], tol: float | None, max_iter: int | None,
-    ui: Output,
+    ui: Output, time_limit: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run :func:`hesse.minimize` with each method from ``x0``; ``{method: result}``."""
+    """Run :func:`hesse.minimize` with each method from ``x0``; ``{method: (result,
+    seconds)}``. With ``time_limit``, a run still going after that many seconds stops
+    (through the callback) with the status ``"time_limit"``."""
     if tol is None:
         tol = 1e-8 if x0.dtype == torch.float64 else None
     if tol is not None and not tol > 0:
@@ -270,8 +312,15 @@ def minimize_all(
             hesse.minimize(fun, x0, m, tol=tol, max_iter=1)
             advance(0, f"hesse.minimize({m!r})")
             t0 = time.perf_counter()
-            r = hesse.minimize(fun, x0, m, tol=tol, max_iter=max_iter or 2000,
+
+            def over(_, t0=t0):
+                return time_limit is not None and time.perf_counter() - t0 > time_limit
+
+            r = hesse.minimize(fun, x0, m, tol=tol, max_iter=max_iter or 2000, callback=over,
                                options={"history": True})  # fmt: skip
+            if r.status == "callback":
+                r.status = "time_limit"
+                r.message = f"stopped after the time limit of {time_limit:g} s"
             runs[m] = (r, time.perf_counter() - t0)
             advance(1)
     return runs

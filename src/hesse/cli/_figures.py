@@ -34,20 +34,36 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def convergence(results: dict[str, Any], path: Path, title: str) -> dict[str, Any]:
-    """f − f* against iterations and against time, one line per method (log scales)."""
+    """f − f* against iterations and against time, and the gradient norm against time,
+    one line per method (log scales)."""
     plt = _plt()
     f_star = results["f_star"]
     floor = np.finfo(np.float64).eps * max(abs(f_star), 1.0)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     data: dict[str, Any] = {"f_star": f_star, "floor": floor, "methods": {}}
-    for m, d in results["methods"].items():
+    tiny = np.finfo(np.float64).tiny
+    for i, (m, d) in enumerate(results["methods"].items()):
         h = d["history"]
         gap = np.maximum(np.asarray(h["fun"], dtype=float) - f_star, floor)
         t = np.maximum(np.asarray(h["time"], dtype=float), 1e-4)
-        axes[0].plot(h["nit"], gap, label=m, lw=1.5)
-        axes[1].plot(t, gap, label=m, lw=1.5)
-        data["methods"][m] = {"iteration": h["nit"], "time_s": h["time"], "gap": gap}
-    for ax in axes:
+        grad = np.asarray(h["grad_norm"], dtype=float)
+        # ten colours, then the same colours dashed: every method of minimize tells apart
+        style = {"label": m, "lw": 1.5, "color": f"C{i % 10}", "ls": "-" if i < 10 else "--"}
+        axes[0].plot(h["nit"], gap, **style)
+        axes[1].plot(t, gap, **style)
+        axes[2].plot(t, np.maximum(grad, tiny), **style)
+        data["methods"][m] = {
+            "iteration": h["nit"],
+            "time_s": h["time"],
+            "gap": gap,
+            "grad_norm": grad,
+        }
+    axes[2].set_yscale("log")
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("wall-clock time (s, log scale)")
+    axes[2].set_ylabel("‖∇f(x)‖∞  (log scale)")
+    axes[2].grid(True, which="major", alpha=0.3)
+    for ax in axes[:2]:
         ax.set_yscale("log")
         ax.axhline(floor, color="grey", ls=":", lw=1)
         ax.set_ylabel("f(x) − f*  (log scale)")

@@ -33,7 +33,6 @@ from hesse.optim._base import (
 )
 from hesse.solvers import (
     armijo,
-    damped_newton_step,
     forcing_rtol,
     hutchinson_diagonal_probe,
     lm_damping,
@@ -42,6 +41,12 @@ from hesse.solvers import (
     strong_wolfe,
     subsample_size,
     truncated_newton,
+)
+from hesse.solvers._subsample import (
+    ARMIJO_C1,
+    dense_newton_direction,
+    reduction_ratio,
+    subsample_indices,
 )
 
 CURVATURES = ("hessian", "ggn")
@@ -222,12 +227,7 @@ class _TruncatedNewton(FlatOptimizer):
         state["subsample_size"] = min(k, n)
         if k >= n:
             return batch
-        gen = torch.Generator().manual_seed(self.seed + 7919 * state["step"] + self._seed_offset)
-        if k * 4 <= n:  # with replacement (as the analyses sample), sorted for locality:
-            # a permutation of all n positions cost more than the dense curvature here
-            idx = torch.randint(n, (k,), generator=gen).sort().values
-        else:
-            idx = torch.randperm(n, generator=gen)[:k]
+        idx = subsample_indices(n, k, self.seed + 7919 * state["step"] + self._seed_offset)
         # every tensor of the batch with the samples along its first dimension (inputs of
         # any layout, dict batches, sequence targets) is indexed alike
         return map_tensors(
@@ -356,12 +356,7 @@ class _TruncatedNewton(FlatOptimizer):
             ev.release()
             if H is None or not bool(torch.isfinite(H).all()):
                 return self._skip(state, damping)
-            # An exact solve needs no damping for conditioning, only against a singular
-            # or badly sampled H: the floor sqrt(eps) max diag H keeps the null space of a
-            # rank-deficient one (where g has only rounding noise) from a huge step.
-            floor = torch.finfo(H.dtype).eps ** 0.5 * float(H.diagonal().abs().max())
-            d = damped_newton_step(H, g, max(damping, floor)).direction
-            q = float(g @ d) + 0.5 * float(d @ (H @ d))
+            d, q = dense_newton_direction(H, g, damping)
             state["dense_solves"] = state.get("dense_solves", 0) + 1
             candidates = [(d, q)]
         else:
@@ -393,7 +388,7 @@ class _TruncatedNewton(FlatOptimizer):
             alpha0 = repeat_decrease_step(state.get("last_decrease"), slope, 1.0, cap=1.0)
             ls = strong_wolfe(phi, ev.loss, slope, group["lr"] * alpha0)
         else:
-            ls = armijo(phi, ev.loss, slope, group["lr"], c1=1e-2)
+            ls = armijo(phi, ev.loss, slope, group["lr"], c1=ARMIJO_C1)
         if ls.accepted:
             flat.set(x + ls.alpha * d)
             f_new = ls.f
@@ -407,9 +402,7 @@ class _TruncatedNewton(FlatOptimizer):
             # m(alpha) = alpha g'd + alpha^2 d'Cd / 2, with d'Cd = 2 (q - g'd).
             rho = -math.inf
             if ls.accepted:
-                a = ls.alpha
-                pred = a * slope + a * a * (q - slope)
-                rho = (f_new - ev.loss) / pred if pred < 0 else -math.inf
+                rho = reduction_ratio(ev.loss, f_new, ls.alpha, slope, q)
             if dense:
                 # Nielsen's rule: an exact solve makes rho a reliable verdict, and the
                 # damping falls three times per good step (Martens' 2/3 held it above the

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from hesse._minimize import FiniteSum
 
 Data = tuple[Tensor, Tensor]
 
@@ -107,7 +111,7 @@ class Problem:
         params = dict(model.named_parameters())
         return 0.5 * self.l2 * sum((params[n] ** 2).sum() for n in self.penalized)
 
-    def objective(self, model: nn.Module) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    def objective(self, model: nn.Module) -> tuple[FiniteSum, Tensor]:
         """The training objective as a function of one flat parameter vector.
 
         Args:
@@ -116,25 +120,61 @@ class Problem:
 
         Returns:
             ``(fun, w)``: ``fun(w)`` is the objective on the training set at the flat
-            parameters ``w``; ``w`` is the model's current parameters, flattened.
+            parameters ``w`` (a :class:`hesse.FiniteSum` of the loss over the training
+            samples and the penalty, so that :func:`hesse.minimize`'s subsampling methods
+            take it too); ``w`` is the model's current parameters, flattened.
         """
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
         shapes = [p.shape for p in params]
         sizes = [p.numel() for p in params]
-        X, y = self.train
         penalized = set(self.penalized)
+        loss_fn = self.loss_fn
 
-        def fun(w: Tensor) -> Tensor:
-            tensors = dict(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
-            value = self.loss_fn(torch.func.functional_call(model, tensors, (X,)), y)
-            if self.l2:
-                value = value + 0.5 * self.l2 * sum(
-                    (t**2).sum() for n, t in tensors.items() if n in penalized
-                )
-            return value
+        def tensors(w: Tensor) -> dict[str, Tensor]:
+            return dict(zip(names, (c.view(s) for c, s in zip(torch.split(w, sizes), shapes))))
 
+        def loss(w: Tensor, batch: Data) -> Tensor:
+            X, y = batch
+            return loss_fn(torch.func.functional_call(model, tensors(w), (X,)), y)
+
+        def penalty(w: Tensor) -> Tensor:
+            return (
+                0.5 * self.l2 * sum((t**2).sum() for n, t in tensors(w).items() if n in penalized)
+            )
+
+        reduction = getattr(loss_fn, "reduction", "mean")
+        fun = FiniteSum(
+            loss,
+            self.train,
+            regularizer=penalty if self.l2 else None,
+            reduction="sum" if reduction == "sum" else "mean",
+            hessian=_dense_hessian(model, loss_fn),
+        )
         return fun, torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def _dense_hessian(model: nn.Module, loss_fn: Any) -> Callable[[Tensor, Data], Tensor] | None:
+    """The loss's Hessian on a batch as a dense matrix, by
+    :func:`hesse.optim.SubsampledNewton`'s dense curvature (closed form for a linear
+    model), on a private copy of the model that takes the flat point; ``None`` where the
+    loss has no closed-form output curvature."""
+    from hesse.func._model import ModelLoss
+    from hesse.func._output import OutputCurvature
+    from hesse.optim._newton import dense_model_curvature
+
+    try:
+        curvature = OutputCurvature(loss_fn)
+    except (TypeError, ValueError):
+        return None
+    twin = copy.deepcopy(model)
+    fn = ModelLoss(twin, loss_fn)
+
+    def hessian(w: Tensor, batch: Data) -> Tensor:
+        load_into(twin, w.detach())
+        return dense_model_curvature(fn, curvature, batch, hessian=True)
+
+    return hessian
 
 
 def load_into(model: nn.Module, w: Tensor) -> None:
@@ -366,29 +406,53 @@ def synthetic_logistic(
     )
 
 
+def _synthetic(name: str, features: str) -> Callable[..., Problem]:
+    def build(dtype, device, samples: int) -> Problem:
+        p = synthetic_logistic(samples, 100, features=features, seed=0, dtype=dtype, device=device)
+        return dataclasses.replace(p, name=name)
+
+    return build
+
+
 #: name -> (builder(dtype, device), default dtype)
-_BUILDERS: dict[str, tuple[Callable[[Any, Any], Problem], torch.dtype]] = {
+_BUILDERS: dict[str, tuple[Callable[..., Problem], torch.dtype]] = {
     "linear-diabetes": (_linear_diabetes, torch.float64),
     "logistic-breast-cancer": (_logistic_breast_cancer, torch.float64),
     "logistic-digits": (_logistic_digits, torch.float64),
     "mlp-digits": (_mlp_digits, torch.float32),
     "cnn-digits": (_cnn_digits, torch.float32),
+    "logistic-tall": (_synthetic("logistic-tall", "independent"), torch.float64),
+    "logistic-correlated": (_synthetic("logistic-correlated", "correlated"), torch.float64),
 }
+#: The synthetic problems, whose number of training samples can be chosen, and their
+#: default (small enough for ``hesse compare`` in seconds; ``benchmarks/logistic.py``
+#: measures n = 200,000 and 100,000).
+SCALABLE: dict[str, int] = {"logistic-tall": 10_000, "logistic-correlated": 5_000}
 
 #: The names of the data problems.
 PROBLEMS: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def problem(
-    name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    name: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    *,
+    samples: int | None = None,
 ) -> Problem:
     """The data problem called ``name``, its tensors in ``dtype`` on ``device``.
+
+    ``logistic-tall`` and ``logistic-correlated`` are :func:`synthetic_logistic` (seed 0,
+    100 features, independent or AR(1) with correlation 0.999) with :data:`SCALABLE`'s
+    number of samples unless ``samples`` says otherwise.
 
     Args:
         name: One of :data:`PROBLEMS`.
         dtype: Floating dtype of the data and model (default: float64 for the linear
             problems, float32 for the networks).
         device: Where the data and model live (default: CPU).
+        samples: Training samples of a problem in :data:`SCALABLE` (the others have the
+            size of their data set).
 
     Returns:
         A :class:`Problem`.
@@ -396,4 +460,15 @@ def problem(
     if name not in _BUILDERS:
         raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}")
     build, default = _BUILDERS[name]
-    return build(dtype or default, torch.device(device) if device is not None else None)
+    dev = torch.device(device) if device is not None else None
+    if name in SCALABLE:
+        n = SCALABLE[name] if samples is None else samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {n!r}")
+        return build(dtype or default, dev, n)
+    if samples is not None:
+        raise ValueError(
+            f"samples applies to the synthetic problems ({', '.join(SCALABLE)}); {name} has "
+            "the size of its data set"
+        )
+    return build(dtype or default, dev)

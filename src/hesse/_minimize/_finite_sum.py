@@ -1,0 +1,297 @@
+r"""Finite sums for :func:`hesse.minimize`: an objective given as data plus a per-batch
+loss, so that methods which subsample the data (``"subsampled-newton"``) can see the
+samples, and a loop that drives :mod:`hesse.solvers`' subsampled Newton pieces (the same
+ones :class:`hesse.optim.SubsampledNewton` takes)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hesse._core import check_scalar
+from hesse._core._checks import check_seed
+from hesse._minimize._loops import _stationary
+from hesse._minimize._objective import Objective
+from hesse._minimize._run import Run, Stop
+from hesse.func._io import first_tensor, map_tensors
+from hesse.solvers import armijo, lm_damping, subsample_size
+from hesse.solvers._subsample import (
+    ARMIJO_C1,
+    dense_newton_direction,
+    reduction_ratio,
+    subsample_indices,
+)
+
+REDUCTIONS = ("mean", "sum")
+
+
+class FiniteSum:
+    r"""An objective that is a loss over data, for :func:`hesse.minimize`:
+
+    .. math:: f(x) = \ell(x, D) + r(x), \qquad \ell(x, D) = \frac{1}{n} \sum_{i=1}^n
+        \ell_i(x) \ \ (\text{or } \textstyle\sum_i \ell_i(x) \text{ with }
+        ``reduction="sum"``),
+
+    with :math:`D` the ``data`` (``n`` samples) and :math:`r` an optional ``regularizer``.
+
+    A ``FiniteSum`` is a callable: ``fs(x)`` is :math:`f(x)` on all the data, so every
+    method of :func:`hesse.minimize` takes it as ``fun`` and minimises the full objective.
+    What it adds is access to the samples: ``method="subsampled-newton"`` forms the
+    curvature of :math:`\ell(\cdot, S) + r` on a subsample :math:`S` (rescaled by
+    :math:`n/|S|` for a sum) while the value, the gradient and the stopping tests are the
+    full objective's, so the run reaches the full-data minimiser, not a subsample's.
+
+    Args:
+        loss: ``loss(x, batch) -> scalar tensor``: the loss on a batch of samples, shaped
+            like ``data`` (the same call on all the data is the objective), a mean over the
+            batch's samples (``reduction="mean"``, torch's losses by default) or their sum.
+            Differentiable twice by autograd in ``x``.
+        data: the samples: a tensor, or a tuple, list or dict of tensors; every tensor
+            whose first dimension has the size of the first tensor's holds one sample per
+            row there (and is subsampled along it), any other entry is passed as it is.
+        regularizer: ``r(x) -> scalar tensor`` added to the loss, never subsampled (e.g.
+            an L2 penalty).
+        reduction: ``"mean"`` (default) or ``"sum"``: how ``loss`` combines samples.
+        hessian: optional ``hessian(x, batch) -> (P, P) tensor``, the Hessian of
+            ``loss(., batch)`` at ``x`` (flat, ``P`` unknowns) where there is a faster way
+            than autograd's (a closed form: :meth:`hesse.problems.Problem.objective` gives
+            :math:`X^\top \operatorname{diag}(h) X` for a linear model). By default all
+            ``P`` columns come from one batched backward pass through the gradient's graph.
+
+    Example:
+        >>> X = torch.randn(200, 3, dtype=torch.float64)
+        >>> y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        >>> fs = FiniteSum(lambda w, b: ((b[0] @ w - b[1]) ** 2).mean(), (X, y))
+        >>> fs.samples
+        200
+        >>> from hesse import minimize
+        >>> r = minimize(fs, torch.zeros(3, dtype=torch.float64), "subsampled-newton")
+        >>> r.success, r.x.round(decimals=6).tolist()
+        (True, [1.0, -2.0, 0.5])
+    """
+
+    def __init__(
+        self,
+        loss: Callable[[Tensor, Any], Tensor],
+        data: Any,
+        *,
+        regularizer: Callable[[Tensor], Tensor] | None = None,
+        reduction: str = "mean",
+        hessian: Callable[[Tensor, Any], Tensor] | None = None,
+    ):
+        if not callable(loss):
+            raise TypeError(
+                f"loss must be callable (loss(x, batch) -> scalar tensor), got "
+                f"{type(loss).__name__}"
+            )
+        if regularizer is not None and not callable(regularizer):
+            raise TypeError(
+                f"regularizer must be callable (x -> scalar tensor) or None, got "
+                f"{type(regularizer).__name__}"
+            )
+        if hessian is not None and not callable(hessian):
+            raise TypeError(
+                f"hessian must be callable (hessian(x, batch) -> (P, P) tensor) or None, got "
+                f"{type(hessian).__name__}"
+            )
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        first = first_tensor(data)
+        if first is None:
+            raise TypeError(
+                "data must be a tensor, or a tuple, list or dict of tensors with one sample "
+                f"per row, got {type(data).__name__} without a tensor"
+            )
+        if first.dim() == 0 or first.shape[0] == 0:
+            raise ValueError(
+                "data must hold at least one sample along the first dimension of its first "
+                f"tensor, got a tensor of shape {tuple(first.shape)}"
+            )
+        self.loss, self.data, self.regularizer = loss, data, regularizer
+        self.reduction, self.hessian = reduction, hessian
+        self.samples = int(first.shape[0])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """:math:`f(x)` on all the data."""
+        return self.batch_value(x, self.data)
+
+    def batch_value(self, x: Tensor, batch: Any, scale: float = 1.0) -> Tensor:
+        """``scale * loss(x, batch) + regularizer(x)``."""
+        value = check_scalar(self.loss(x, batch), "loss(x, batch)")
+        if scale != 1.0:
+            value = value * scale
+        if self.regularizer is not None:
+            value = value + check_scalar(self.regularizer(x), "regularizer(x)")
+        return value
+
+    def subsample(self, idx: Tensor) -> Any:
+        """The samples at positions ``idx`` (every tensor with the samples along its first
+        dimension is indexed alike)."""
+        n = self.samples
+        return map_tensors(
+            self.data, lambda t: t[idx.to(t.device)] if t.dim() > 0 and t.shape[0] == n else t
+        )
+
+    def __repr__(self) -> str:
+        reg = ", regularizer" if self.regularizer is not None else ""
+        return f"FiniteSum({self.samples} samples, reduction={self.reduction!r}{reg})"
+
+
+#: Options of ``method="subsampled-newton"`` and their defaults (those of
+#: :class:`hesse.optim.SubsampledNewton`).
+SUBSAMPLED_OPTIONS: dict[str, Any] = {
+    "subsample": 0.1,
+    "subsample_growth": 0.5,
+    "subsample_max": None,
+    "damping": 1e-3,
+    "dense_max": 4096,
+    "seed": 0,
+}
+
+
+def check_subsampled_options(out: dict[str, Any], n: int) -> None:
+    """Validate the options of ``"subsampled-newton"`` in place (``n``: unknowns)."""
+    for key in ("subsample", "subsample_max"):
+        v = out[key]
+        if v is None and key == "subsample_max":
+            continue
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+            isinstance(v, float) and 0 < v <= 1
+        )
+        if not ok:
+            none = ", or None" if key == "subsample_max" else ""
+            raise ValueError(
+                f"{key} must be a number of samples (int >= 1) or a fraction in (0, 1]{none}, "
+                f"got {v!r}"
+            )
+    for key in ("subsample_growth", "damping"):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
+        out[key] = float(v)
+    v = out["dense_max"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"dense_max must be a positive integer, got {v!r}")
+    if n > v:
+        raise ValueError(
+            f"method 'subsampled-newton' forms the subsampled Hessian densely and x0 has {n} "
+            f"unknowns, more than dense_max={v}: raise options['dense_max'] if {n}x{n} "
+            "matrices fit, or use 'newton-cg' / 'trust-ncg' (Hessian-vector products), or "
+            "hesse.optim.SubsampledNewton (CG on subsampled products) for a model"
+        )
+    out["seed"] = check_seed(out["seed"], allow_none=False)
+
+
+def _count(v: int | float, n: int) -> int:
+    return v if isinstance(v, int) else max(1, round(v * n))
+
+
+def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -> None:
+    r"""Subsampled Newton (Byrd, Chin, Neveitt & Nocedal 2011; Roosta-Khorasani & Mahoney
+    2019) on a :class:`FiniteSum`: the full gradient :math:`g`, the dense Hessian
+    :math:`H_S` of the loss on a subsample :math:`S` (plus the regulariser's), the damped
+    direction :math:`-(H_S + \mu I)^{-1} g`, a backtracking search on the full objective,
+    :math:`\mu` adapted by the reduction ratio (Nielsen), and a subsample that grows as
+    the gradient shrinks. Iteration ``k`` draws its subsample with the seed
+    ``seed + 7919 k``, as :class:`hesse.optim.SubsampledNewton`'s ``k``-th step does."""
+    obj = run.obj
+    n = fs.samples
+    base = _count(options["subsample"], n)
+    cap = n if options["subsample_max"] is None else min(n, _count(options["subsample_max"], n))
+    growth, seed = options["subsample_growth"], options["seed"]
+    damping, nu = options["damping"], 2.0
+    scale = 1.0
+    pt = run.first(x0, False)
+    run.record(pt)
+    g0 = pt.g_norm(2)
+    step = 0
+    while True:
+        if run.converged(pt):
+            nxt = _stationary(run, pt, False)
+            if nxt is None:
+                raise Stop("converged", "the gradient norm is below the tolerance")
+            pt = nxt
+            continue
+        g = pt.g
+        k = min(max(base, subsample_size(base, cap, pt.g_norm(2), g0, growth)), n)
+        if k >= n:
+            batch, scale = fs.data, 1.0
+        else:
+            batch = fs.subsample(subsample_indices(n, k, seed + 7919 * step))
+            scale = n / k if fs.reduction == "sum" else 1.0
+        H = _subsample_hessian(obj, fs, pt.x, batch, scale)
+        step += 1
+        if H is None:  # not finite on this subsample: stay, damp harder, draw again
+            damping = max(damping, 1e-8) * 10.0  # as optim.SubsampledNewton skips
+            run.nit += 1
+            run.check_budget()
+            continue
+        d, q = dense_newton_direction(H, g, damping)
+        slope = float(g @ d)
+        if not (slope < 0 and math.isfinite(slope)):  # rounding lost descent: use -g
+            d = -g
+            slope = -float(g @ g)
+            q = slope + 0.5 * float(g @ (H @ g))
+        x = pt.x
+
+        def phi(alpha: float, x=x, d=d):
+            trial = run.evaluate(x + alpha * d)
+            return trial.f, float(trial.g @ d) if trial.finite else math.nan, trial
+
+        ls = armijo(phi, pt.f, slope, 1.0, c1=ARMIJO_C1)
+        rho = reduction_ratio(pt.f, ls.f, ls.alpha, slope, q) if ls.accepted else -math.inf
+        if damping > 0:
+            damping, nu = lm_damping(damping, nu, rho)
+        if ls.accepted:
+            old, pt = pt, ls.payload
+            run.after_step(old, pt, ls.alpha * float(torch.linalg.vector_norm(d)))
+            continue
+        run.nit += 1
+        run.check_budget()
+        if not math.isfinite(damping) or damping > 1e30:
+            raise Stop(
+                "no_progress",
+                f"the line search failed and the damping grew without bound: {ls.message}",
+            )
+        if damping == 0:
+            raise Stop("no_progress", f"the line search failed: {ls.message}")
+
+
+def _subsample_hessian(obj: Objective, fs: FiniteSum, x: Tensor, batch: Any, scale: float):
+    """The dense Hessian of ``scale * loss(., batch) + regularizer`` at ``x``, counted as
+    one Hessian; ``None`` where it is not finite. From ``fs.hessian`` (plus the
+    regulariser's by autograd) where given, else all the columns in one batched backward
+    pass through the gradient's graph."""
+    obj.counts.nhev += 1
+    if fs.hessian is not None:
+        H = fs.hessian(x.view(obj.shape), batch)
+        if not isinstance(H, Tensor) or H.shape != (obj.n, obj.n):
+            got = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
+            raise ValueError(
+                f"the FiniteSum's hessian(x, batch) must return a ({obj.n}, {obj.n}) tensor, "
+                f"got {got}"
+            )
+        H = H.detach().to(obj.dtype) * scale
+        if fs.regularizer is not None:
+            R = _dense_hessian(fs.regularizer, x, obj.shape)
+            if R is None:
+                return None
+            H = H + R
+    else:
+        H = _dense_hessian(lambda z: fs.batch_value(z, batch, scale), x, obj.shape)
+        if H is None:
+            return None
+    H = 0.5 * (H + H.T)
+    return H if bool(torch.isfinite(H).all()) else None
+
+
+def _dense_hessian(fun, x: Tensor, shape) -> Tensor | None:
+    sub = Objective(fun, x.view(shape))
+    pt = sub.evaluate(x, graph=True)
+    if not pt.finite or pt.hvp is None:
+        return None
+    return sub.hessian(pt)

@@ -1,0 +1,254 @@
+"""Finite sums in hesse.minimize: ``FiniteSum(loss, data)`` is the full objective for every
+method, and ``method="subsampled-newton"`` (dense subsampled Hessian, damped Cholesky,
+growing subsample) reaches scikit-learn's solution; it takes the iterates of
+``hesse.optim.SubsampledNewton`` (the same pieces of hesse.solvers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hesse
+from hesse import FiniteSum, minimize
+from hesse.optim import SubsampledNewton
+from hesse.problems import problem, synthetic_logistic
+
+sklearn_linear = pytest.importorskip("sklearn.linear_model")
+
+D = torch.float64
+#: A run to rounding: the gradient test at 1e-13 (inf-norm), no stop on f or x changes.
+TIGHT = {"gtol": 1e-13, "ftol": 0.0, "xtol": 0.0}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _sklearn_logistic(X, y) -> torch.Tensor:
+    m = sklearn_linear.LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-15, max_iter=500)
+    m.fit(X.numpy(), y.numpy().ravel())
+    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.from_numpy(m.intercept_)])
+
+
+def _sklearn_lstsq(X, y) -> torch.Tensor:
+    m = sklearn_linear.LinearRegression().fit(X.numpy(), y.numpy().ravel())
+    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.tensor([float(m.intercept_)])])
+
+
+def _logistic(kind: str):
+    """A FiniteSum of mean BCE + ||w||^2 / (2n) (intercept not penalised): scikit-learn's
+    LogisticRegression(C=1)."""
+    if kind == "independent":
+        X, y = synthetic_logistic(1000, 8, seed=1).train
+    elif kind == "correlated":  # the covariance's condition number: 4e6
+        X, y = synthetic_logistic(1000, 8, features="correlated", rho=0.999, seed=2).train
+    else:  # rank-deficient: a repeated column and a zero one
+        X, y = synthetic_logistic(1000, 6, seed=3).train
+        X = torch.cat([X, X[:, :1], torch.zeros(len(X), 1, dtype=D)], 1)
+    l2 = 1.0 / len(X)
+
+    def loss(x, batch):
+        Xb, yb = batch
+        return nn.functional.binary_cross_entropy_with_logits(Xb @ x[:-1] + x[-1], yb[:, 0])
+
+    def penalty(x):
+        return 0.5 * l2 * (x[:-1] ** 2).sum()
+
+    return FiniteSum(loss, (X, y), regularizer=penalty), X, y
+
+
+def _lstsq(kind: str):
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(600, 8, generator=g, dtype=D)
+    if kind == "ill-conditioned":  # column scales 1 to 1e-3: the Hessian's condition 1e6
+        X = X * torch.logspace(0, -3, 8, dtype=D)
+    elif kind == "rank-deficient":  # two columns repeat others: rank 6 of 8
+        X[:, 6] = X[:, 0]
+        X[:, 7] = X[:, 1] - X[:, 2]
+    w = torch.randn(8, generator=g, dtype=D)
+    y = (X @ w + 0.3 + 0.1 * torch.randn(600, generator=g, dtype=D))[:, None]
+
+    def loss(x, batch):
+        Xb, yb = batch
+        return ((Xb @ x[:-1] + x[-1] - yb[:, 0]) ** 2).mean()
+
+    return FiniteSum(loss, (X, y)), X, y
+
+
+# ----------------------------------------------------------------- the solution
+@pytest.mark.parametrize("kind", ["independent", "correlated", "rank-deficient"])
+@pytest.mark.parametrize("subsample", [0.1, 0.05])
+def test_logistic_reaches_sklearn_solution(kind, subsample):
+    fs, X, y = _logistic(kind)
+    x0 = torch.zeros(X.shape[1] + 1, dtype=D)
+    opts = {**TIGHT, "subsample": subsample}
+    r = minimize(fs, x0, "subsampled-newton", options=opts)
+    assert r.success, r.message
+    assert _rel(r.x, _sklearn_logistic(X, y)) <= 1e-8
+    assert r.nhev >= r.nit  # one subsampled Hessian per iteration
+
+
+@pytest.mark.parametrize("kind", ["well-conditioned", "ill-conditioned", "rank-deficient"])
+def test_least_squares_reaches_sklearn_solution(kind):
+    fs, X, y = _lstsq(kind)
+    r = minimize(fs, torch.zeros(9, dtype=D), "subsampled-newton", options=TIGHT)
+    assert r.success, r.message
+    assert _rel(r.x, _sklearn_lstsq(X, y)) <= 1e-8
+
+
+def test_a_fixed_subsample_still_reaches_the_full_data_optimum():
+    """Without growth the curvature stays that of 5% of the samples; the gradient and the
+    search are the full objective's, so the run ends at its minimiser, not the subsample's
+    (which is far from it)."""
+    fs, X, y = _logistic("correlated")
+    x0 = torch.zeros(9, dtype=D)
+    opts = {**TIGHT, "subsample": 0.05, "subsample_growth": 0.0}
+    r = minimize(fs, x0, "subsampled-newton", max_iter=500, options=opts)
+    ref = _sklearn_logistic(X, y)
+    assert r.success and _rel(r.x, ref) <= 1e-8
+    part = _sklearn_logistic(X[:50], y[:50])
+    assert _rel(part, ref) > 1e-2
+
+
+def test_every_method_takes_a_finite_sum():
+    fs, X, y = _lstsq("well-conditioned")
+    ref = _sklearn_lstsq(X, y)
+    for method in ("newton", "trust-ncg", "l-bfgs"):
+        r = minimize(fs, torch.zeros(9, dtype=D), method, options=TIGHT)
+        assert _rel(r.x, ref) <= 1e-8, method
+
+
+# ---------------------------------------------------------- the full objective
+def test_value_and_gradient_are_the_plain_objectives():
+    fs, X, y = _logistic("independent")
+    l2 = 1.0 / len(X)
+
+    def plain(x):
+        z = X @ x[:-1] + x[-1]
+        return (
+            nn.functional.binary_cross_entropy_with_logits(z, y[:, 0])
+            + 0.5 * l2 * (x[:-1] ** 2).sum()
+        )
+
+    x = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(0))
+    assert float(fs(x)) == pytest.approx(float(plain(x)), rel=1e-15)
+    torch.testing.assert_close(torch.func.grad(fs)(x), torch.func.grad(plain)(x))
+    r = minimize(fs, torch.zeros(9, dtype=D), "subsampled-newton", max_iter=3)
+    assert r.status == "max_iterations"
+    assert float(r.fun) == pytest.approx(float(plain(r.x)), rel=1e-15)
+    torch.testing.assert_close(r.jac, torch.func.grad(plain)(r.x), rtol=1e-12, atol=1e-15)
+
+
+def test_sum_reduction_scales_the_subsample():
+    """A loss that sums over its batch: the subsample's Hessian is scaled by n/|S|, so the
+    run converges as fast as with the mean (same iterates up to rounding)."""
+    fs, X, y = _lstsq("ill-conditioned")
+    total = FiniteSum(lambda x, b: fs.loss(x, b) * len(b[0]), fs.data, reduction="sum")
+    x0 = torch.zeros(9, dtype=D)
+    r_mean = minimize(fs, x0, "subsampled-newton", options=TIGHT)
+    # the gradient of the sum is n = 600 times the mean's: the same test
+    r_sum = minimize(total, x0, "subsampled-newton", options={**TIGHT, "gtol": 600 * 1e-13})
+    assert r_sum.success and _rel(r_sum.x, _sklearn_lstsq(X, y)) <= 1e-8
+    assert r_sum.nit <= r_mean.nit + 1
+
+
+def test_problem_objective_is_a_finite_sum_with_a_closed_form_hessian():
+    p = problem("logistic-correlated", samples=2000)
+    torch.manual_seed(0)
+    fun, w0 = p.objective(p.make_model())
+    assert isinstance(fun, FiniteSum) and fun.samples == 2000 and fun.hessian is not None
+    x = torch.randn_like(w0) * 0.1
+    batch = fun.subsample(torch.arange(0, 2000, 7))
+    H_autograd = torch.func.hessian(lambda z: fun.loss(z, batch))(x)
+    torch.testing.assert_close(fun.hessian(x, batch), H_autograd, rtol=1e-10, atol=1e-12)
+    r = minimize(fun, w0, "subsampled-newton", options=TIGHT)
+    fun.hessian = None  # the autograd path: the same run up to rounding
+    r2 = minimize(fun, w0, "subsampled-newton", options=TIGHT)
+    assert r.success and r2.success and _rel(r.x, r2.x) <= 1e-8 and r.nit == r2.nit
+
+
+def test_same_iterates_as_optim_subsampled_newton():
+    """One method, two front ends: minimize('subsampled-newton') on the problem's
+    FiniteSum and optim.SubsampledNewton on its model draw the same subsamples and take the
+    same steps (to rounding: the gradients are computed through different calls)."""
+    p = problem("linear-diabetes")
+    torch.manual_seed(0)
+    model = p.make_model()
+    fun, w0 = p.objective(model)
+    X, y = p.train
+    steps = []
+    minimize(
+        fun, w0, "subsampled-newton", max_iter=4, options={"subsample": 0.2},
+        callback=lambda r: steps.append(r.x.clone()),
+    )  # fmt: skip
+    opt = SubsampledNewton(model.parameters(), model=model, loss_fn=p.loss_fn, subsample=0.2)
+
+    def closure():
+        opt.zero_grad()
+        loss = p.loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    for want in steps:
+        opt.step(closure, batch=(X, y))
+        got = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_raises_clear_errors():
+    fs, X, y = _lstsq("well-conditioned")
+    x0 = torch.zeros(9, dtype=D)
+    with pytest.raises(TypeError, match="fun must be a hesse.FiniteSum"):
+        minimize(lambda x: (x**2).sum(), x0, "subsampled-newton")
+    with pytest.raises(ValueError, match="drop grad= and hvp="):
+        minimize(fs, x0, "subsampled-newton", grad=lambda x: 2 * x)
+    with pytest.raises(TypeError, match="loss must be callable"):
+        FiniteSum(3, (X, y))
+    with pytest.raises(TypeError, match="data must be a tensor"):
+        FiniteSum(fs.loss, [1, 2, 3])
+    with pytest.raises(ValueError, match="at least one sample"):
+        FiniteSum(fs.loss, torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        FiniteSum(fs.loss, (X, y), reduction="max")
+    with pytest.raises(TypeError, match="regularizer must be callable"):
+        FiniteSum(fs.loss, (X, y), regularizer=1.0)
+    with pytest.raises(TypeError, match="hessian must be callable"):
+        FiniteSum(fs.loss, (X, y), hessian="dense")
+    for opts, match in [
+        ({"subsample": 0}, "subsample must be"),
+        ({"subsample": 1.5}, "subsample must be"),
+        ({"subsample": True}, "subsample must be"),
+        ({"subsample_max": -1}, "subsample_max must be"),
+        ({"damping": -1.0}, "damping must be"),
+        ({"subsample_growth": float("nan")}, "subsample_growth must be"),
+        ({"dense_max": 4}, "more than dense_max=4"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            minimize(fs, x0, "subsampled-newton", options=opts)
+    with pytest.raises(TypeError, match="seed must be"):
+        minimize(fs, x0, "subsampled-newton", options={"seed": 1.5})
+    with pytest.warns(hesse.OptimizeWarning, match="'subsample' does not apply"):
+        minimize(fs, x0, "l-bfgs", max_iter=1, options={"subsample": 0.5})
+    wrong = FiniteSum(fs.loss, (X, y), hessian=lambda x, b: torch.eye(3, dtype=D))
+    with pytest.raises(ValueError, match=r"must return a \(9, 9\) tensor, got \(3, 3\)"):
+        minimize(wrong, x0, "subsampled-newton")
+    with pytest.raises(ValueError, match="loss\\(x, batch\\)"):
+        minimize(FiniteSum(lambda x, b: x, (X, y)), x0, "subsampled-newton")
+
+
+def test_a_non_finite_subsampled_hessian_is_skipped_with_more_damping():
+    fs, X, y = _lstsq("well-conditioned")
+    calls = []
+
+    def hessian(x, batch):  # the first one overflows; then 2 X'X / |S| (+ intercept)
+        calls.append(len(batch[0]))
+        A = torch.cat([batch[0], torch.ones(len(batch[0]), 1, dtype=D)], 1)
+        H = 2 * A.T @ A / len(A)
+        return H * float("nan") if len(calls) == 1 else H
+
+    r = minimize(FiniteSum(fs.loss, fs.data, hessian=hessian), torch.zeros(9, dtype=D),
+                 "subsampled-newton", options=TIGHT)  # fmt: skip
+    assert r.success and _rel(r.x, _sklearn_lstsq(X, y)) <= 1e-8
+    assert len(calls) >= 2 and r.nhev >= len(calls)  # the skipped one is counted too
