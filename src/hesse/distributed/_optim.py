@@ -326,7 +326,7 @@ class Sophia(_DataParallelOptimizer, optim.Sophia):
         )
         step = int(self._global()["step"])
         labels = torch.Generator().manual_seed(
-            self.seed * 1_000_003 + step + 7_777_777 * (comm.rank + 1)
+            (self.seed * 1_000_003 + step + 7_777_777 * (comm.rank + 1)) % 2**63
         )  # each rank draws its own labels
 
         def compute() -> tuple[Tensor, float]:

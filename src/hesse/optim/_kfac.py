@@ -305,7 +305,7 @@ class KFAC(FlatOptimizer):
         names = [
             self._names[i] for la in self._layers for i in (la.weight, la.bias) if i is not None
         ]
-        gen = torch.Generator().manual_seed(group["seed"] * 1_000_003 + t)
+        gen = torch.Generator().manual_seed((group["seed"] * 1_000_003 + t) % 2**63)
         op = self._batch_operator(
             self.model,
             self.loss_fn,
