@@ -16,6 +16,7 @@ the GPU of its ``LOCAL_RANK`` and the backend is nccl.)
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -90,6 +91,11 @@ def main() -> None:
         accuracy = pb.metric(model(pb.test[0]), pb.test[1])
     say(f"parameters identical on all {world} rank(s): {bool(agree.item())}")
     say(f"test accuracy: {accuracy:.4f}; {time.perf_counter() - t0:.2f} s")
+    # Free hesse's objects (the optimizer keeps autograd graphs) before the process group
+    # goes: freed at exit after destroy_process_group, they made gloo abort the process now
+    # and then on a loaded machine ("terminate called without an active exception").
+    H = G = opt = closure = None
+    gc.collect()
     dist.destroy_process_group()
 
 
