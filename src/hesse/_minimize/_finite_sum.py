@@ -221,7 +221,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         if k >= n:
             batch, scale = fs.data, 1.0
         else:
-            batch = fs.subsample(subsample_indices(n, k, seed + 7919 * step))
+            batch = fs.subsample(subsample_indices(n, k, seed, step))
             scale = n / k if fs.reduction == "sum" else 1.0
         H = _subsample_hessian(obj, fs, pt.x, batch, scale)
         step += 1

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hesse._core import all_finite
+from hesse._core._checks import check_int as _check_int
 from hesse.func._context import second_order
 from hesse.func._engine import _grad
 from hesse.operators import CurvatureOperator
@@ -62,9 +63,7 @@ def check_float(
 
 
 def check_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return _check_int(value, name, minimum)
 
 
 class FlatParams:

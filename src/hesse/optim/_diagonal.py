@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hesse._core._checks import check_seed
+from hesse._core._checks import check_choice, check_seed
 from hesse.func._model import _DEFAULT_IO
 from hesse.optim._base import (
     Closure,
@@ -217,9 +217,7 @@ ESTIMATORS = ("hutchinson", "gnb")
 
 
 def _check_estimator(value: object, name: str) -> str:
-    if value not in ESTIMATORS:
-        raise ValueError(f"{name} must be one of {ESTIMATORS}, got {value!r}")
-    return value
+    return check_choice(value, name, ESTIMATORS)
 
 
 class Sophia(_DiagonalCurvature):

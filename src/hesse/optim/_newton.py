@@ -227,7 +227,7 @@ class _TruncatedNewton(FlatOptimizer):
         state["subsample_size"] = min(k, n)
         if k >= n:
             return batch
-        idx = subsample_indices(n, k, self.seed + 7919 * state["step"] + self._seed_offset)
+        idx = subsample_indices(n, k, self.seed + self._seed_offset, state["step"])
         # every tensor of the batch with the samples along its first dimension (inputs of
         # any layout, dict batches, sequence targets) is indexed alike
         return map_tensors(
