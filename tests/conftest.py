@@ -115,3 +115,23 @@ def ref_ggn(model, loss_fn, X, y):
 @pytest.fixture(params=["mse", "ce", "bce"])
 def loss_name(request):
     return request.param
+
+
+# -- scikit-learn references (the tests that use them skip without scikit-learn) ------------
+def sklearn_logistic(X, y) -> torch.Tensor:
+    """scikit-learn's L2 logistic regression with C = 1: the minimiser of
+    mean BCE + ||w||^2 / (2 n) (intercept not penalised), to its tightest tolerance;
+    coefficients then intercept."""
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-15, max_iter=500)
+    m.fit(X.numpy(), y.numpy().ravel())
+    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.from_numpy(m.intercept_)])
+
+
+def sklearn_lstsq(X, y) -> torch.Tensor:
+    """scikit-learn's least squares with intercept (the minimum-norm coefficients)."""
+    from sklearn.linear_model import LinearRegression
+
+    m = LinearRegression().fit(X.numpy(), y.numpy().ravel())
+    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.tensor([float(m.intercept_)])])

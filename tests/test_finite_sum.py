@@ -14,7 +14,9 @@ from hesse import FiniteSum, minimize
 from hesse.optim import SubsampledNewton
 from hesse.problems import problem, synthetic_logistic
 
-sklearn_linear = pytest.importorskip("sklearn.linear_model")
+pytest.importorskip("sklearn.linear_model")
+from conftest import sklearn_logistic as _sklearn_logistic
+from conftest import sklearn_lstsq as _sklearn_lstsq
 
 D = torch.float64
 #: A run to rounding: the gradient test at 1e-13 (inf-norm), no stop on f or x changes.
@@ -23,17 +25,6 @@ TIGHT = {"gtol": 1e-13, "ftol": 0.0, "xtol": 0.0}
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _sklearn_logistic(X, y) -> torch.Tensor:
-    m = sklearn_linear.LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-15, max_iter=500)
-    m.fit(X.numpy(), y.numpy().ravel())
-    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.from_numpy(m.intercept_)])
-
-
-def _sklearn_lstsq(X, y) -> torch.Tensor:
-    m = sklearn_linear.LinearRegression().fit(X.numpy(), y.numpy().ravel())
-    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.tensor([float(m.intercept_)])])
 
 
 def _logistic(kind: str):

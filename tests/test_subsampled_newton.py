@@ -18,7 +18,9 @@ from hesse.optim._newton import dense_model_curvature
 from hesse.problems import synthetic_logistic
 from hesse.solvers._newton import damped_newton_step, subsample_size
 
-sklearn_linear = pytest.importorskip("sklearn.linear_model")
+pytest.importorskip("sklearn.linear_model")
+from conftest import sklearn_logistic as _sklearn_logistic
+from conftest import sklearn_lstsq as _sklearn_lstsq
 
 D = torch.float64
 
@@ -54,20 +56,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- reference solutions -------------------------------------------------------------------
-def _sklearn_logistic(X, y) -> torch.Tensor:
-    """scikit-learn's L2 logistic regression with C = 1: the minimiser of
-    mean BCE + ||w||^2 / (2 n) (intercept not penalised), to its tightest tolerance."""
-    m = sklearn_linear.LogisticRegression(C=1.0, solver="newton-cholesky", tol=1e-15, max_iter=500)
-    m.fit(X.numpy(), y.numpy().ravel())
-    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.from_numpy(m.intercept_)])
-
-
-def _sklearn_lstsq(X, y) -> torch.Tensor:
-    """scikit-learn's least squares with intercept (the minimum-norm coefficients)."""
-    m = sklearn_linear.LinearRegression().fit(X.numpy(), y.numpy().ravel())
-    return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.tensor([float(m.intercept_)])])
-
-
 def _logistic_data(kind: str):
     if kind == "independent":
         p = synthetic_logistic(800, 8, seed=1)
