@@ -243,3 +243,111 @@ def test_a_non_finite_subsampled_hessian_is_skipped_with_more_damping():
                  "subsampled-newton", options=TIGHT)  # fmt: skip
     assert r.success and _rel(r.x, _sklearn_lstsq(X, y)) <= 1e-8
     assert len(calls) >= 2 and r.nhev >= len(calls)  # the skipped one is counted too
+
+
+# ------------------------------------------------------ evaluation in chunks (batch_size)
+def _recording(fs: FiniteSum, batch_size: int | None):
+    """``fs`` with ``batch_size``, and the list of batch lengths its loss was called on."""
+    seen: list[int] = []
+
+    def loss(x, batch):
+        seen.append(len(batch[0]))
+        return fs.loss(x, batch)
+
+    return FiniteSum(loss, fs.data, regularizer=fs.regularizer, batch_size=batch_size), seen
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 250, 999])
+def test_chunked_value_gradient_and_products_are_the_whole_datas(batch_size):
+    """Value, gradient, Hessian products and the dense Hessian over chunks of the data equal
+    those of all the data at once (torch.func on the plain objective), and the loss never
+    sees more than batch_size samples."""
+    fs, X, _ = _logistic("independent")
+    chunked, seen = _recording(fs, batch_size)
+    assert chunked.chunked
+    x = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(0))
+    shape = x.shape
+    f, g, reached = chunked._value_and_grad(x, shape)
+    assert reached
+    assert max(seen) <= batch_size and sum(seen) == len(X)  # every sample once
+    assert float(f) == pytest.approx(float(fs(x)), rel=1e-13)
+    torch.testing.assert_close(g, torch.func.grad(fs)(x), rtol=1e-12, atol=1e-15)
+    H = torch.func.hessian(fs)(x)
+    V = torch.randn(9, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    seen.clear()
+    torch.testing.assert_close(chunked._hvp(x, shape, V), H @ V, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(chunked._hvp(x, shape, V[:, 0]), H @ V[:, 0], rtol=1e-11, atol=1e-14)
+    assert max(seen) <= batch_size
+    torch.testing.assert_close(chunked._dense_hessian(x, shape), H, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "method", ["l-bfgs", "newton", "newton-cg", "trust-ncg", "subsampled-newton"]
+)
+def test_chunked_runs_reach_the_same_solution(method):
+    fs, X, y = _logistic("independent")
+    chunked, seen = _recording(fs, 128)
+    x0 = torch.zeros(9, dtype=D)
+    opts = {"gtol": 1e-10}
+    r = minimize(chunked, x0, method, options=opts)
+    ref = minimize(fs, x0, method, options=opts)
+    assert r.success and ref.success, (r.message, ref.message)
+    assert _rel(r.x, ref.x) <= 1e-8 and _rel(r.x, _sklearn_logistic(X, y)) <= 1e-8
+    assert abs(r.nit - ref.nit) <= 1  # the same path, up to rounding
+    assert max(seen) <= 128
+
+
+def test_chunked_sum_reduction_and_a_non_finite_chunk():
+    fs, X, _ = _lstsq("well-conditioned")
+    total = FiniteSum(
+        lambda x, b: fs.loss(x, b) * len(b[0]), fs.data, reduction="sum", batch_size=64
+    )
+    x = torch.randn(9, dtype=D, generator=torch.Generator().manual_seed(2))
+    f, g, _ = total._value_and_grad(x, x.shape)
+    plain = FiniteSum(total.loss, fs.data, reduction="sum")
+    assert float(f) == pytest.approx(float(plain(x)), rel=1e-13)
+    torch.testing.assert_close(g, torch.func.grad(plain)(x), rtol=1e-12, atol=1e-12)
+
+    def loss(x, batch):  # infinite on the chunk holding sample 300
+        bad = (batch[0][:, 0] == X[300, 0]).any()
+        return fs.loss(x, batch) + (torch.inf if bad else 0.0)
+
+    broken = FiniteSum(loss, fs.data, batch_size=64)
+    f, g, _ = broken._value_and_grad(x, x.shape)
+    assert f == torch.inf and g is None
+    r = minimize(broken, x, "l-bfgs")
+    assert r.status == "non_finite"
+    detached = FiniteSum(lambda x, b: fs.loss(x.detach(), b), fs.data, batch_size=64)
+    with pytest.raises(ValueError, match="does not depend on x through autograd"):
+        minimize(detached, x, "l-bfgs")
+
+
+def test_batch_size_must_be_a_positive_integer():
+    fs, X, _ = _lstsq("well-conditioned")
+    for bad in (0, -3, 2.5, "64", True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            FiniteSum(fs.loss, fs.data, batch_size=bad)
+    assert not FiniteSum(fs.loss, fs.data, batch_size=len(X)).chunked
+
+
+def test_dense_hessian_methods_use_the_closed_form():
+    """newton and trust-exact on a FiniteSum with ``hessian=`` form the Hessian from it, on
+    all the data, and take the autograd path's iterates."""
+    p = problem("logistic-correlated", samples=2000)
+    torch.manual_seed(0)
+    fun, w0 = p.objective(p.make_model())
+    calls = []
+    closed = fun.hessian
+
+    def counted(x, batch):
+        calls.append(len(batch[0]))
+        return closed(x, batch)
+
+    fun.hessian = counted
+    for method in ("newton", "trust-exact"):
+        calls.clear()
+        r = minimize(fun, w0, method, options={"gtol": 1e-10})
+        assert r.status == "converged" and calls and set(calls) == {2000}, method
+        auto = FiniteSum(fun.loss, fun.data, regularizer=fun.regularizer)
+        r2 = minimize(auto, w0, method, options={"gtol": 1e-10})
+        assert _rel(r.x, r2.x) <= 1e-8 and abs(r.nit - r2.nit) <= 1, method

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from hesse._core import check_scalar
-from hesse._core._checks import check_seed
+from hesse._core._checks import check_int, check_seed
 from hesse._minimize._loops import _stationary
-from hesse._minimize._objective import Objective
+from hesse._minimize._objective import Objective, graph_products
 from hesse._minimize._run import Run, Stop
 from hesse.func._io import first_tensor, map_tensors
 from hesse.solvers import armijo, lm_damping, subsample_size
@@ -61,6 +61,15 @@ class FiniteSum:
             than autograd's (a closed form: :meth:`hesse.problems.Problem.objective` gives
             :math:`X^\top \operatorname{diag}(h) X` for a linear model). By default all
             ``P`` columns come from one batched backward pass through the gradient's graph.
+            Every method that forms the dense Hessian (``"newton"``, ``"trust-exact"``,
+            the saddle check, ``"subsampled-newton"``) uses it.
+        batch_size: evaluate the value and the gradient (and Hessian-vector products) over
+            the data in chunks of this many samples, each chunk's graph freed after its
+            backward pass, so that memory holds one chunk's graph rather than all the
+            data's, and the second pass over a chunk finds it in the cache (often faster
+            for tall data). The result is the same to rounding: ``loss`` must be a mean
+            (or sum) over independent samples, as subsampling already assumes. ``None``
+            (default): all the data in one call.
 
     Example:
         >>> X = torch.randn(200, 3, dtype=torch.float64)
@@ -82,6 +91,7 @@ class FiniteSum:
         regularizer: Callable[[Tensor], Tensor] | None = None,
         reduction: str = "mean",
         hessian: Callable[[Tensor, Any], Tensor] | None = None,
+        batch_size: int | None = None,
     ):
         if not callable(loss):
             raise TypeError(
@@ -111,9 +121,116 @@ class FiniteSum:
                 "data must hold at least one sample along the first dimension of its first "
                 f"tensor, got a tensor of shape {tuple(first.shape)}"
             )
+        if batch_size is not None:
+            batch_size = check_int(batch_size, "batch_size")
         self.loss, self.data, self.regularizer = loss, data, regularizer
         self.reduction, self.hessian = reduction, hessian
         self.samples = int(first.shape[0])
+        self.batch_size = batch_size
+
+    @property
+    def chunked(self) -> bool:
+        """Whether evaluations run over the data in chunks of ``batch_size`` samples."""
+        return self.batch_size is not None and self.batch_size < self.samples
+
+    def chunks(self, batch: Any = None, scale: float = 1.0):
+        """``(chunk, weight)`` for each run of ``batch_size`` consecutive samples of
+        ``batch`` (all the data by default): ``weight`` is the chunk's share of ``scale``
+        times the loss on ``batch`` (its fraction of the batch's samples for a mean,
+        ``scale`` for a sum)."""
+        batch = self.data if batch is None else batch
+        n = int(first_tensor(batch).shape[0])
+        b = self.batch_size or n
+        for start in range(0, n, b):
+            stop = min(n, start + b)
+            chunk = map_tensors(
+                batch,
+                lambda t, a=start, z=stop: t[a:z] if t.dim() > 0 and t.shape[0] == n else t,
+            )
+            yield chunk, scale * ((stop - start) / n if self.reduction == "mean" else 1.0)
+
+    def _parts(self, batch: Any = None, scale: float = 1.0):
+        """The chunks with their weights, then ``(None, 1.0)`` for the regulariser."""
+        yield from self.chunks(batch, scale)
+        if self.regularizer is not None:
+            yield None, 1.0
+
+    def _part_value(self, x: Tensor, batch: Any, weight: float) -> Tensor:
+        if batch is None:
+            return check_scalar(self.regularizer(x), "regularizer(x)")
+        value = check_scalar(self.loss(x, batch), "loss(x, batch)")
+        return value * weight if weight != 1.0 else value
+
+    def _value_and_grad(self, x: Tensor, shape) -> tuple[Tensor, Tensor | None, bool]:
+        """``f`` and its flat gradient at the flat ``x`` (``shape``: the user's), chunk by
+        chunk with no graph kept, and whether any chunk's value depends on ``x`` through
+        autograd; the gradient is ``None`` where the value is not finite (the rest of the
+        data is then not evaluated)."""
+        total = torch.zeros((), dtype=x.dtype, device=x.device)
+        g = torch.zeros_like(x)
+        reached = False
+        with torch.enable_grad():
+            xl = x.detach().requires_grad_()
+            for batch, weight in self._parts():
+                value = self._part_value(xl.view(shape), batch, weight)
+                total = total + value.detach()
+                if not bool(torch.isfinite(value.detach())):
+                    return total, None, reached
+                if value.requires_grad:
+                    (gc,) = torch.autograd.grad(value, xl, allow_unused=True)
+                    if gc is not None:
+                        g += gc
+                        reached = True
+        return total, g, reached
+
+    def _hvp(self, x: Tensor, shape, V: Tensor, batch: Any = None, scale: float = 1.0) -> Tensor:
+        """The Hessian of ``f`` (of ``scale * loss(., batch) + regularizer`` with ``batch``)
+        at the flat ``x`` times ``V`` (``(P,)`` or ``(P, k)``), chunk by chunk: each
+        chunk's gradient graph is built, differentiated (all columns in one batched pass)
+        and freed."""
+        out = torch.zeros_like(V)
+        with torch.enable_grad():
+            for part, weight in self._parts(batch, scale):
+                xl = x.detach().requires_grad_()
+                value = self._part_value(xl.view(shape), part, weight)
+                if not value.requires_grad:
+                    continue
+                (g,) = torch.autograd.grad(value, xl, create_graph=True, allow_unused=True)
+                if g is not None and g.requires_grad:
+                    out += graph_products(g, xl, V, retain=False)
+        return out
+
+    def _dense_hessian(
+        self, x: Tensor, shape, batch: Any = None, scale: float = 1.0
+    ) -> Tensor | None:
+        """The dense Hessian of ``scale * loss(., batch) + regularizer`` at the flat ``x``
+        (``batch``: all the data by default), symmetrised; ``None`` where it is not finite.
+        From ``hessian`` (plus the regulariser's by autograd) where given; else chunk by
+        chunk where ``batch`` holds more than ``batch_size`` samples; else all the columns
+        in one batched backward pass through the gradient's graph."""
+        batch = self.data if batch is None else batch
+        P = x.numel()
+        if self.hessian is not None:
+            H = self.hessian(x.view(shape), batch)
+            if not isinstance(H, Tensor) or H.shape != (P, P):
+                got = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
+                raise ValueError(
+                    f"the FiniteSum's hessian(x, batch) must return a ({P}, {P}) tensor, got {got}"
+                )
+            H = H.detach().to(x.dtype) * scale
+            if self.regularizer is not None:
+                R = _autograd_hessian(self.regularizer, x, shape)
+                if R is None:
+                    return None
+                H = H + R
+        elif self.batch_size is not None and len(first_tensor(batch)) > self.batch_size:
+            H = self._hvp(x, shape, torch.eye(P, dtype=x.dtype, device=x.device), batch, scale)
+        else:
+            H = _autograd_hessian(lambda z: self.batch_value(z, batch, scale), x, shape)
+            if H is None:
+                return None
+        H = 0.5 * (H + H.T)
+        return H if bool(torch.isfinite(H).all()) else None
 
     def __call__(self, x: Tensor) -> Tensor:
         """:math:`f(x)` on all the data."""
@@ -138,7 +255,8 @@ class FiniteSum:
 
     def __repr__(self) -> str:
         reg = ", regularizer" if self.regularizer is not None else ""
-        return f"FiniteSum({self.samples} samples, reduction={self.reduction!r}{reg})"
+        bs = f", batch_size={self.batch_size}" if self.batch_size is not None else ""
+        return f"FiniteSum({self.samples} samples, reduction={self.reduction!r}{reg}{bs})"
 
 
 #: Options of ``method="subsampled-newton"`` and their defaults (those of
@@ -219,7 +337,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         g = pt.g
         k = min(max(base, subsample_size(base, cap, pt.g_norm(2), g0, growth)), n)
         if k >= n:
-            batch, scale = fs.data, 1.0
+            batch, scale = None, 1.0  # all the data (in chunks where fs has a batch_size)
         else:
             batch = fs.subsample(subsample_indices(n, k, seed, step))
             scale = n / k if fs.reduction == "sum" else 1.0
@@ -262,34 +380,12 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
 
 
 def _subsample_hessian(obj: Objective, fs: FiniteSum, x: Tensor, batch: Any, scale: float):
-    """The dense Hessian of ``scale * loss(., batch) + regularizer`` at ``x``, counted as
-    one Hessian; ``None`` where it is not finite. From ``fs.hessian`` (plus the
-    regulariser's by autograd) where given, else all the columns in one batched backward
-    pass through the gradient's graph."""
+    """:meth:`FiniteSum._dense_hessian` on ``batch``, counted as one Hessian."""
     obj.counts.nhev += 1
-    if fs.hessian is not None:
-        H = fs.hessian(x.view(obj.shape), batch)
-        if not isinstance(H, Tensor) or H.shape != (obj.n, obj.n):
-            got = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
-            raise ValueError(
-                f"the FiniteSum's hessian(x, batch) must return a ({obj.n}, {obj.n}) tensor, "
-                f"got {got}"
-            )
-        H = H.detach().to(obj.dtype) * scale
-        if fs.regularizer is not None:
-            R = _dense_hessian(fs.regularizer, x, obj.shape)
-            if R is None:
-                return None
-            H = H + R
-    else:
-        H = _dense_hessian(lambda z: fs.batch_value(z, batch, scale), x, obj.shape)
-        if H is None:
-            return None
-    H = 0.5 * (H + H.T)
-    return H if bool(torch.isfinite(H).all()) else None
+    return fs._dense_hessian(x, obj.shape, batch, scale)
 
 
-def _dense_hessian(fun, x: Tensor, shape) -> Tensor | None:
+def _autograd_hessian(fun, x: Tensor, shape) -> Tensor | None:
     sub = Objective(fun, x.view(shape))
     pt = sub.evaluate(x, graph=True)
     if not pt.finite or pt.hvp is None:

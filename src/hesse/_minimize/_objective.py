@@ -52,6 +52,25 @@ class Counts:
         self.nfev = self.njev = self.nhvp = self.nhev = 0
 
 
+def graph_products(g: Tensor, xl: Tensor, V: Tensor, retain: bool = True) -> Tensor:
+    """The Hessian times ``V`` (``(n,)`` or ``(n, k)``) through the graph of the gradient
+    ``g`` of a function of ``xl`` (flat, both): all columns in one batched backward pass
+    (one column at a time for an operation without a batching rule); zeros where the
+    gradient does not depend on ``xl``. ``retain=False`` frees the graph afterwards."""
+    with torch.enable_grad():
+        if V.dim() == 1:
+            return _grad([g], [xl], [V], retain)[0]
+        if V.shape[1] == 1:
+            return _grad([g], [xl], [V[:, 0]], retain)[0].unsqueeze(1)
+        try:  # all columns in one batched backward pass
+            (HV,) = torch.autograd.grad(
+                g, xl, V.T, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+        except RuntimeError:  # an operation without a batching rule
+            HV = torch.stack([torch.autograd.grad(g, xl, v, retain_graph=True)[0] for v in V.T])
+    return torch.zeros_like(V) if HV is None else HV.T
+
+
 class Objective:
     """``fun`` of a tensor shaped like ``x0``, seen as a function of flat vectors.
 
@@ -66,6 +85,11 @@ class Objective:
         self.n = x0.numel()
         self.dtype, self.device = x0.dtype, x0.device
         self.counts = Counts()
+        from hesse._minimize._finite_sum import FiniteSum  # it builds on this module
+
+        # A FiniteSum differentiated by autograd: evaluated chunk by chunk when it has a
+        # batch_size, and its closed-form Hessian (if any) gives the dense Hessian.
+        self.finite_sum = fun if isinstance(fun, FiniteSum) and grad is None else None
         # Whether fun's graph has been seen to reach x: checked at the first autograd
         # evaluation only (later points may legitimately sit on a flat piece of fun).
         self._reaches_x = False
@@ -97,6 +121,9 @@ class Objective:
                     pt.g = g
                     pt.hvp = self._user_hvp(x, g)
             return pt
+        fs = self.finite_sum
+        if fs is not None and fs.chunked and self.user_hvp is None:
+            return self._evaluate_chunked(fs, x, graph)
         with torch.enable_grad():
             xl = x.detach().requires_grad_()
             with second_order():  # its graph may be differentiated twice
@@ -123,6 +150,30 @@ class Objective:
             pt.hvp = self._graph_hvp(xl, g)
         return pt
 
+    def _evaluate_chunked(self, fs, x: Tensor, graph: bool) -> Point:
+        """A FiniteSum with a ``batch_size``: value and gradient chunk by chunk; products
+        (``graph``) recompute each chunk's gradient graph instead of keeping all of them."""
+        value, g, reached = fs._value_and_grad(x, self.shape)
+        pt = Point(x, float(value), value)
+        if not math.isfinite(pt.f) or g is None:
+            return pt
+        self.counts.njev += 1
+        if not (reached or self._reaches_x):
+            raise ValueError(_NO_PATH)
+        self._reaches_x = True
+        if not all_finite(g):
+            return pt
+        pt.g = g
+        if graph:
+            counts, shape = self.counts, self.shape
+
+            def hvp(V: Tensor) -> Tensor:
+                counts.nhvp += 1 if V.dim() == 1 else V.shape[1]
+                return fs._hvp(x, shape, V)
+
+            pt.hvp = hvp
+        return pt
+
     def _graph_hvp(self, xl: Tensor, g: Tensor) -> Callable[[Tensor], Tensor]:
         counts = self.counts
 
@@ -131,18 +182,7 @@ class Objective:
             counts.nhvp += k
             if not g.requires_grad:
                 return torch.zeros_like(V)
-            with torch.enable_grad():
-                if V.dim() == 1:
-                    return _grad([g], [xl], [V], True)[0]
-                try:  # all columns in one batched backward pass
-                    (HV,) = torch.autograd.grad(
-                        g, xl, V.T, retain_graph=True, is_grads_batched=True, allow_unused=True
-                    )
-                except RuntimeError:  # an operation without a batching rule
-                    HV = torch.stack(
-                        [torch.autograd.grad(g, xl, v, retain_graph=True)[0] for v in V.T]
-                    )
-            return torch.zeros_like(V) if HV is None else HV.T
+            return graph_products(g, xl, V)
 
         return hvp
 
@@ -188,7 +228,15 @@ class Objective:
         return fd
 
     def hessian(self, pt: Point) -> Tensor:
-        """The dense Hessian at ``pt`` (which must carry ``hvp``), symmetrised."""
+        """The dense Hessian at ``pt`` (which must carry ``hvp``), symmetrised; a
+        FiniteSum's own ``hessian`` (a closed form) where it has one."""
+        fs = self.finite_sum
+        if fs is not None and self.user_hvp is None and (fs.hessian is not None or fs.chunked):
+            H = fs._dense_hessian(pt.x, self.shape)
+            self.counts.nhev += 1
+            if H is not None:
+                return H
+            return torch.full((self.n, self.n), math.nan, dtype=self.dtype, device=self.device)
         self.counts.nhev += 1
         before = self.counts.nhvp
         eye = torch.eye(self.n, dtype=self.dtype, device=self.device)

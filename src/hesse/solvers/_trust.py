@@ -222,7 +222,8 @@ def exact_step(B: Tensor, g: Tensor, radius: float, *, rtol: float = 1e-10) -> T
     tiny = float(torch.finfo(g.dtype).eps) * scale
 
     def pnorm(sigma: float) -> float:
-        return float(np.sqrt(np.sum(a2 / (lam_h + sigma) ** 2)))
+        with np.errstate(over="ignore"):  # a tiny radius: sigma near 1/radius, p near 0
+            return float(np.sqrt(np.sum(a2 / (lam_h + sigma) ** 2)))
 
     def finish(p: Tensor, boundary: bool) -> TrustStep:
         pred = -float(torch.dot(g, p) + 0.5 * torch.dot(p, B @ p))
@@ -258,7 +259,8 @@ def exact_step(B: Tensor, g: Tensor, radius: float, *, rtol: float = 1e-10) -> T
             lo = sigma
         else:
             hi = sigma
-        q2 = float(np.sum(a2 / (lam_h + sigma) ** 3))
+        with np.errstate(over="ignore"):  # as in pnorm: q2 = 0 bisects
+            q2 = float(np.sum(a2 / (lam_h + sigma) ** 3))
         newton = sigma + (norm / radius - 1.0) * norm * norm / q2 if q2 > 0 else math.nan
         sigma = newton if lo < newton < hi else 0.5 * (lo + hi)
     p = -(Q @ (a / (lam + sigma)))
