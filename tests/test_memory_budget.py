@@ -38,9 +38,19 @@ def test_products_are_the_same_whatever_is_cached(cls):
     full = H.linearize(memory_budget="1G")
     assert full.cached_batches == 6 and not full.recomputed
     per_batch = full.cached_bytes / 6
-    for budget, cached in [(0, 0), (int(2.5 * per_batch), 2), ("1G", 6)]:
+    # A partial cache leaves room for the graph of the batch being recomputed: 3.5 graphs'
+    # worth caches 2 (2 + 1 <= 3.5), 2.5 caches 1, and 1.5 graphs' worth caches none.
+    for budget, cached in [
+        (0, 0),
+        (int(1.5 * per_batch), 0),
+        (int(2.5 * per_batch), 1),
+        (int(3.5 * per_batch), 2),
+        ("1G", 6),
+    ]:
         L = H.linearize(memory_budget=budget)
         assert L.cached_batches == cached and L.recomputed == (cached < 6)
+        if 0 < cached < 6:
+            assert L.cached_bytes + per_batch <= parse_budget(budget)
         assert L.cached_bytes <= parse_budget(budget)
         torch.testing.assert_close(L @ V, ref, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(L @ V, ref, rtol=1e-6, atol=1e-7)  # again: reusable
@@ -129,8 +139,9 @@ _MEASURE = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 def test_peak_memory_stays_within_the_budget_plus_one_graph(tmp_path):
-    """Coarse, on CPU (peak resident set size of a fresh process): with a budget of two
-    batches' graphs, memory stays near it; with room for all, it grows with the data."""
+    """Coarse, on CPU (peak resident set size of a fresh process): with a budget of three
+    and a half batches' graphs, memory stays near it; with room for all, it grows with the
+    data."""
     script = tmp_path / "measure.py"
     script.write_text(_MEASURE)
 
@@ -143,9 +154,9 @@ def test_peak_memory_stays_within_the_budget_plus_one_graph(tmp_path):
     assert everything["batches"] == 24
     one = everything["cached"] / 24  # one batch's graph, as measured by hesse
     assert everything["growth"] > 12 * one, everything  # the premise: caching costs memory
-    two = run(str(int(2.5 * one)))
+    two = run(str(int(3.5 * one)))  # two cached graphs and room for a recomputed one
     assert two["batches"] == 2, two
-    assert two["growth"] < 2.5 * one + 3 * one, (two, one)  # the budget, plus a batch computed
+    assert two["growth"] < 3.5 * one + 2 * one, (two, one)  # the budget, plus slack
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -159,7 +170,7 @@ def test_cuda_budgets_give_the_same_products(monkeypatch):
     ref = H @ V
     full = H.linearize()  # the default: half of the GPU's free memory, plenty here
     assert full.cached_batches == 6 and 0 < full.memory_budget < torch.cuda.mem_get_info()[1]
-    part = H.linearize(memory_budget=int(2.5 * full.cached_bytes / 6))
+    part = H.linearize(memory_budget=int(3.5 * full.cached_bytes / 6))
     assert part.cached_batches == 2 and part.recomputed
     for L in (full, part):
         torch.testing.assert_close(L @ V, ref, rtol=1e-5, atol=1e-6)

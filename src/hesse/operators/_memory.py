@@ -2,7 +2,8 @@
 
 A linearised operator keeps each batch's graph so that a product is one backward pass per
 batch; over a large dataset those graphs would outgrow any device. The budget says how
-many bytes of graphs may be kept: batches beyond it are recomputed at each product.
+many bytes of graphs may be held at once: batches beyond it are recomputed at each product,
+and a partial cache leaves room for the graph that a recomputed batch builds.
 
 The budget comes from, in order: the argument (``linearize(memory_budget=...)`` or the
 operator's ``memory_budget``), the environment variable ``HESSE_MEMORY_BUDGET``, and a

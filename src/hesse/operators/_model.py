@@ -258,31 +258,49 @@ class LinearizedCurvature(CurvatureOperator):
 
     def _cache(self, op: ModelCurvature) -> tuple[list, int | None, int]:
         """Build the graphs of the first batches while they fit: ``(parts, index of the
-        first batch to recompute or None, bytes kept)``."""
+        first batch to recompute or None, bytes kept)``.
+
+        The budget bounds the graphs held at once: where some batches must be recomputed
+        at each product, the cache leaves room for the largest graph measured, the one a
+        recomputed batch builds while the cached ones are alive (without that room, peak
+        memory was the budget plus one batch's graph and the allocator's slack for it)."""
         params = op.fn.params()
         meter = GraphMeter(exclude=params)
         # the gradient-like vectors a cached product keeps (J^T u, the gradient), per batch
         vectors = op.space.size * torch.empty((), dtype=op.dtype).element_size()
         parts: list[tuple[BatchProduct, float]] = []
-        kept, found = 0, False
+        cost: list[tuple[int, int]] = []  # (index of the batch, bytes) of each cached part
+        kept, found, largest = 0, False, 0
         _start_pass(op.data)
         for index, batch in enumerate(op.data):
             n = op.fn.weight(batch)
             if n == 0:  # as ModelCurvature._products: a batch without samples adds nothing
                 continue
             found = True
-            if kept + vectors > self.memory_budget:
-                return parts, index, kept  # not even this batch's vectors fit
+            if kept + vectors > self.memory_budget:  # not even this batch's vectors fit
+                return self._make_room(parts, cost, index, kept, largest)
             with meter.measure():
                 part = op._batch_product(params, batch, index, True)
             report("batch")
+            largest = max(largest, meter.bytes)
             if kept + meter.bytes + vectors > self.memory_budget:
-                return parts, index, kept  # this graph is dropped; recomputed from here on
+                del part  # dropped: recomputed from here on
+                return self._make_room(parts, cost, index, kept, largest)
             parts.append((part, n))
+            cost.append((index, meter.bytes + vectors))
             kept += meter.bytes + vectors
         if not found and not op._empty_ok:
             raise ValueError("data is empty: expected at least one batch (inputs, targets)")
         return parts, None, kept
+
+    def _make_room(self, parts: list, cost: list, rest: int, kept: int, largest: int):
+        """Drop the last cached graphs until the largest graph fits beside the rest: the
+        dropped batches are recomputed too (``rest`` moves back to the first of them)."""
+        while parts and kept + largest > self.memory_budget:
+            parts.pop()
+            rest, size = cost.pop()
+            kept -= size
+        return parts, rest, kept
 
     def _matmat(self, V: Tensor) -> Tensor:
         self.op._losses = []  # the recomputed batches' losses, checked with the product
