@@ -150,6 +150,12 @@ class Objective:
             pt.hvp = self._graph_hvp(xl, g)
         return pt
 
+    @property
+    def closed_form_hessian(self) -> bool:
+        """Whether :meth:`hessian` comes from a FiniteSum's ``hessian=`` (no autograd)."""
+        fs = self.finite_sum
+        return fs is not None and fs.hessian is not None and self.user_hvp is None
+
     def _evaluate_chunked(self, fs, x: Tensor, graph: bool) -> Point:
         """A FiniteSum with a ``batch_size``: value and gradient chunk by chunk; products
         (``graph``) recompute each chunk's gradient graph instead of keeping all of them."""
@@ -231,7 +237,7 @@ class Objective:
         """The dense Hessian at ``pt`` (which must carry ``hvp``), symmetrised; a
         FiniteSum's own ``hessian`` (a closed form) where it has one."""
         fs = self.finite_sum
-        if fs is not None and self.user_hvp is None and (fs.hessian is not None or fs.chunked):
+        if self.closed_form_hessian or (fs is not None and fs.chunked and self.user_hvp is None):
             H = fs._dense_hessian(pt.x, self.shape)
             self.counts.nhev += 1
             if H is not None:

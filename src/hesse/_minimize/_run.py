@@ -120,12 +120,17 @@ class Run:
     def negative_curvature(self, pt: Point, H: Tensor | None = None) -> tuple[float, Tensor] | None:
         """A direction of negative curvature at a stationary ``pt``, if there is one
         (:func:`hesse.solvers.negative_curvature`): from the dense Hessian when ``H`` is
-        given or ``n <= 16``, else from Lanczos on at most 20 Hessian-vector products; the
-        curvature along the direction found must be below ``-curvature_tol``."""
+        given, ``n <= 16``, or a FiniteSum gives it in closed form (``n <= 4096``), else
+        from Lanczos on at most 20 Hessian-vector products; the curvature along the
+        direction found must be below ``-curvature_tol``."""
         if not self.saddle_check:
             return None
         try:
-            if pt.hvp is None:  # evaluated without the gradient's graph: build it here
+            if H is None and self.obj.closed_form_hessian and self.obj.n <= 4096:
+                H = self.obj.hessian(pt)  # cheaper than the gradient's graph and Lanczos
+                if not bool(torch.isfinite(H).all()):
+                    return None
+            if H is None and pt.hvp is None:  # evaluated without the gradient's graph
                 pt = self.obj.evaluate(pt.x, graph=True)
                 if not pt.finite or pt.hvp is None:
                     return None
