@@ -111,12 +111,16 @@ class Problem:
         params = dict(model.named_parameters())
         return 0.5 * self.l2 * sum((params[n] ** 2).sum() for n in self.penalized)
 
-    def objective(self, model: nn.Module) -> tuple[FiniteSum, Tensor]:
+    def objective(
+        self, model: nn.Module, batch_size: int | None = None
+    ) -> tuple[FiniteSum, Tensor]:
         """The training objective as a function of one flat parameter vector.
 
         Args:
             model: Gives the architecture and the layout of the vector (the concatenation
                 of its parameters in order); it is not changed.
+            batch_size: the :class:`hesse.FiniteSum`'s ``batch_size`` (evaluations over
+                chunks of that many samples; ``None``: all at once).
 
         Returns:
             ``(fun, w)``: ``fun(w)`` is the objective on the training set at the flat
@@ -150,6 +154,7 @@ class Problem:
             regularizer=penalty if self.l2 else None,
             reduction="sum" if reduction == "sum" else "mean",
             hessian=_dense_hessian(model, loss_fn),
+            batch_size=batch_size,
         )
         return fun, torch.cat([p.detach().reshape(-1) for p in params])
 
