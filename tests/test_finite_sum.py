@@ -377,3 +377,14 @@ def test_the_saddle_check_uses_the_closed_form_hessian():
     r = minimize(saddle, torch.zeros(2, dtype=D), "newton", options={"gtol": 1e-10, "ftol": 0.0})
     assert r.status == "converged" and r.nhvp == 0
     assert abs(float(r.x[1])) == pytest.approx(2**0.5, rel=1e-8)  # sqrt(2 * mean a) = sqrt(2)
+
+
+def test_a_step_to_a_stationary_point_ends_converged_not_ftol():
+    """A step that lands where the gradient test passes ends the run as ``"converged"``
+    (after the saddle check), even if f also changed by less than ftol: Newton's last
+    step on logistic regression (it reported "ftol" with a gradient of 1.8e-17)."""
+    p = problem("logistic-correlated", samples=2000)
+    torch.manual_seed(0)
+    fun, w0 = p.objective(p.make_model())
+    r = minimize(fun, w0, "newton", options={"gtol": 1e-12})
+    assert r.status == "converged" and float(r.jac.abs().max()) <= 1e-12

@@ -83,6 +83,9 @@ class Run:
                 stop = True
             if stop:
                 raise Stop("callback", "stopped by the callback")
+        if self.converged(new):  # the loop ends it, after the saddle check
+            self.check_budget()
+            return
         if abs(old.f - new.f) <= self.tol.ftol * max(abs(old.f), abs(new.f), 1.0):
             raise Stop(
                 "ftol",
