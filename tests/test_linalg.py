@@ -1,6 +1,8 @@
 """Lanczos, power iteration, CG, MINRES, SLQ and low-rank approximations against dense
 float64 references with known spectra."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,30 @@ def test_lanczos_needs_few_products_on_a_gap_and_reports_non_convergence():
     assert not hard.success and hard.status == "max_iterations" and hard.matvecs == 5
     with pytest.raises(NotConvergedError, match="raise max_iter"):
         hard.raise_for_status()
+
+
+def test_failure_messages_say_what_to_change_from_the_shared_vocabulary():
+    # Each ending's advice is the one template of hesse.linalg.Status, in the routine's
+    # names (cg's tolerance is rtol); a non-finite product never advises more iterations.
+    from hesse.linalg import Status
+
+    A = with_spectrum(torch.logspace(-2, 2, 30, dtype=torch.float64))
+    b = torch.ones(30, dtype=torch.float64)
+    r = cg(A, b, max_iter=2)
+    assert r.status == Status.MAX_ITERATIONS
+    assert "not converged: raise max_iter or loosen rtol" in r.message
+    r = cg(with_spectrum(SPECTRA["indefinite"]), torch.ones(200, dtype=torch.float64))
+    assert r.status == Status.NEGATIVE_CURVATURE
+    assert Status.NEGATIVE_CURVATURE.advice() in r.message and "minres" in r.message
+    r = cg(A, b, M=-torch.eye(30, dtype=torch.float64))  # a negative definite preconditioner
+    assert r.status == Status.BREAKDOWN
+    assert "pass a positive definite preconditioner, or none" in r.message
+    hard = lanczos(A, k=1, which="smallest", tol=1e-12, max_iter=3, seed=0)
+    assert hard.status == Status.MAX_ITERATIONS and "raise max_iter or loosen tol" in hard.message
+
+    # (a non-finite product raises NonFiniteError; a Ritz value that overflows ends the run)
+    bad = dataclasses.replace(hard, status=Status.NON_FINITE)
+    assert not bad.success and "not finite" in bad.message and "max_iter" not in bad.message
 
 
 def test_lanczos_is_seeded_and_keeps_dtype():

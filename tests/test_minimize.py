@@ -251,6 +251,33 @@ def test_every_failure_status_has_advice():
     assert {s for s, ok in STATUSES.items() if not ok} <= set(ADVICE)
 
 
+def test_statuses_are_the_one_vocabulary_and_still_strings():
+    # OptimizeResult's statuses are members of hesse.linalg.Status (which linalg's results
+    # and the line searches' outcomes use too), equal to and hashing like the strings that
+    # earlier versions returned; the advice is each status's one template in minimize's
+    # names.
+    from hesse._minimize._result import ADVICE, STATUSES, OptimizeResult
+    from hesse.linalg import Status
+
+    assert all(isinstance(s, Status) for s in STATUSES)
+    assert STATUSES["ftol"] is True and STATUSES["no_progress"] is False  # string keys work
+    p = classic_function("rosenbrock")
+    r = minimize(p.fun, p.x0(), "bfgs", max_iter=3)
+    assert r.status is Status.MAX_ITERATIONS and r.status == "max_iterations"
+    assert r.status in ("max_iterations",) and f"{r.status}" == "max_iterations"
+    assert r.advice == ADVICE["max_iterations"]
+    assert r.advice.startswith(Status.MAX_ITERATIONS.advice())  # "raise max_iter or loosen tol"
+    assert ADVICE["max_evaluations"] == Status.MAX_EVALUATIONS.advice(
+        max_evals='options["max_fev"]'
+    )
+    good = minimize(p.fun, p.x0(), "trust-ncg")
+    assert good.status is Status.CONVERGED and good.advice == ""
+    fields = {k: r[k] for k in r.keys()}
+    assert OptimizeResult(**{**fields, "status": "ftol"}).status is Status.FTOL
+    with pytest.raises(ValueError, match=r"status must be one of \[.*'callback'\], got 'done'"):
+        OptimizeResult(**{**fields, "status": "done"})
+
+
 def test_matches_scipy_on_the_same_problem():
     scipy_optimize = pytest.importorskip("scipy.optimize")
     p = classic_function("wood")
@@ -279,9 +306,9 @@ def test_bad_input_gets_clear_errors():
         minimize(f, x0, "newton", options={"correction": "flip"})
     with pytest.raises(ValueError, match="c1 < c2"):
         minimize(f, x0, "bfgs", options={"c1": 0.9, "c2": 0.1})
-    with pytest.raises(ValueError, match="tol must be a positive number"):
+    with pytest.raises(ValueError, match=r"tol must be a finite real number > 0, got -1\.0"):
         minimize(f, x0, tol=-1.0)
-    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got 0"):
         minimize(f, x0, max_iter=0)
     with pytest.raises(TypeError, match="floating point"):
         minimize(f, torch.ones(2, dtype=torch.int64))

@@ -104,6 +104,41 @@ def test_line_search_refuses_an_ascent_direction():
         assert r.status == "failed" and r.alpha == 0.0 and "descent" in r.message
 
 
+def test_line_search_outcomes_are_statuses_with_advice():
+    # .status says which condition the step meets ("wolfe", "armijo", "failed"); .outcome
+    # says how the search ended, in the vocabulary of every hesse result.
+    from hesse.linalg import Status
+    from hesse.solvers import LineSearchResult
+
+    quad = lambda a: ((a - 2.0) ** 2, 2 * (a - 2.0), None)  # noqa: E731
+    ok = strong_wolfe(quad, 4.0, -4.0, c2=0.1)
+    assert ok.status == "wolfe" and ok.outcome is Status.CONVERGED and ok.advice == ""
+    ok = armijo(quad, 4.0, -4.0)
+    assert ok.status == "armijo" and ok.outcome is Status.CONVERGED
+    ascent = lambda a: (1.0 + a, 1.0, None)  # noqa: E731
+    for search in (strong_wolfe, armijo):
+        r = search(ascent, 1.0, 1.0)
+        assert r.outcome is Status.NO_PROGRESS and "gradient correct" in r.advice
+    r = armijo(ascent, 1.0, -1.0, max_evals=5)  # the slope lies: f only grows
+    assert (r.status, r.outcome, r.nfev) == ("failed", Status.MAX_EVALUATIONS, 5)
+    assert r.advice == "raise max_evals"
+    r = strong_wolfe(ascent, 1.0, -1.0, max_evals=40)  # zooms to 0 until the budget is spent
+    assert (r.status, r.outcome, r.nfev) == ("failed", Status.MAX_EVALUATIONS, 40)
+    assert "40 evaluations spent" in r.message  # not "the bracket collapsed": it did not
+    down = lambda a: (-a, -1.0, None)  # noqa: E731
+    r = strong_wolfe(down, 0.0, -1.0, max_evals=3)  # decrease, never the curvature condition
+    assert r.accepted and r.status == "armijo" and r.outcome is Status.MAX_EVALUATIONS
+    lying = lambda a: ((a - 1.0) ** 2, -2.0, None)  # noqa: E731  # the slope never flattens
+    r = strong_wolfe(lying, 1.0, -2.0)
+    assert r.accepted and r.outcome is Status.PRECISION and "bracket collapsed" in r.message
+    assert "wider dtype" in r.advice
+    # constructed by hand (the positional fields of earlier versions): read from status
+    assert LineSearchResult(0.0, 1.0, -1.0, None, 3, "failed", "x").outcome == "no_progress"
+    assert LineSearchResult(1.0, 0.0, 0.0, None, 1, "wolfe", "x").outcome == "converged"
+    with pytest.raises(ValueError, match="status must be 'wolfe', 'armijo' or 'failed', got 'ok'"):
+        LineSearchResult(1.0, 0.0, 0.0, None, 1, "ok", "x")
+
+
 def test_armijo_interpolates_to_the_quadratic_minimiser():
     phi = lambda a: ((a - 0.3) ** 2, 2 * (a - 0.3), None)  # noqa: E731
     r = armijo(phi, 0.09, -0.6)
@@ -461,3 +496,55 @@ def test_default_tolerances_follow_the_dtype():
     t64, t32 = default_tolerances(torch.float64), default_tolerances(torch.float32)
     assert t64.gtol < 1e-5 < t32.gtol < 1e-2
     assert t64.ftol < t32.ftol
+
+
+# -- the one-probe Hutchinson diagonal ------------------------------------------------------
+def test_rademacher_like_draws_each_tensor_in_order():
+    from hesse._core._random import rademacher
+    from hesse.solvers import rademacher_like
+
+    like = [torch.zeros(3, 4, dtype=torch.float32), torch.zeros(5, dtype=f64)]
+    zs = rademacher_like(like, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    refs = [rademacher(t.shape, dtype=t.dtype, device=t.device, generator=g) for t in like]
+    assert all(z.dtype == t.dtype and torch.equal(z, r) for z, t, r in zip(zs, like, refs))
+
+
+def test_hutchinson_probe_and_linalg_estimator_agree_probe_for_probe():
+    # One kernel, z ⊙ Hz, and one draw: with the same generator the solvers' s-probe mean
+    # and hesse.linalg's estimator (one probe per product) see the same signs. An integer
+    # matrix keeps every sum exact, so the two averages are equal, not close.
+    from hesse.linalg import hutchinson_diagonal
+    from hesse.solvers import hutchinson_diagonal_probe
+
+    H = torch.randint(-5, 6, (7, 7), generator=torch.Generator().manual_seed(0)).to(f64)
+    H = H + H.T
+    for s, batch in ((2, 1), (4, 2), (8, 8)):  # batch means and merges by powers of two
+        probe = hutchinson_diagonal_probe(
+            lambda z: [H @ z[0]], [torch.zeros(7, dtype=f64)], torch.Generator().manual_seed(4), s
+        )[0]
+        g = torch.Generator().manual_seed(4)
+        est = hutchinson_diagonal(H, s, generator=g, batch_size=batch)
+        assert torch.equal(probe, est.estimate)
+
+
+def test_hutchinson_probe_is_the_mean_of_probe_steps():
+    from hesse.linalg._diag import probe_diagonal
+    from hesse.solvers import hutchinson_diagonal_probe, rademacher_like
+
+    H = spd(5, 3)
+    like = [torch.zeros(2, dtype=f64), torch.zeros(3, dtype=f64)]
+
+    def hvp(z):
+        return list((H @ torch.cat(z)).split([2, 3]))
+
+    one = hutchinson_diagonal_probe(hvp, like, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    assert all(map(torch.equal, one, probe_diagonal(hvp, rademacher_like(like, g))))
+    three = hutchinson_diagonal_probe(hvp, like, torch.Generator().manual_seed(1), samples=3)
+    g = torch.Generator().manual_seed(1)
+    steps = [probe_diagonal(hvp, rademacher_like(like, g)) for _ in range(3)]
+    for k in range(2):
+        torch.testing.assert_close(three[k], sum(st[k] for st in steps) / 3, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="samples must be an integer >= 1, got 0"):
+        hutchinson_diagonal_probe(hvp, like, g, samples=0)

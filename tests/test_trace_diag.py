@@ -384,3 +384,33 @@ def test_density_negative_shares_match_the_eigenvalues():
     exact_count = (ev < -r.sigma).mean()
     assert abs(r.negative_curvature_share() - exact_curv) < 0.02
     assert abs(r.negative_eigenvalue_share() - exact_count) < 0.05
+
+
+# -- the shared probe step ----------------------------------------------------------------
+def test_probe_diagonal_is_z_times_az():
+    from hesse.linalg._diag import probe_diagonal
+
+    A = MATRICES["indefinite"][:6, :6]
+    z = torch.tensor([1.0, -1, -1, 1, 1, -1], **F64)
+    (d,) = probe_diagonal(lambda v: [A @ v[0]], [z])
+    torch.testing.assert_close(d, z * (A @ z), rtol=0, atol=0)
+    # blocks: the products of the blocks of one vector
+    blocks = probe_diagonal(lambda v: list((A @ torch.cat(v)).split([2, 4])), [z[:2], z[2:]])
+    assert torch.equal(torch.cat(blocks), d)
+    with pytest.raises(ValueError, match=r"one tensor per tensor of the probe \(2\), got 1"):
+        probe_diagonal(lambda v: [A @ torch.cat(v)], [z[:2], z[2:]])
+
+
+def test_hutchinson_diagonal_is_the_mean_of_probe_steps_with_its_signs():
+    # Pins the estimator to its parts: probe k is row k of one (m, P) Rademacher draw from
+    # the seed, whatever the batch size, and the estimate is the mean of z ⊙ Az over them.
+    from hesse._core._random import rademacher
+
+    A = MATRICES["indefinite"]
+    n, m = A.shape[0], 24
+    Z = rademacher((m, n), dtype=A.dtype, device="cpu", generator=torch.Generator().manual_seed(9))
+    V = Z * (A @ Z.T).T
+    for batch in (5, 24):
+        r = hutchinson_diagonal(A, m, seed=9, batch_size=batch)
+        torch.testing.assert_close(r.estimate, V.mean(0), rtol=1e-13, atol=1e-12)
+        torch.testing.assert_close(r.stderr, V.std(0) / math.sqrt(m), rtol=1e-10, atol=1e-12)

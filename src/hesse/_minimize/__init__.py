@@ -4,7 +4,6 @@ driving the mathematics of :mod:`hesse.solvers`."""
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_int, check_real
 from hesse._minimize._directions import LBFGS, Gradient, Newton, NewtonCG, bfgs, dfp
 from hesse._minimize._finite_sum import (
     SUBSAMPLED_OPTIONS,
@@ -161,19 +161,16 @@ def _options(method: str, options: dict | None) -> dict[str, Any]:
 
 def _number(key: str, v: object, positive: bool = False) -> float:
     """``v`` as a float if it is a finite real number ``>= 0`` (``> 0`` if ``positive``);
-    else a ``ValueError`` naming the option. ``nan`` and ``inf`` are refused: compared with
-    a threshold, ``nan`` silently turns a test off and ``inf`` makes it vacuous."""
-    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not (v > 0 if positive else v >= 0):
-        what = "positive number (finite, > 0)" if positive else "non-negative number (finite)"
-        raise ValueError(f"{key} must be a {what}, got {v!r}")
-    return float(v)
+    else a ``ValueError`` naming the option (:func:`hesse._core._checks.check_real`).
+    ``nan`` and ``inf`` are refused: compared with a threshold, ``nan`` silently turns a
+    test off and ``inf`` makes it vacuous."""
+    return check_real(v, key, 0.0, open_lo=positive)
 
 
 def _positive_int(key: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{key} must be a positive integer, got {v!r}")
-    return int(v)
+    """``v`` as an int ``>= 1`` (never a bool or a float), else a ``ValueError`` naming the
+    option (:func:`hesse._core._checks.check_int`)."""
+    return check_int(v, key, 1)
 
 
 def _tolerances(dtype: torch.dtype, tol: float | None, opts: dict) -> Tolerances:

@@ -7,37 +7,43 @@ from typing import Any
 
 from torch import Tensor
 
-from hesse.linalg import NotConvergedError
+from hesse._core._status import NotConvergedError, Status
 
-#: How a run can end, and whether that counts as success.
-STATUSES = {
-    "converged": True,  # the gradient test passed (and, for second-order methods, no
+#: How a run can end, and whether that counts as success: the minimisation endings of the
+#: one vocabulary :class:`hesse.linalg.Status` (keys are its members, which equal and hash
+#: like their strings: ``STATUSES["ftol"]`` works).
+STATUSES: dict[Status, bool] = {
+    Status.CONVERGED: True,  # the gradient test passed (and, for second-order methods, no
     # direction of negative curvature was found there)
-    "ftol": True,  # an iteration changed f by less than ftol: nothing more to gain (a
+    Status.FTOL: True,  # an iteration changed f by less than ftol: nothing more to gain (a
     # success only if the gradient is small-ish too, see Run.result)
-    "xtol": True,  # a step shorter than xtol (likewise)
-    "max_iterations": False,
-    "max_evaluations": False,
-    "no_progress": False,  # no acceptable step: a line search failed, a trust region collapsed
-    "non_finite": False,
-    "callback": False,
+    Status.XTOL: True,  # a step shorter than xtol (likewise)
+    Status.MAX_ITERATIONS: False,
+    Status.MAX_EVALUATIONS: False,
+    Status.NO_PROGRESS: False,  # no acceptable step: a line search failed, a trust region
+    # collapsed
+    Status.NON_FINITE: False,
+    Status.CALLBACK: False,
 }
 
-#: What to change when a run ends with a status that is not a success.
-ADVICE = {
-    "ftol": "f stopped changing with the gradient still large: rescale x so that its "
-    "entries are of similar size, or try another method",
-    "xtol": "the steps became negligible with the gradient still large: rescale x so that "
-    "its entries are of similar size, or try another method",
-    "max_iterations": "raise max_iter, or use a method with second-order information "
-    "(trust-ncg, newton-cg)",
-    "max_evaluations": 'raise options["max_fev"]',
-    "no_progress": "check that fun is smooth and its gradient correct (pass grad= or "
-    "compare with finite differences), rescale x, or try another method",
-    "non_finite": "start from a point where fun and its gradient are finite, or bound the "
-    "variables so that fun stays finite",
-    "callback": "the callback asked to stop; the best point so far is returned",
+#: The names of minimize's settings in :meth:`Status.advice`'s templates.
+ADVICE_NAMES = {
+    "tol": "tol",
+    "max_evals": 'options["max_fev"]',
+    "fun": "fun",
+    "x": "x",
+    "gradient_check": "pass grad= or compare with finite differences",
 }
+
+#: What to change when a run ends with a status that is not a success: each status's one
+#: template (:meth:`Status.advice`) in minimize's names, and for ``max_iterations`` the
+#: methods that need fewer iterations.
+ADVICE: dict[Status, str] = {
+    s: s.advice(**ADVICE_NAMES) for s in STATUSES if s is not Status.CONVERGED
+}
+ADVICE[Status.MAX_ITERATIONS] += (
+    ", or use a method with second-order information (trust-ncg, newton-cg)"
+)
 
 
 @dataclass
@@ -57,9 +63,11 @@ class OptimizeResult:
         success: whether a convergence test passed; never with a non-finite ``fun``. A
             stop on ``ftol`` or ``xtol`` (nothing changes any more) counts only where the
             gradient norm is within ``sqrt(gtol)`` or 1e-3 of the start's.
-        status: ``"converged"``, ``"ftol"``, ``"xtol"`` (successes), or
+        status: a :class:`hesse.linalg.Status` (a ``str``: it equals ``"converged"``,
+            ...): ``"converged"``, ``"ftol"``, ``"xtol"`` (successes), or
             ``"max_iterations"``, ``"max_evaluations"``, ``"no_progress"``,
-            ``"non_finite"``, ``"callback"``.
+            ``"non_finite"``, ``"callback"``. A string given here is turned into its
+            member; one outside :data:`STATUSES` is a ``ValueError``.
         message: what happened, and what to change when it failed.
         method: the method's name.
         hess_inv: the inverse-Hessian approximation (``bfgs``, ``dfp``), flat ``(n, n)``.
@@ -76,11 +84,23 @@ class OptimizeResult:
     nhev: int
     nhvp: int
     success: bool
-    status: str
+    status: Status
     message: str
     method: str = ""
     hess_inv: Tensor | None = None
     history: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(
+                f"status must be one of {[str(s) for s in STATUSES]}, got {self.status!r}"
+            )
+        self.status = Status(self.status)
+
+    @property
+    def advice(self) -> str:
+        """What to change after this run (:data:`ADVICE`); ``""`` after a success."""
+        return "" if self.success else ADVICE.get(self.status, "")
 
     def raise_for_status(self) -> OptimizeResult:
         """Return ``self`` if the run succeeded, else raise
@@ -91,14 +111,14 @@ class OptimizeResult:
             >>> import torch, hesse
             >>> f = lambda x: ((x - 1) ** 2).sum()
             >>> x0 = torch.zeros(3, dtype=torch.float64)
-            >>> hesse.minimize(f, x0, "bfgs").raise_for_status().status
+            >>> str(hesse.minimize(f, x0, "bfgs").raise_for_status().status)
             'converged'
         """
         if self.success:
             return self
-        advice = ADVICE.get(self.status, "")
+        advice = self.advice
         raise NotConvergedError(
-            f"minimize(method={self.method!r}) did not succeed: status {self.status!r} "
+            f"minimize(method={self.method!r}) did not succeed: status '{self.status}' "
             f"after {self.nit} iterations and {self.nfev} evaluations: {self.message}"
             + (f". To fix: {advice}" if advice else "")
         )

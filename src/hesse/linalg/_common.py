@@ -1,9 +1,9 @@
-"""Shared pieces of the matrix-free algorithms: operands, random probes, statuses, and the
-precision they work in."""
+"""Shared pieces of the matrix-free algorithms: operands, the generator of random probes,
+statuses (the vocabulary of :mod:`hesse._core._status`, re-exported), and the precision
+they work in. The probes themselves are drawn by :func:`hesse._core._random.rademacher`."""
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -11,27 +11,9 @@ from torch import Tensor
 
 from hesse._core._checks import check_choice as check_choice  # re-exported
 from hesse._core._checks import check_int, check_real, check_seed
+from hesse._core._status import NotConvergedError as NotConvergedError  # re-exported
+from hesse._core._status import Status as Status  # re-exported
 from hesse.operators import CurvatureOperator, DenseOperator
-
-
-class Status(str, Enum):
-    """How an iterative routine ended. A string, so ``result.status == "converged"`` works."""
-
-    CONVERGED = "converged"
-    MAX_ITERATIONS = "max_iterations"
-    NEGATIVE_CURVATURE = "negative_curvature"
-    BOUNDARY = "boundary"
-    BREAKDOWN = "breakdown"
-    NON_FINITE = "non_finite"
-    BUDGET = "budget"  # a fixed budget of products was spent (estimators: not a failure)
-    PRECISION = "precision"  # the answer is below what the products' accuracy resolves
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class NotConvergedError(RuntimeError):
-    """Raised by ``result.raise_for_status()`` when a routine did not succeed."""
 
 
 class Result:
@@ -164,15 +146,6 @@ def make_generator(
             seed = int(torch.randint(0, 2**62, (1,)))
         g.manual_seed(seed)
     return g if op is None else op.synchronize_generator(g)
-
-
-def rademacher(
-    n: int, k: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
-) -> Tensor:
-    """An ``(n, k)`` matrix of independent random signs, drawn as 0/1 directly in
-    ``dtype`` and mapped in place (no integer tensor and conversion: 3x faster on CPU)."""
-    z = torch.randint(0, 2, (n, k), generator=generator, dtype=dtype, device=device)
-    return z.mul_(2).sub_(1)
 
 
 def gaussian(

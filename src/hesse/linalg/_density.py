@@ -10,13 +10,13 @@ from torch import Tensor
 
 from hesse._core._checks import check_finite, check_int, check_real
 from hesse._core._progress import report
+from hesse._core._random import rademacher
 from hesse.linalg._common import (
     Status,
     as_operator,
     make_generator,
     product_dtype,
     promote,
-    rademacher,
 )
 
 
@@ -87,7 +87,8 @@ def slq_nodes(
     n = op.shape[0]
     steps = min(steps, n)
     report("budget", num_probes * steps)
-    V = rademacher(n, num_probes, op.dtype, op.device, generator) / math.sqrt(n)
+    V = rademacher((n, num_probes), dtype=op.dtype, device=op.device, generator=generator)
+    V = V / math.sqrt(n)
     Q = torch.zeros(num_probes, steps, n, dtype=op.dtype, device=op.device)
     alphas = torch.zeros(num_probes, steps, dtype=op.dtype, device=op.device)
     betas = torch.zeros(num_probes, steps, dtype=op.dtype, device=op.device)

@@ -8,6 +8,7 @@ operator, whose products run in its dtype and the rest in float32).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,40 @@ def exact_diagonal(A: object) -> DiagonalResult:
     return _finish(op, "exact", d, torch.zeros_like(d), n, Status.CONVERGED)
 
 
+def probe_diagonal(
+    matvec: Callable[[list[Tensor]], Sequence[Tensor]], z: Sequence[Tensor]
+) -> list[Tensor]:
+    r"""The probe step of the Bekas-Kokiopoulou-Saad (Hutchinson) diagonal estimator,
+    :math:`z \odot A z`: with independent random signs in :math:`z` its expectation is
+    :math:`\operatorname{diag}(A)`.
+
+    The one kernel of :func:`hutchinson_diagonal` (``z`` one ``(P, k)`` block of ``k``
+    probes as columns, ``matvec`` the operator's product) and of
+    :func:`hesse.solvers.hutchinson_diagonal_probe` (``z`` one tensor per parameter,
+    ``matvec`` a Hessian-vector product over the parameters): the estimators differ in
+    how they draw and average the probes, not in the step.
+
+    Args:
+        matvec: maps the list ``z`` to :math:`A z`, one tensor per tensor of ``z``.
+        z: the probe, as a list of tensors (the blocks of one vector, or of a matrix).
+
+    Returns:
+        :math:`z_i \odot (A z)_i` for each block ``i``.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> z = torch.tensor([1.0, -1.0])
+        >>> probe_diagonal(lambda v: [A @ v[0]], [z])  # z * (A z) = (1, 2)
+        [tensor([1., 2.])]
+    """
+    Az = matvec(list(z))
+    if len(Az) != len(z):
+        raise ValueError(
+            f"the product must return one tensor per tensor of the probe ({len(z)}), got {len(Az)}"
+        )
+    return [zi * azi for zi, azi in zip(z, Az)]
+
+
 def hutchinson_diagonal(
     A: object,
     num_matvecs: int = 100,
@@ -150,7 +185,7 @@ def hutchinson_diagonal(
     for start in range(0, m, batch):
         Z = sign_probes(n, min(batch, m - start), op, g)
         try:
-            V = Z * (op @ Z)
+            (V,) = probe_diagonal(lambda z: [op @ z[0]], [Z])  # one probe per column
         except NonFiniteError:
             return _finish(op, "hutchinson", None, None, start + Z.shape[1])
         # merge the batch's mean and squared deviations (Chan, Golub, LeVeque)

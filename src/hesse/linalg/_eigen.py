@@ -70,9 +70,13 @@ class EigenResult(Result):
                 msg += f", to {self.error_floor:.2g}: the accuracy of {self.dtype} products"
             return msg
         done = int(self.converged.sum())
+        if self.status == Status.NON_FINITE:
+            fix = "a product was not finite: check the model, the data and the dtype"
+        else:
+            fix = self.status.advice()
         return (
             f"{done} of {self.converged.numel()} eigenpair(s) converged to rtol={self.tol} "
-            f"({self.status}) after {self.matvecs} products; raise max_iter or tol"
+            f"({self.status}) after {self.matvecs} products; {fix}"
         )
 
 

@@ -53,14 +53,15 @@ class SolveResult(Result):
 
     @property
     def message(self) -> str:
+        advice = self.status.advice(tol="rtol")  # what to change (one template per status)
         hints = {
             Status.CONVERGED: "converged",
-            Status.MAX_ITERATIONS: "not converged: raise max_iter or loosen rtol",
-            Status.NEGATIVE_CURVATURE: "stopped at a direction of negative curvature; the "
-            "operator is not positive definite (damp it, or use minres)",
+            Status.MAX_ITERATIONS: f"not converged: {advice}",
+            Status.NEGATIVE_CURVATURE: f"stopped at a direction of negative curvature; {advice}",
             Status.BOUNDARY: "the step reached the trust-region boundary",
-            Status.BREAKDOWN: "breakdown: the preconditioner is not positive definite",
-            Status.NON_FINITE: "a product or the right-hand side is not finite",
+            Status.BREAKDOWN: f"breakdown: the preconditioner is not positive definite; {advice}",
+            Status.NON_FINITE: "a product or the right-hand side is not finite; check the "
+            "model, the data and the dtype",
         }
         return (
             f"{hints[self.status]} after {self.iterations} iterations "

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hesse._core import NonFiniteError
 from hesse._core._progress import report
+from hesse._core._random import rademacher
 from hesse.linalg._common import (
     Result,
     Status,
@@ -23,7 +24,6 @@ from hesse.linalg._common import (
     make_generator,
     product_dtype,
     promote,
-    rademacher,
 )
 from hesse.operators import CurvatureOperator
 
@@ -96,7 +96,7 @@ def prepare(
 def signs(n: int, k: int, op: CurvatureOperator, g: torch.Generator) -> Tensor:
     """An ``(n, k)`` matrix of random signs, drawn row by row per probe so that (on CPU) the
     probes do not depend on how many are drawn at once."""
-    return rademacher(k, n, op.dtype, op.device, g).T.contiguous()
+    return rademacher((k, n), dtype=op.dtype, device=op.device, generator=g).T.contiguous()
 
 
 def apply(op: CurvatureOperator, V: Tensor, batch: int) -> Tensor:

@@ -3,7 +3,9 @@ r"""The stochastic diagonal of the Hessian that AdaHessian and Sophia both use.
 One Rademacher probe :math:`z` gives :math:`z \odot H z`, an unbiased estimate of
 :math:`\mathrm{diag}(H)` (Bekas, Kokiopoulou & Saad 2007); the optimizers average it over
 steps. (:func:`hesse.linalg.hutchinson_diagonal` is the many-probe estimator on an
-operator; this is the one-probe form on a list of parameter tensors.)
+operator, with standard errors; this is the one-probe form on a list of parameter
+tensors. Both take the probe step from :func:`hesse.linalg._diag.probe_diagonal` and the
+signs from :func:`hesse._core._random.rademacher`.)
 """
 
 from __future__ import annotations
@@ -13,14 +15,22 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from hesse._core._checks import check_int
+from hesse._core._random import rademacher
+from hesse.linalg._diag import probe_diagonal
+
 
 def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
-    """Random signs shaped like each tensor, drawn from ``generator`` in order."""
+    """Random signs shaped like each tensor (its dtype, its device), drawn from
+    ``generator`` in order (:func:`hesse._core._random.rademacher`, one call per tensor).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> [z.shape for z in rademacher_like([torch.zeros(2, 3), torch.zeros(4)], g)]
+        [torch.Size([2, 3]), torch.Size([4])]
+    """
     return [
-        torch.randint(0, 2, t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        .mul_(2)
-        .sub_(1)
-        for t in tensors
+        rademacher(t.shape, dtype=t.dtype, device=t.device, generator=generator) for t in tensors
     ]
 
 
@@ -40,12 +50,11 @@ def hutchinson_diagonal_probe(
         >>> d[0].round(decimals=1)
         tensor([2., 3.])
     """
+    samples = check_int(samples, "samples")
     if samples == 1:  # the common case: no accumulators
-        z = rademacher_like(like, generator)
-        return [zi * hz for zi, hz in zip(z, hvp(z))]
+        return probe_diagonal(hvp, rademacher_like(like, generator))
     total = [torch.zeros_like(t) for t in like]
     for _ in range(samples):
-        z = rademacher_like(like, generator)
-        for acc, zi, hz in zip(total, z, hvp(z)):
-            acc.add_(zi * hz)
+        for acc, d in zip(total, probe_diagonal(hvp, rademacher_like(like, generator))):
+            acc.add_(d)
     return [t.div_(samples) for t in total]

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hesse._core._status import Status
+
 Phi = Callable[[float], tuple[float, float, Any]]
 
 #: How far a step is cut back after a non-finite trial.
@@ -49,9 +51,18 @@ class LineSearchResult:
         f, df: :math:`\\phi(\\alpha)` and :math:`\\phi'(\\alpha)` there.
         payload: what ``phi`` returned with them.
         nfev: evaluations of ``phi``.
-        status: ``"wolfe"`` (strong Wolfe conditions hold), ``"armijo"`` (sufficient
-            decrease only), or ``"failed"`` (no step with sufficient decrease was found).
+        status: which condition the step meets: ``"wolfe"`` (the Wolfe conditions hold),
+            ``"armijo"`` (sufficient decrease only), or ``"failed"`` (no step with
+            sufficient decrease was found).
         message: a sentence for the user.
+        outcome: how the search ended, in the vocabulary of every hesse result
+            (:class:`hesse.linalg.Status`): ``"converged"`` (the search's own conditions
+            hold: Wolfe for :func:`strong_wolfe`, sufficient decrease for :func:`armijo`),
+            ``"max_evaluations"`` (the budget ran out; the best step with sufficient
+            decrease, if any, is returned), ``"precision"`` (the bracket shrank below the
+            resolution of the step), or ``"no_progress"`` (not a descent direction).
+            :attr:`advice` says what to change. ``accepted`` and ``outcome`` differ: a
+            Wolfe search that ran out of evaluations still returns a step.
     """
 
     alpha: float
@@ -61,18 +72,40 @@ class LineSearchResult:
     nfev: int
     status: str
     message: str
+    outcome: Status | None = None  # None: read from ``status`` (constructed by hand)
+
+    def __post_init__(self) -> None:
+        if self.status not in ("wolfe", "armijo", "failed"):
+            raise ValueError(f"status must be 'wolfe', 'armijo' or 'failed', got {self.status!r}")
+        outcome = self.outcome
+        if outcome is None:
+            outcome = Status.NO_PROGRESS if self.status == "failed" else Status.CONVERGED
+        object.__setattr__(self, "outcome", Status(outcome))
 
     @property
     def accepted(self) -> bool:
         return self.status != "failed"
 
+    @property
+    def advice(self) -> str:
+        """What to change after this search (:meth:`hesse.linalg.Status.advice`); ``""``
+        when it converged."""
+        return Status(self.outcome).advice(max_evals="max_evals", products="the function")
 
-def _accept(t: Trial, nfev: int, status: str, message: str) -> LineSearchResult:
-    return LineSearchResult(t.alpha, t.f, t.df, t.payload, nfev, status, message)
+
+def _accept(
+    t: Trial, nfev: int, status: str, message: str, outcome: Status = Status.CONVERGED
+) -> LineSearchResult:
+    return LineSearchResult(t.alpha, t.f, t.df, t.payload, nfev, status, message, outcome)
 
 
-def _failed(f0: float, df0: float, nfev: int, message: str) -> LineSearchResult:
-    return LineSearchResult(0.0, f0, df0, None, nfev, "failed", message)
+def _failed(f0: float, df0: float, nfev: int, message: str, outcome: Status) -> LineSearchResult:
+    return LineSearchResult(0.0, f0, df0, None, nfev, "failed", message, outcome)
+
+
+def _not_descent(f0: float, df0: float) -> LineSearchResult:
+    message = f"not a descent direction (slope {df0:.3e})"
+    return _failed(f0, df0, 0, message, Status.NO_PROGRESS)
 
 
 def cubic_minimizer(a: Trial, b: Trial, lo: float, hi: float) -> float:
@@ -170,11 +203,11 @@ def armijo(
     Example:
         >>> phi = lambda a: ((a - 0.3) ** 2, 2 * (a - 0.3), None)
         >>> r = armijo(phi, 0.09, -0.6)
-        >>> r.status, round(r.alpha, 3)
-        ('armijo', 0.3)
+        >>> r.status, r.outcome == "converged", round(r.alpha, 3)
+        ('armijo', True, 0.3)
     """
     if not df0 < 0:
-        return _failed(f0, df0, 0, f"not a descent direction (slope {df0:.3e})")
+        return _not_descent(f0, df0)
     alpha = alpha0
     for n in range(1, max_evals + 1):
         f, df, payload = phi(alpha)
@@ -186,7 +219,8 @@ def armijo(
             alpha = min(max(cut, 0.1 * alpha), 0.5 * alpha)
         else:
             alpha *= NON_FINITE_SHRINK
-    return _failed(f0, df0, max_evals, f"no sufficient decrease in {max_evals} evaluations")
+    message = f"no sufficient decrease in {max_evals} evaluations"
+    return _failed(f0, df0, max_evals, message, Status.MAX_EVALUATIONS)
 
 
 def strong_wolfe(
@@ -227,7 +261,7 @@ def strong_wolfe(
     if not 0 < c1 < c2 < 1:
         raise ValueError(f"need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}")
     if not df0 < 0:
-        return _failed(f0, df0, 0, f"not a descent direction (slope {df0:.3e})")
+        return _not_descent(f0, df0)
 
     def curvature_ok(df: float) -> bool:
         return abs(df) <= -c2 * df0 if strong else df >= c2 * df0
@@ -262,8 +296,10 @@ def strong_wolfe(
     if lo is not None and hi is not None:
         return _zoom(phi, f0, df0, lo, hi, c1, curvature_ok, n, max_evals, best)
     if best.alpha > 0:
-        return _accept(best, n, "armijo", "sufficient decrease only (evaluation budget spent)")
-    return _failed(f0, df0, n, f"no acceptable step in {max_evals} evaluations")
+        message = "sufficient decrease only (evaluation budget spent)"
+        return _accept(best, n, "armijo", message, Status.MAX_EVALUATIONS)
+    message = f"no acceptable step in {max_evals} evaluations"
+    return _failed(f0, df0, n, message, Status.MAX_EVALUATIONS)
 
 
 def _zoom(
@@ -271,10 +307,12 @@ def _zoom(
 ) -> LineSearchResult:
     """Shrink the bracket ``[lo, hi]`` (``lo``: the lowest point with sufficient decrease)
     until a point satisfies the strong Wolfe conditions."""
+    collapsed = False
     while n < max_evals:
         a, b = sorted((lo.alpha, hi.alpha))
         width = b - a
         if width <= 1e-12 * max(b, 1e-300):
+            collapsed = True
             break
         if hi.finite:
             alpha = cubic_minimizer(lo, hi, a + 0.1 * width, b - 0.1 * width)
@@ -295,6 +333,9 @@ def _zoom(
         if cur.df * (hi.alpha - lo.alpha) >= 0:
             hi = lo
         lo = cur
+    # The bracket collapses below the resolution of the step, or the budget runs out.
+    outcome = Status.PRECISION if collapsed else Status.MAX_EVALUATIONS
+    why = "the bracket collapsed" if collapsed else f"{max_evals} evaluations spent"
     if best.alpha > 0:
-        return _accept(best, n, "armijo", "sufficient decrease only (the bracket collapsed)")
-    return _failed(f0, df0, n, "no step with sufficient decrease: the bracket collapsed")
+        return _accept(best, n, "armijo", f"sufficient decrease only ({why})", outcome)
+    return _failed(f0, df0, n, f"no step with sufficient decrease: {why}", outcome)
