@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hesse-installed
 
-.PHONY: test demo lint bench bench-deps gpu-check clean
+.PHONY: test demo lint bench bench-deps bench-quick gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ bench-deps: $(STAMP)
 
 bench: bench-deps
 	OMP_NUM_THREADS=2 $(PY) benchmarks/hvp_cost.py
+
+# Every benchmark in its --quick mode: a check that the scripts run (about 20 minutes on 2
+# cores), not figures to quote. They write benchmarks/results/*_quick*, which git ignores.
+# The method and the full commands: benchmarks/README.md.
+BENCH_ENV := OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=1
+bench-quick: bench-deps
+	for b in hvp_cost transformer_hvp memory_budget eigen distributed minimize logistic \
+			train kfac kfac_train prune; do \
+		$(BENCH_ENV) $(PY) benchmarks/$$b.py --quick || exit 1; done
 
 # On a machine with a CUDA GPU and a CUDA build of torch (GPU_PY): the CUDA tests (fused
 # attention and cuDNN RNN kernels, products on the device, bf16, the nccl backend of

@@ -48,7 +48,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -60,11 +59,8 @@ import torch
 from torch import nn
 
 import hesse
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hvp_cost import cpu_model, make_model
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _harness import finish, machine, print_header, result_path, rotations, write_json
+from _models import make_model
 
 
 def problem(samples: int, device: torch.device):
@@ -217,6 +213,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
     args = ap.parse_args()
     if args.worker:
         args.samples = args.samples[0]
@@ -224,28 +221,8 @@ def main() -> None:
         return
     if args.quick:
         args.samples, args.rounds, args.repeats = [4096], 1, 2
-    configs = [("plain", 1)] + [("dist", w) for w in args.ranks]
-    configs += [("indep", w) for w in args.ranks if w > 1]
-    results = {}
-    for samples in args.samples:
-        run_args = argparse.Namespace(**{**vars(args), "samples": samples})
-        runs: dict[str, list[list[dict]]] = {f"{c} x{w}": [] for c, w in configs}
-        for rnd in range(args.rounds):
-            order = configs[rnd % len(configs) :] + configs[: rnd % len(configs)]
-            for config, world in order:
-                runs[f"{config} x{world}"].append(launch(run_args, config, world))
-                print(f"{samples} samples, round {rnd + 1}/{args.rounds}: {config} x{world}")
-        results[str(samples)] = summarize(runs)
-        report(results[str(samples)], samples, args.device)
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hesse": hesse.__version__,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        **machine(args.device),
         "backend": args.backend,
         "threads_per_rank": 1,
         "cg_max_iter": args.cg_max_iter,
@@ -253,10 +230,23 @@ def main() -> None:
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
-    RESULTS.mkdir(exist_ok=True)
-    name = f"distributed_{args.device}{'_quick' if args.quick else ''}.json"
-    (RESULTS / name).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"\nwritten to {RESULTS / name}")
+    print_header(meta)
+    start = time.perf_counter()
+    configs = [("plain", 1)] + [("dist", w) for w in args.ranks]
+    configs += [("indep", w) for w in args.ranks if w > 1]
+    results = {}
+    for samples in args.samples:
+        run_args = argparse.Namespace(**{**vars(args), "samples": samples})
+        runs: dict[str, list[list[dict]]] = {f"{c} x{w}": [] for c, w in configs}
+        for rnd, order in rotations(configs, args.rounds):
+            for config, world in order:
+                runs[f"{config} x{world}"].append(launch(run_args, config, world))
+                print(f"{samples} samples, round {rnd + 1}/{args.rounds}: {config} x{world}")
+        results[str(samples)] = summarize(runs)
+        report(results[str(samples)], samples, args.device)
+    finish(meta, start)
+    name = f"distributed_{args.device}{'_quick' if args.quick else ''}"
+    write_json(result_path(name, args.out), {"meta": meta, "results": results})
 
 
 def summarize(runs: dict[str, list[list[dict]]]) -> dict:

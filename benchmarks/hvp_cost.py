@@ -14,15 +14,16 @@ backward of the mean loss with ``torch.autograd.grad``) measured in the same rou
   and GGN products, forward pass included).
 
 Operators (hesse, curvlinops, eigenthings) are constructed once, outside the timed loop:
-their construction is lazy (about 0.1 ms for hesse, no forward pass). Work done once per
-point (``linearize()``, PyHessian's constructor) is timed as its own "setup" row.
+their construction is lazy (no forward pass). Work done once per point (``linearize()``,
+PyHessian's constructor) is timed as its own "setup" row.
 
 Every product is first checked against a float64 double-backward reference (relative error
-below 1e-4), so that no wrong product is timed. Timing is interleaved: after warm-up, each
-round runs every method once, in a rotating order, and the table reports the median time
-and the median over rounds of the ratio to that round's gradient. Peak memory is the extra
-memory of the call, as a ratio to the gradient's: on CUDA from the allocator's peak, on CPU
-from the growth of the peak RSS of a fresh subprocess per method (coarse).
+below 1e-4), so that no wrong product is timed. Timing is interleaved
+(``_harness.time_calls``): after warm-up, each round runs every method once, in a new random
+order, and the table reports the median time and the median over rounds of the ratio to that
+round's gradient. Peak memory is the extra memory of the call, as a ratio to the gradient's:
+on CUDA from the allocator's peak, on CPU from the growth of the peak RSS of a fresh
+subprocess per method (coarse).
 
 Run (from the repository root, after ``make bench-deps``)::
 
@@ -39,19 +40,11 @@ The figures go to ``benchmarks/results/hvp_cost_<device>.json`` (``_quick`` appe
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
 import gc
-import importlib.metadata
 import json
 import os
-import platform
-import random
-import resource
 import statistics
-import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,103 +52,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import hesse
+from _harness import (
+    RESULTS,
+    cuda_extra_peak,
+    finish,
+    machine,
+    print_header,
+    print_table,
+    rss_peak_meter,
+    run_worker,
+    time_calls,
+    write_json,
+)
+from _models import Problem, make_problem, references, rel_error
+from _peers import (
+    BACKPACK,
+    CURVATURE_PEERS,
+    CURVLINOPS,
+    EIGENTHINGS,
+    PYHESSIAN,
+    backpack_ggnvp,
+    backpack_hvp,
+    curvlinops_operator,
+    eigenthings_operator,
+    pyhessian_hessian,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-4
-PEERS = ("pyhessian", "curvlinops-for-pytorch", "hessian-eigenthings", "backpack-for-pytorch")
 CPU_MEMORY_NOTE = (
     "CPU memory is RSS-based and coarse: the growth of the peak resident set size of a fresh "
     "process per method over 3 calls after its set-up and one warm-up call (peak reset through "
     "/proc/self/clear_refs on Linux, else ru_maxrss); it counts whole pages."
 )
-
-# The backward with create_graph=True inside PyHessian warns about a reference cycle.
-warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-
-
-# -- problems ------------------------------------------------------------------------------
-
-
-@dataclass
-class Problem:
-    """A model, its loss, one batch and a direction ``v`` (flat and split like the params)."""
-
-    name: str
-    model: nn.Module
-    loss_fn: nn.Module
-    X: Tensor
-    y: Tensor
-    params: list[Tensor]
-    v: Tensor
-    v_list: list[Tensor]
-
-
-def make_model(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
-    """The network, the shape of one input and the batch size."""
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
-        )
-        return model, (64,), 1024
-    if name == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(1, 16, 3, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(32 * 6 * 6, 10),
-        )
-        return model, (1, 28, 28), 256
-    raise ValueError(f"unknown model {name!r}")
-
-
-def make_problem(name: str, device: torch.device, seed: int = 0) -> Problem:
-    torch.manual_seed(seed)
-    model, shape, n = make_model(name)
-    model = model.to(device)
-    X = torch.randn(n, *shape, device=device)
-    y = torch.randint(0, 10, (n,), device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    v = torch.randn(sum(p.numel() for p in params), device=device)
-    v_list = list(hesse.ParamSpace(params).unflatten(v))
-    return Problem(name, model, nn.CrossEntropyLoss(), X, y, params, v, v_list)
-
-
-def flat(out: Any) -> Tensor:
-    """A product's result as one flat tensor (it may come as a list of tensors)."""
-    if isinstance(out, Tensor):
-        return out.reshape(-1)
-    return torch.cat([t.reshape(-1) for t in out])
-
-
-# -- references (float64 double backward) --------------------------------------------------
-
-
-def references(pb: Problem) -> dict[str, Tensor]:
-    """H v and G v in float64 by plain double backward on a copy of the model."""
-    model = copy.deepcopy(pb.model).double()
-    ps = list(model.parameters())
-    X, v = pb.X.double(), [t.double() for t in pb.v_list]
-    out = model(X)
-    g = torch.autograd.grad(pb.loss_fn(out, pb.y), ps, create_graph=True)
-    hv = torch.autograd.grad(g, ps, grad_outputs=v, retain_graph=True)
-    # G v = J^T H_out J v; J v by the double-vjp trick (the vjp is linear in u).
-    u = torch.zeros_like(out, requires_grad=True)
-    jtu = torch.autograd.grad(out, ps, grad_outputs=u, create_graph=True)
-    jv = torch.autograd.grad(jtu, u, grad_outputs=v)[0]
-    o = out.detach().requires_grad_(True)
-    go = torch.autograd.grad(pb.loss_fn(o, pb.y), o, create_graph=True)[0]
-    hjv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
-    gv = torch.autograd.grad(out, ps, grad_outputs=hjv)
-    return {"H": flat(hv), "GGN": flat(gv)}
-
-
-def rel_error(out: Any, ref: Tensor) -> float:
-    return float((flat(out).detach().double() - ref).norm() / ref.norm())
 
 
 # -- methods: each factory does the set-up and returns the call to time -------------------
@@ -216,37 +147,20 @@ def plain_hvp_cached(pb: Problem) -> Call:
     return lambda: torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list, retain_graph=True)
 
 
-def pyhessian_construct(pb: Problem) -> Any:
-    from pyhessian import hessian as PyHessian
-
-    pb.model.zero_grad(set_to_none=True)  # its backward adds into .grad
-    return PyHessian(pb.model, pb.loss_fn, data=(pb.X, pb.y), cuda=pb.X.is_cuda)
-
-
 def pyhessian_hvp(pb: Problem) -> Call:
     from pyhessian.utils import hessian_vector_product
 
-    hc = pyhessian_construct(pb)
+    hc = pyhessian_hessian(pb.model, pb.loss_fn, (pb.X, pb.y))
     return lambda: hessian_vector_product(hc.gradsH, hc.params, pb.v_list)
 
 
 def pyhessian_construction(pb: Problem) -> Call:
-    return lambda: pyhessian_construct(pb)
+    return lambda: pyhessian_hessian(pb.model, pb.loss_fn, (pb.X, pb.y))
 
 
 def curvlinops_op(kind: str) -> Callable[[Problem], Call]:
     def factory(pb: Problem) -> Call:
-        from curvlinops import GGNLinearOperator, HessianLinearOperator
-
-        cls = HessianLinearOperator if kind == "H" else GGNLinearOperator
-        op = cls(
-            pb.model,
-            pb.loss_fn,
-            pb.params,
-            [(pb.X, pb.y)],
-            check_deterministic=False,
-            num_data=pb.X.shape[0],
-        )
+        op = curvlinops_operator(kind, pb.model, pb.loss_fn, pb.params, pb.X, pb.y)
         return lambda: op @ pb.v
 
     return factory
@@ -254,38 +168,15 @@ def curvlinops_op(kind: str) -> Callable[[Problem], Call]:
 
 def eigenthings_op(kind: str) -> Callable[[Problem], Call]:
     def factory(pb: Problem) -> Call:
-        import hessian_eigenthings as he
-
-        data = [(pb.X, pb.y)]
-        if kind == "H":
-            op = he.HessianOperator(pb.model, data, he.supervised_loss(pb.loss_fn))
-        else:
-            op = he.GGNOperator(
-                pb.model, data, he.supervised_forward, he.supervised_loss_of_output(pb.loss_fn)
-            )
+        op = eigenthings_operator(kind, pb.model, pb.loss_fn, pb.X, pb.y)
         return lambda: op.matvec(pb.v)
 
     return factory
 
 
-def backpack_hvp(pb: Problem) -> Call:
-    from backpack.hessianfree.hvp import hessian_vector_product
-
-    def call() -> Any:
-        loss = pb.loss_fn(pb.model(pb.X), pb.y)
-        return hessian_vector_product(loss, pb.params, pb.v_list)
-
-    return call
-
-
-def backpack_ggnvp(pb: Problem) -> Call:
-    from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
-
-    def call() -> Any:
-        out = pb.model(pb.X)
-        return ggn_vector_product_from_plist(pb.loss_fn(out, pb.y), out, pb.params, pb.v_list)
-
-    return call
+def backpack_op(kind: str) -> Callable[[Problem], Call]:
+    product = backpack_hvp if kind == "H" else backpack_ggnvp
+    return lambda pb: lambda: product(pb.model, pb.loss_fn, pb.X, pb.y, pb.v_list)
 
 
 @dataclass(frozen=True)
@@ -298,7 +189,7 @@ class Method:
 
 
 RoR, FoR = "reverse-over-reverse", "forward-over-reverse"
-PYH, CURV, EIG, BP = PEERS
+PYH, CURV, EIG, BP = PYHESSIAN, CURVLINOPS, EIGENTHINGS, BACKPACK
 METHODS = [
     Method("gradient", "gradient (forward + backward)", "grad", gradient),
     Method("hesse-ror", "hesse H @ v, rev-over-rev", "H", hesse_hvp(RoR)),
@@ -309,12 +200,12 @@ METHODS = [
     Method("pyhessian", "PyHessian hvp, cached grad graph", "H", pyhessian_hvp, PYH),
     Method("curvlinops-h", "curvlinops Hessian @ v", "H", curvlinops_op("H"), CURV),
     Method("eigenthings-h", "eigenthings Hessian matvec", "H", eigenthings_op("H"), EIG),
-    Method("backpack-h", "BackPACK hvp", "H", backpack_hvp, BP),
+    Method("backpack-h", "BackPACK hvp", "H", backpack_op("H"), BP),
     Method("hesse-ggn", "hesse G @ v", "GGN", hesse_ggn),
     Method("hesse-ggn-lin", "hesse G.linearize() @ v", "GGN", hesse_linearized("GGN")),
     Method("curvlinops-ggn", "curvlinops GGN @ v", "GGN", curvlinops_op("GGN"), CURV),
     Method("eigenthings-ggn", "eigenthings GGN matvec", "GGN", eigenthings_op("GGN"), EIG),
-    Method("backpack-ggn", "BackPACK ggnvp", "GGN", backpack_ggnvp, BP),
+    Method("backpack-ggn", "BackPACK ggnvp", "GGN", backpack_op("GGN"), BP),
     Method("hesse-lin-cost", "hesse H.linearize() itself", "setup", hesse_linearize_cost("H")),
     Method(
         "hesse-ggn-lin-cost", "hesse G.linearize() itself", "setup", hesse_linearize_cost("GGN")
@@ -366,88 +257,7 @@ def prepare(pb: Problem, refs: dict[str, Tensor]) -> tuple[dict[str, Call], dict
     return calls, rows
 
 
-# -- timing -----------------------------------------------------------------------------------
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
-
-def time_one(call: Call, sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    out = call()
-    sync()
-    elapsed = time.perf_counter() - start
-    del out  # freed outside the timed region
-    return elapsed
-
-
-def time_calls(calls: dict[str, Call], rounds: int, warmup: int, device: torch.device) -> dict:
-    """Seconds per call. Each round runs every method once, in a new random order (seeded):
-    slow drifts of a shared machine hit all methods alike, and no method always runs right
-    after the same other one (the second of two similar calls reuses the memory the first
-    freed and runs faster: with a fixed rotation that alone moved a ratio by ~8%)."""
-    sync = synchronizer(device)
-    order = random.Random(0)
-    for call in calls.values():
-        for _ in range(warmup):
-            time_one(call, sync)
-    keys = list(calls)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(rounds):
-            gc.collect()
-            for k in order.sample(keys, len(keys)):
-                times[k].append(time_one(calls[k], sync))
-    finally:
-        gc.enable()
-    return times
-
-
 # -- memory -------------------------------------------------------------------------------
-
-
-def cuda_extra_peak(call: Call) -> int:
-    """Bytes allocated at the peak of 3 calls, beyond what was allocated before them."""
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    for _ in range(3):
-        out = call()
-        del out
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _max_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-def rss_peak_meter() -> Callable[[], int]:
-    """A function returning the growth of the peak RSS from now on. On Linux the peak
-    (VmHWM) is reset here, so that the peaks of imports and set-up do not hide the call's;
-    elsewhere it falls back to ru_maxrss, which cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_bytes("VmRSS")
-        return lambda: _status_bytes("VmHWM") - before
-    except OSError:
-        before = _max_rss_bytes()
-        return lambda: _max_rss_bytes() - before
 
 
 def memory_worker(key: str, model: str, device: torch.device) -> int:
@@ -467,27 +277,13 @@ def memory_worker(key: str, model: str, device: torch.device) -> int:
 
 
 def cpu_extra_peak(key: str, model: str, threads: int) -> int | None:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--memory-worker",
-        key,
-        "--models",
-        model,
-        "--device",
-        "cpu",
-        "--threads",
-        str(threads),
-    ]
+    cmd = [sys.executable, __file__, "--memory-worker", key, "--models", model]
+    cmd += ["--device", "cpu", "--threads", str(threads)]
     # Large blocks straight from mmap, so that freed memory leaves the RSS at once and the
     # set-up's transient peaks do not hide the call's.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    try:
-        return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"])
-    except (IndexError, ValueError, KeyError):
-        print(f"  memory worker {key} failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
+    out = run_worker(cmd, env, f"memory worker {key}")
+    return None if out is None else int(out["bytes"])
 
 
 def measure_memory(
@@ -520,70 +316,44 @@ def summarise(
         )
 
 
-def fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def print_table(title: str, rows: dict[str, dict]) -> None:
-    head = (
-        f"{'method':<36} {'ms':>8} {'x grad':>6} {'[quartiles]':>12} {'MiB':>7} "
-        f"{'mem x grad':>10} {'rel.err':>8}"
+def report(title: str, rows: dict[str, dict]) -> None:
+    columns = [
+        ("method", "<36"),
+        ("ms", "8.2f"),
+        ("x grad", "6.2f"),
+        ("[quartiles]", ">12"),
+        ("MiB", "7.1f"),
+        ("mem x grad", "10.2f"),
+        ("rel.err", "8.1e"),
+    ]
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    print_table(
+        title,
+        columns,
+        [
+            [
+                r["label"],
+                r["median_ms"],
+                r["ratio"],
+                "[{:.2f}-{:.2f}]".format(*r["ratio_quartiles"]),
+                None if r["memory_bytes"] is None else r["memory_bytes"] / 2**20,
+                r["memory_ratio"],
+                r["rel_error"],
+            ]
+            for r in ok
+        ],
     )
-    print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for row in rows.values():
         if row["status"] != "ok":
             print(f"{row['label']:<36} {row['status'].upper()}: {row['note']}")
-            continue
-        mem = row["memory_bytes"]
-        q1, q3 = row["ratio_quartiles"]
-        print(
-            f"{row['label']:<36} {row['median_ms']:8.2f} {row['ratio']:6.2f} "
-            f"{f'[{q1:.2f}-{q3:.2f}]':>12} {fmt(None if mem is None else mem / 2**20, '7.1f')} "
-            f"{fmt(row['memory_ratio'], '10.2f')} {fmt(row['rel_error'], '8.1e')}"
-        )
-    for row in rows.values():
-        if row["status"] == "ok" and row["note"]:
+    for row in ok:
+        if row["note"]:
             print(f"  note, {row['label']}: {row['note']}")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine(device: torch.device) -> dict:
-    """When and where a benchmark ran: date, versions, processor, threads, device (shared
-    by the benchmarks that import this module)."""
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hesse": hesse.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
 
 
 def metadata(device: torch.device, args: argparse.Namespace) -> dict:
     return {
-        **machine(device),
-        "peers": {dist: version(dist) for dist in PEERS},
+        **machine(device, CURVATURE_PEERS),
         "dtype": "float32 (TF32 off)",
         "rounds": args.rounds,
         "warmup": args.warmup,
@@ -607,7 +377,7 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> dict
         f"{name}: P = {pb.v.numel()}, batch {pb.X.shape[0]}, {device}, "
         f"{torch.get_num_threads()} threads, {args.rounds} rounds"
     )
-    print_table(title, rows)
+    report(title, rows)
     return {"params": pb.v.numel(), "batch": pb.X.shape[0], "rows": list(rows.values())}
 
 
@@ -642,10 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_worker:
         return memory_worker(args.memory_worker, args.models[0], device)
     meta = metadata(device, args)
-    print(
-        f"torch {meta['torch']}, {meta['cpu']}, {meta['gpu'] or 'no GPU'}, "
-        f"{meta['threads']} threads; peers: {meta['peers']}"
-    )
+    print_header(meta)
     models = {name: run_model(name, device, args) for name in args.models}
     notes = [
         "ratios are medians over rounds of (method time / gradient time of that round)",
@@ -654,9 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.no_memory:
         notes.append(CPU_MEMORY_NOTE)
         print(f"\n{CPU_MEMORY_NOTE}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "notes": notes, "models": models}, indent=1))
-    print(f"\nwrote {args.out}")
+    finish(meta)
+    write_json(args.out, {"meta": meta, "notes": notes, "models": models})
     bad = [
         r["key"] for m in models.values() for r in m["rows"] if r["status"] in ("wrong", "failed")
     ]

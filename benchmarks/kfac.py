@@ -17,31 +17,30 @@ relative to the largest entry of each, computed in float64 on the first two batc
 (target <= 1e-6). Then, unless ``--train-epochs 0``, a race on mlp-digits: the time to a
 training loss of 0.6 of SGD with momentum, Adam and hesse.optim.KFAC (empirical Fisher
 from the closure, or Monte-Carlo on the batch), each at the best setting of a small grid,
-with :func:`hesse.optim.compare`. Timing follows :func:`hvp_cost.time_calls`
+with :func:`hesse.optim.compare`. Timing follows :func:`_harness.time_calls`
 (interleaved rounds in a random order, after warm-up).
 
 Run (from the repository root)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kfac.py   # a few minutes (curvlinops' EKFAC)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kfac.py --quick   # 1 round, 2 epochs
 
-The figures go to ``benchmarks/results/kfac.json``.
+The figures go to ``benchmarks/results/kfac.json`` (``kfac_quick.json`` with ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import finish, machine, print_header, result_path, time_calls, write_json
+from _peers import CURVLINOPS
 from hesse.operators import EKFACOperator, KFACOperator
 from hesse.problems import problem
-from hvp_cost import RESULTS, machine, time_calls, version
 
 BATCH = 256
 
@@ -222,10 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--train-epochs", type=int, default=10, help="0: skip the training race")
     ap.add_argument("--skip-operators", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 round, 5 product rounds, 2 epochs")
+    ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.product_rounds = 1, 5
+        args.train_epochs = min(args.train_epochs, 2)
     device = torch.device(args.device)
+    meta = machine(device, (CURVLINOPS,))
+    print_header(meta)
     out = {
-        "machine": {**machine(device), "curvlinops": version("curvlinops-for-pytorch")},
+        "meta": meta,
         "setup": f"digits train set (1347), batches of {BATCH}, float32, type-2, expand",
         "rounds": {"factors": args.rounds, "products": args.product_rounds},
         "models": {},
@@ -245,10 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  max relative difference (float64): {diffs}")
     if args.train_epochs:
         out["training"] = train(args.train_epochs)
+    finish(meta)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "kfac.json").write_text(json.dumps(out, indent=2) + "\n")
-        print(f"\nwritten {RESULTS / 'kfac.json'}")
+        write_json(result_path("kfac_quick" if args.quick else "kfac", args.out), out)
     return 0
 
 

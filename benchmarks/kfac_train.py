@@ -18,27 +18,21 @@ Run from the repository root (2 threads)::
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/kfac_train.py          # about 15 minutes
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/kfac_train.py --quick  # about 3 minutes
 
-Results: ``benchmarks/results/kfac_train.json`` and ``kfac_train.png``.
+Results: ``benchmarks/results/kfac_train.json`` and ``kfac_train.png`` (``_quick`` in the
+names with ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from _harness import RESULTS, finish, machine, print_header, print_table, write_json
 from hesse.optim import KFAC, compare
 from hesse.problems import problem
-
-try:  # run as a script: the helpers of the other benchmarks
-    from hvp_cost import machine
-except ImportError:  # pragma: no cover
-    from benchmarks.hvp_cost import machine
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def grid(loss_fn) -> dict:
@@ -98,9 +92,13 @@ def main() -> None:
     ap.add_argument(
         "--target", type=float, default=0.6, help="training-loss target (the floor is 0.50)"
     )
-    ap.add_argument("--out", type=Path, default=RESULTS / "kfac_train.json")
+    ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = RESULTS / f"kfac_train{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(2)
+    meta = machine("cpu")
+    print_header(meta)
     prob = problem("cnn-digits")
     (xtr, ytr), (xte, yte) = prob.train, prob.test
     runs = grid(prob.loss_fn)
@@ -131,17 +129,21 @@ def main() -> None:
         prev = best.get(fam)
         if prev is None or (t is not None and (rows[prev]["seconds_to_target"] or math.inf) > t):
             best[fam] = name
-    print(f"cnn-digits, batches of 64, {epochs:g} epochs, target training loss {args.target}")
-    head = ("best setting", "s to target", "epochs", "test then", "test end")
-    print(f"{head[0]:32s} {head[1]:>11s} {head[2]:>7s} {head[3]:>9s} {head[4]:>8s}")
-    for name in best.values():
-        r = rows[name]
-        s = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.2f}"
-        e = "-" if r["epochs_to_target"] is None else f"{r['epochs_to_target']:.2f}"
-        a = "-" if r["test_at_target"] is None else f"{r['test_at_target']:.3f}"
-        print(f"{name:32s} {s:>11s} {e:>7s} {a:>9s} {r['final_test']:8.3f}")
+    shown = ("seconds_to_target", "epochs_to_target", "test_at_target", "final_test")
+    columns = [
+        ("best setting", "<32"),
+        ("s to target", "11.2f"),
+        ("epochs", "7.2f"),
+        ("test then", "9.3f"),
+        ("test end", "8.3f"),
+    ]
+    print_table(
+        f"cnn-digits, batches of 64, {epochs:g} epochs, target training loss {args.target}",
+        columns,
+        [[name, *(rows[name][k] for k in shown)] for name in best.values()],
+    )
     result = {
-        "meta": machine(torch.device("cpu")),
+        "meta": finish(meta),
         "problem": prob.description,
         "batch_size": 64,
         "epochs": epochs,
@@ -153,10 +155,9 @@ def main() -> None:
             for k, c in curves.items()
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     plot(result["curves"], best, args.target, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"wrote {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

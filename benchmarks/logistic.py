@@ -67,19 +67,14 @@ for _i, _a in enumerate(sys.argv):  # before numpy loads OpenBLAS: its thread co
 os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_THREADS))
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import signal  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import scipy.optimize  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -87,34 +82,20 @@ import hesse  # noqa: E402
 from hesse.problems import synthetic_logistic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hvp_cost import machine, version  # noqa: E402
+from _harness import RESULTS, finish, fmt, machine, print_header, print_table, write_json  # noqa: E402
+from _peers import (  # noqa: E402
+    Reached,
+    ScipyObjective,
+    Watch,
+    guarded_run,
+    hesse_minimize,
+    scipy_minimize,
+    sklearn_logistic,
+    torch_lbfgs,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1e-6
 D = 100
-
-
-class Reached(BaseException):
-    """The objective met the target: the run ends here (a BaseException, so that no
-    solver's ``except Exception`` swallows it)."""
-
-
-class OverTime(BaseException):
-    """The run's time limit passed."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise OverTime
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @dataclass
@@ -153,6 +134,9 @@ class Logistic:
     def target(self) -> float:
         return TARGET * self.g0
 
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.P, dtype=torch.float64)
+
 
 def make(name: str, n: int) -> Logistic:
     p = synthetic_logistic(n, D, features=name, seed=0)
@@ -167,98 +151,27 @@ def make(name: str, n: int) -> Logistic:
 Fn = Callable[[Logistic, Any], tuple[Tensor, dict]]
 
 
-class Watch:
-    """Wraps the value and gradient: ends the run at the first point that meets the target."""
-
-    def __init__(self, lg: Logistic):
-        self.lg, self.nfev, self.x = lg, 0, None
-
-    def check(self, x: Tensor, g: Tensor) -> None:
-        self.nfev += 1
-        if float(g.norm()) <= self.lg.target:
-            self.x = x.detach().clone()
-            raise Reached
-
-
 def scipy_lbfgsb(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-    watch = Watch(lg)
-
-    def fg(xn: np.ndarray) -> tuple[float, np.ndarray]:
-        x = torch.from_numpy(xn)
-        f, g = lg.value_grad(x)
-        watch.check(x, g)
-        return f, g.numpy()
-
-    try:
-        r = scipy.optimize.minimize(
-            fg,
-            np.zeros(lg.P),
-            jac=True,
-            method="L-BFGS-B",
-            options={
-                "maxcor": setting,
-                "gtol": 0.0,
-                "ftol": 0.0,
-                "maxiter": 10**6,
-                "maxfun": 10**6,
-            },
-        )
-        return torch.from_numpy(r.x), {"nfev": watch.nfev, "status": str(r.message)}
-    except Reached:
-        return watch.x, {"nfev": watch.nfev}
+    watch = Watch(lg.target)
+    opts = {"maxcor": setting, "gtol": 0.0, "ftol": 0.0, "maxiter": 10**6, "maxfun": 10**6}
+    x, info = scipy_minimize(ScipyObjective(lg.fun, watch=watch), lg.zeros(), "L-BFGS-B", opts)
+    return x, {"nfev": watch.nfev, **({"status": info["message"]} if "message" in info else {})}
 
 
 def sklearn_solver(solver: str) -> Fn:
     def fn(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-        from sklearn.linear_model import LogisticRegression
-
-        m = LogisticRegression(C=1.0, solver=solver, tol=setting * lg.target, max_iter=10**6)
-        m.fit(lg.Xn, lg.yn)
-        x = np.concatenate([m.coef_.ravel(), m.intercept_])
-        return torch.from_numpy(x), {"nit": int(m.n_iter_[0])}
+        return sklearn_logistic(lg.Xn, lg.yn, solver, 1.0, setting * lg.target, True, 10**6)
 
     return fn
 
 
-def torch_lbfgs(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-    x = torch.zeros(lg.P, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [x],
-        lr=1,
-        max_iter=10**6,
-        max_eval=10**7,
-        tolerance_grad=0.0,
-        tolerance_change=0.0,
-        history_size=setting,
-        line_search_fn="strong_wolfe",
-    )
-    watch = Watch(lg)
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        f = lg.fun(x)
-        f.backward()
-        watch.check(x, x.grad)
-        return f
-
-    try:
-        opt.step(closure)
-        return x.detach(), {"nfev": watch.nfev}
-    except Reached:
-        return watch.x, {"nfev": watch.nfev}
+def lbfgs(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
+    watch = Watch(lg.target)
+    return torch_lbfgs(lg.fun, lg.zeros(), setting, 0.0, 10**6, 10**7, watch=watch)
 
 
-def hesse_minimize(method: str) -> Fn:
-    def fn(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-        r = hesse.minimize(
-            lg.fun,
-            torch.zeros(lg.P, dtype=torch.float64),
-            method,
-            options={"gtol": 0.0, "grad_rtol": TARGET, "norm": 2},
-        )
-        return r.x, {"nit": r.nit, "nfev": r.nfev, "nhvp": r.nhvp, "status": r.status}
-
-    return fn
+def hesse_min(method: str) -> Fn:
+    return lambda lg, setting: hesse_minimize(lg.fun, lg.zeros(), method, TARGET)
 
 
 def hesse_subsampled(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
@@ -274,7 +187,7 @@ def hesse_subsampled(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
         max_iter=10**4,
         **setting,
     )
-    watch = Watch(lg)
+    watch = Watch(lg.target)
 
     def flat() -> Tensor:
         return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
@@ -340,10 +253,10 @@ SOLVERS = [
         (1.0, 1 / 3, 0.1),
         "tol/target",
     ),
-    Solver("torch.optim:LBFGS", "torch", torch_lbfgs, (10, 100), "history_size"),
-    Solver("hesse:l-bfgs", "hesse", hesse_minimize("l-bfgs")),
-    Solver("hesse:newton-cg", "hesse", hesse_minimize("newton-cg")),
-    Solver("hesse:trust-ncg", "hesse", hesse_minimize("trust-ncg")),
+    Solver("torch.optim:LBFGS", "torch", lbfgs, (10, 100), "history_size"),
+    Solver("hesse:l-bfgs", "hesse", hesse_min("l-bfgs")),
+    Solver("hesse:newton-cg", "hesse", hesse_min("newton-cg")),
+    Solver("hesse:trust-ncg", "hesse", hesse_min("trust-ncg")),
     Solver("hesse:subsampled-newton", "hesse", hesse_subsampled, SN_SETTINGS, "setting"),
     Solver("hesse:minimize-ssn", "hesse", hesse_finite_sum, FS_SETTINGS, "setting"),
 ]
@@ -352,20 +265,12 @@ SEQUENTIAL_LADDER = ("sklearn:lbfgs", "sklearn:newton-cg")  # loosest first: sto
 
 def run(s: Solver, lg: Logistic, setting: Any, limit: float) -> dict:
     """One run, timed end to end, then checked (outside the time) on our own f."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning and the like
-        t0 = time.perf_counter()
-        try:
-            with time_limit(limit):
-                x, info = s.fn(lg, setting)
-        except OverTime:
-            return {"ok": False, "error": f"over the {limit:g} s limit", "seconds": None}
-        except Exception as e:  # a solver that fails is reported, not fatal
-            return {"ok": False, "error": f"{type(e).__name__}: {e}"[:300], "seconds": None}
-        secs = time.perf_counter() - t0
+    x, rec = guarded_run(lambda: s.fn(lg, setting), limit)
+    if x is None:
+        return rec
     f, g = lg.value_grad(x.to(torch.float64))
     rel = float(g.norm()) / lg.g0
-    return {"ok": rel <= TARGET * (1 + 1e-9), "seconds": secs, "rel_grad": rel, "f": f, **info}
+    return {"ok": rel <= TARGET * (1 + 1e-9), "rel_grad": rel, "f": f, **rec}
 
 
 def run_problem(lg: Logistic, solvers: list[Solver], args: argparse.Namespace) -> dict:
@@ -416,7 +321,7 @@ def run_problem(lg: Logistic, solvers: list[Solver], args: argparse.Namespace) -
             if best_peer and r["seconds"] is not None
             else None
         )
-    print_table(lg, rows, args.rounds)
+    report(lg, rows, args.rounds)
     summary = {
         "best_peer": best_peer,
         "best_hesse": best_hesse,
@@ -437,21 +342,15 @@ def run_problem(lg: Logistic, solvers: list[Solver], args: argparse.Namespace) -
     }
 
 
-def fmt(x: float | None, spec: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
-        return "-".rjust(int(width) if width else 1)
-    return format(x, spec)
-
-
-def print_table(lg: Logistic, rows: dict[str, dict], rounds: int) -> None:
-    head = f"{'solver':<26} {'seconds':>8} {'x best peer':>11} {'rel grad':>9} {'nfev':>6}  status"
-    print(f"\n{lg.name}, best of {rounds} timed runs\n{head}\n{'-' * len(head)}")
-    for k, r in rows.items():
-        print(
-            f"{k:<26} {fmt(r['seconds'], '8.3f')} {fmt(r['ratio_to_best_peer'], '11.2f')} "
-            f"{fmt(r.get('rel_grad'), '9.1e')} {fmt(r.get('nfev'), '6')}  {r['status']}"
-        )
+def report(lg: Logistic, rows: dict[str, dict], rounds: int) -> None:
+    columns = [("solver", "<26"), ("seconds", "8.3f"), ("x best peer", "11.2f")]
+    columns += [("rel grad", "9.1e"), ("nfev", "6"), ("status", "<")]
+    shown = ("seconds", "ratio_to_best_peer", "rel_grad", "nfev", "status")
+    print_table(
+        f"{lg.name}, best of {rounds} timed runs",
+        columns,
+        [[k, *(r.get(c) for c in shown)] for k, r in rows.items()],
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -486,38 +385,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     solvers = [s for s in SOLVERS if not args.solvers or s.key in args.solvers]
     meta = {
-        **machine(torch.device("cpu")),
-        "numpy": np.__version__,
-        "peers": {d: version(d) for d in ("scipy", "scikit-learn")},
-        "cpu_count": os.cpu_count(),
-        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "load_average_start": os.getloadavg(),
+        **machine("cpu", ("scipy", "scikit-learn")),
         "target_rel_grad_2norm": TARGET,
         "rounds": args.rounds,
         "time_limit_s": args.time_limit,
     }
-    print(
-        f"torch {meta['torch']} ({meta['threads']} threads), OPENBLAS_NUM_THREADS="
-        f"{meta['OPENBLAS_NUM_THREADS']}, {meta['cpu']}; load average "
-        f"{', '.join(f'{v:.2f}' for v in meta['load_average_start'])}"
-    )
+    print_header(meta)
     start = time.perf_counter()
     out: dict[str, Any] = {"meta": meta, "problems": {}}
     for name in args.problems:
         n = args.n if name == "independent" else args.n // 2
         out["problems"][name] = run_problem(make(name, n), solvers, args)
-    meta["total_seconds"] = time.perf_counter() - start
-    meta["load_average_end"] = os.getloadavg()
+    finish(meta, start)
     suffix = "_quick" if args.quick else "" if args.n == 200_000 else f"_n{args.n}"
     if args.solvers or len(args.problems) < 2:  # a part of the benchmark: its own file
         suffix += "_part"
-    path = RESULTS / f"logistic{suffix}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=float))
-    print(
-        f"\nwrote {path} ({meta['total_seconds']:.0f} s); load average at the end "
-        f"{', '.join(f'{v:.2f}' for v in meta['load_average_end'])}"
-    )
+    write_json(RESULTS / f"logistic{suffix}.json", out)
     return 0
 
 

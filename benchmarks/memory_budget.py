@@ -31,7 +31,7 @@ oneDNN creates its kernels on first use, which costs seconds), collects garbage,
 heap memory back (``malloc_trim``), resets the peak, then runs the eigenvalue once: the
 seconds are its wall time (operator construction, linearisation and every product), the
 memory the growth of the peak resident set size over the resident size before it
-(``rss_peak_meter`` of ``hvp_cost.py``: VmHWM reset through ``/proc/self/clear_refs``; glibc's
+(``_harness.rss_peak_meter``: VmHWM reset through ``/proc/self/clear_refs``; glibc's
 default allocator settings, i.e. what a user's process gets); on CUDA the growth of
 ``torch.cuda.max_memory_allocated``. With ``--repeats`` the figures are medians over repeats
 (the configurations in a rotating order).
@@ -53,16 +53,12 @@ The figures go to ``benchmarks/results/memory_budget.json`` (``_cuda`` appended 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,12 +68,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
+from _harness import (
+    RESULTS,
+    finish,
+    fmt,
+    machine,
+    malloc_trim,
+    print_header,
+    print_table,
+    rotations,
+    rss_peak_meter,
+    run_worker,
+    write_json,
+)
+from _peers import PYHESSIAN, patched, pyhessian_hessian
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eigen import patched
-from hvp_cost import machine, rss_peak_meter, version
-
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
 TOL = 1e-3  # relative tolerance of the top eigenvalue, both libraries
 HVP_TOLERANCE = 1e-4  # hesse's product against PyHessian's
@@ -91,9 +96,6 @@ CONFIGS = {  # key -> (label, HESSE_MEMORY_BUDGET: None unset, "" for PyHessian)
     "hesse_0": ("hesse 0", "0"),
     "pyhessian": ("PyHessian", ""),
 }
-
-warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-
 
 # -- problem ----------------------------------------------------------------------------
 
@@ -162,11 +164,8 @@ def hesse_eigen(model: nn.Module, loader: Any) -> dict:
 
 
 def pyhessian_eigen(model: nn.Module, loader: Any) -> dict:
-    from pyhessian import hessian as PyHessian
-
     torch.manual_seed(0)
-    model.zero_grad(set_to_none=True)
-    hc = PyHessian(model, nn.CrossEntropyLoss(), dataloader=loader, cuda=model[0].weight.is_cuda)
+    hc = pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=loader)
     count = [0]
     fn = hc.dataloader_hv_product
 
@@ -184,9 +183,7 @@ def one_batch_warmup(key: str, model: nn.Module, loader: DataLoader) -> None:
     """One product of the configuration's library on one batch (kernels, lazy imports)."""
     batch = [next(iter(loader))]
     if key == "pyhessian":
-        from pyhessian import hessian as PyHessian
-
-        hc = PyHessian(model, nn.CrossEntropyLoss(), dataloader=batch, cuda=model[0].weight.is_cuda)
+        hc = pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=batch)
         hc.dataloader_hv_product([torch.randn_like(p) for p in hc.params])
     else:
         H = hesse.HessianOperator(model, nn.CrossEntropyLoss(), batch)
@@ -195,13 +192,6 @@ def one_batch_warmup(key: str, model: nn.Module, loader: DataLoader) -> None:
 
 
 # -- one configuration in a fresh process -------------------------------------------------
-
-
-def malloc_trim() -> None:
-    """Hand freed heap memory back to the system (glibc), so that the baseline resident size
-    holds no free memory the measured call would reuse unseen."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def peak_meter(device: torch.device) -> Callable[[], int]:
@@ -237,12 +227,7 @@ def spawn(key: str, n: int, args: argparse.Namespace) -> dict | None:
     budget = CONFIGS[key][1]
     if budget:
         env["HESSE_MEMORY_BUDGET"] = budget
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        print(f"  worker {key} at {n} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
-        return None
+    return run_worker(cmd, env, f"worker {key} at {n}")
 
 
 # -- checks and summary -----------------------------------------------------------------
@@ -250,13 +235,11 @@ def spawn(key: str, n: int, args: argparse.Namespace) -> dict | None:
 
 def check_product(device: torch.device) -> float:
     """hesse's product against PyHessian's over the 512-sample problem (same Hessian)."""
-    from pyhessian import hessian as PyHessian
-
     model, loader = make_problem(512, device)
     H = hesse.HessianOperator(model, nn.CrossEntropyLoss(), loader)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3)).to(device)
     hv = H @ v
-    hc = PyHessian(model, nn.CrossEntropyLoss(), dataloader=loader, cuda=device.type == "cuda")
+    hc = pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=loader)
     vs = list(v.split([p.numel() for p in hc.params]))
     _, ref = hc.dataloader_hv_product([t.view_as(p) for t, p in zip(vs, hc.params)])
     model.zero_grad(set_to_none=True)
@@ -328,30 +311,39 @@ def verdicts(results: dict[int, dict[str, dict]]) -> dict:
     return {"per_size": per_size, **summary}
 
 
-def fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def print_table(results: dict[int, dict[str, dict]], device: torch.device) -> None:
-    head = (
-        f"{'N':>5} {'configuration':<14} {'extra MiB':>9} {'s':>7} {'x PyH':>6} {'products':>8} "
-        f"{'cached':>7} {'eigenvalue':>12} {'certified':>9}"
-    )
-    what = "CUDA allocator" if device.type == "cuda" else "RSS"
-    print(f"\nTop eigenvalue (tol {TOL:g}), extra peak memory ({what}) and wall time\n{head}")
-    print("-" * len(head))
+def report(results: dict[int, dict[str, dict]], device: torch.device) -> None:
+    columns = [
+        ("N", "5d"),
+        ("configuration", "<14"),
+        ("extra MiB", "9.1f"),
+        ("s", "7.2f"),
+        ("x PyH", "6.2f"),
+        ("products", "8d"),
+        ("cached", ">7"),
+        ("eigenvalue", "12.7g"),
+        ("certified", "9.1e"),
+    ]
+    rows = []
     for n in sorted(results):
-        rows = results[n]
-        pyh = rows.get("pyhessian")
-        for key, r in rows.items():
-            label = CONFIGS[key][0]
-            ratio = r["seconds"] / pyh["seconds"] if pyh else None
-            cached = f"{r['cached_batches']}/{n // BATCH}" if "cached_batches" in r else "-"
-            print(
-                f"{n:>5} {label:<14} {r['extra_peak_bytes'] / MiB:9.1f} {r['seconds']:7.2f} "
-                f"{fmt(ratio, '6.2f')} {r['products']:>8} {cached:>7} {r['eigenvalue']:12.7g} "
-                f"{fmt(r.get('certified_rel_error'), '9.1e')}"
+        pyh = results[n].get("pyhessian")
+        for key, r in results[n].items():
+            rows.append(
+                [
+                    n,
+                    CONFIGS[key][0],
+                    r["extra_peak_bytes"] / MiB,
+                    r["seconds"],
+                    r["seconds"] / pyh["seconds"] if pyh else None,
+                    r["products"],
+                    f"{r['cached_batches']}/{n // BATCH}" if "cached_batches" in r else "-",
+                    r["eigenvalue"],
+                    r.get("certified_rel_error"),
+                ]
             )
+    what = "CUDA allocator" if device.type == "cuda" else "RSS"
+    print_table(
+        f"Top eigenvalue (tol {TOL:g}), extra peak memory ({what}) and wall time", columns, rows
+    )
 
 
 def print_verdicts(v: dict) -> None:
@@ -386,17 +378,12 @@ def print_verdicts(v: dict) -> None:
 
 def metadata(args: argparse.Namespace, device: torch.device) -> dict:
     return {
-        **machine(device),
-        "pyhessian": version("pyhessian"),
-        "threads": args.threads,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+        **machine(device, (PYHESSIAN,)),
         "dtype": "float32",
         "sizes": args.sizes,
         "repeats": args.repeats,
         "configs": args.configs,
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -435,10 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.sizes[0], device)))
         return 0
     meta = metadata(args, device)
-    print(
-        f"torch {meta['torch']}, hesse {meta['hesse']}, pyhessian {meta['pyhessian']}, "
-        f"{meta['cpu']}, {args.threads} threads, device {device}"
-    )
+    print_header(meta)
     start = time.perf_counter()
     model, _ = make_problem(512, device)
     P = params_count(model)
@@ -447,9 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k for k in CONFIGS if k in args.configs]
     runs: dict[int, dict[str, list[dict]]] = {n: {k: [] for k in keys} for n in args.sizes}
     for n in args.sizes:
-        for r in range(args.repeats):
-            shift = r % len(keys)
-            for key in keys[shift:] + keys[:shift]:
+        for _, order in rotations(keys, args.repeats):
+            for key in order:
                 out = spawn(key, n, args)
                 if out is not None:
                     runs[n][key].append(out)
@@ -460,11 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
     results = {n: {k: median_run(rs) for k, rs in runs[n].items() if rs} for n in args.sizes}
-    print_table(results, device)
+    report(results, device)
     v = verdicts(results)
     print_verdicts(v)
-    meta["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    meta["total_seconds"] = time.perf_counter() - start
+    finish(meta, start)
     out = {
         "meta": meta,
         "problem": {
@@ -491,9 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             "timings come from a 2-core machine shared with other work: noisy (10-30%)",
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {args.out} ({meta['total_seconds']:.0f} s in all)")
+    write_json(args.out, out)
+    print(f"({meta['total_seconds']:.0f} s in all)")
     return 0
 
 

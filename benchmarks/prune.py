@@ -17,11 +17,11 @@ each layer's removals over its rows (``allocation="layer"``, OBC); ``layer-obs-r
 same count in every row (``allocation="row"``), runs beside it on the digits models at
 70 to 90 %. OBD's diagonal of the GGN on the calibration set is computed once per model
 and shared by the sparsities: exact for the digits models, by backpropagating the columns
-of the output Hessian's square root (``hesse.compress._diagonal``; one product per weight
-took 325 s for the MLP before), and a Hutchinson estimate from ``OBD_MATVECS`` products
-for the GPT (its loss is a function, whose output Hessian has no closed-form root).
-Global OBS needs the dense inverse curvature of all weights (4,736 for the MLP: about a
-minute per sparsity on one core); ``--obs`` adds it for the digits MLP.
+of the output Hessian's square root (``hesse.compress._diagonal``, far cheaper than one
+product per weight: its time is ``obd_diagonal.seconds`` in the result file), and a
+Hutchinson estimate from ``OBD_MATVECS`` products for the GPT (its loss is a function, whose
+output Hessian has no closed-form root). Global OBS needs the dense inverse curvature of all
+weights (4,736 for the MLP; slow); ``--obs`` adds it for the digits MLP.
 
 Timing: one ``nn.Linear(d, d)`` at 50 % sparsity on ``4 d`` correlated inputs; the
 seconds the method spends on the layer (``LayerPrune.seconds``: without the pass over the
@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
-import os
 import statistics
 import sys
 import time
@@ -51,13 +49,12 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hesse
+from _harness import finish, machine, print_header, result_path, write_json
 from hesse.compress import default_layers, prune
 from hesse.compress._diagonal import ggn_diagonal
 from hesse.compress._layers import select_layers
 from hesse.problems import problem
-from hvp_cost import RESULTS, machine
 
 METHODS = ("magnitude", "obd", "layer-obs", "sparsegpt")
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -256,14 +253,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    out = args.out or RESULTS / ("prune_quick.json" if args.quick else "prune.json")
+    out = result_path("prune_quick" if args.quick else "prune", args.out)
+    meta = machine("cpu")
+    print_header(meta)
     tic = time.perf_counter()
     models = {name: digits(name, args) for name in ("mlp-digits", "cnn-digits")}
     if not args.no_gpt:
         models["char-gpt"] = char_gpt(args)
     print("time per layer against width (50 % sparsity):", flush=True)
     results = {
-        "machine": machine(torch.device("cpu")),
+        "meta": meta,
         "config": {
             "train_steps": TRAIN_STEPS,
             "calibration_samples": CALIBRATION,
@@ -279,11 +278,9 @@ def main() -> None:
         "targets": targets(models),
         "timing": timing(args),
     }
-    results["seconds"] = time.perf_counter() - tic
-    # other work on the machine shows in the timings: the load during the run
-    results["load_average_1_5_15"] = list(os.getloadavg())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    # other work on the machine shows in the timings: the load at the start and the end
+    finish(meta, tic)
+    write_json(out, results)
     for name, t in results["targets"].items():
         print(
             f"{name}: dense {t['dense']:.4f}, at 70 %: layer-obs {t['layer_obs_at_70']:.4f}, "
@@ -291,7 +288,6 @@ def main() -> None:
         )
         for level, v in t["allocation_layer_vs_row"].items():
             print(f"  layer-obs at {level}: by layer {v['layer']:.4f}, by row {v['row']:.4f}")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

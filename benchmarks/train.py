@@ -19,26 +19,23 @@ Run from the repository root (2 threads)::
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train.py          # about 5 minutes
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/train.py --quick  # about a minute
 
-Results: ``benchmarks/results/train_cpu.json`` and ``train_cpu.png``.
+Results: ``benchmarks/results/train_cpu.json`` and ``train_cpu.png`` (``_quick`` in the
+names with ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import hesse
+from _harness import RESULTS, finish, machine, print_header, write_json
 from hesse.optim import LBFGS, AdaHessian, HessianFree, NewtonCG, Sophia, SubsampledNewton, compare
 
-RESULTS = Path(__file__).parent / "results"
 LAM = 1e-3
 TARGET = 1e-6
 
@@ -347,27 +344,19 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=10.0, help="seconds per run in (a)")
     ap.add_argument("--budget-mlp", type=float, default=20.0, help="seconds per run in (b)")
     ap.add_argument("--repeats", type=int, default=7, help="repeats of the finalists in (a)")
+    ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
     args = ap.parse_args()
+    out = args.out or RESULTS / f"train_cpu{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.perf_counter()
-    result = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "hesse": hesse.__version__,
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-        },
-        "a": part_a(args),
-        "b": part_b(args),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    plot(result, RESULTS / f"train_cpu{suffix}.png")
-    (RESULTS / f"train_cpu{suffix}.json").write_text(json.dumps(_thin(result), indent=1))
-    print(f"done in {time.perf_counter() - t0:.0f} s")
+    meta = {**machine("cpu", ("scikit-learn",)), "quick": args.quick}
+    print_header(meta)
+    result = {"meta": meta, "a": part_a(args), "b": part_b(args)}
+    finish(meta, t0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(result, out.with_suffix(".png"))
+    write_json(out, _thin(result))
+    print(f"done in {meta['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -70,11 +69,21 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hesse
+from _harness import (
+    RESULTS,
+    cuda_extra_peak,
+    finish,
+    machine,
+    print_header,
+    print_table,
+    rss_peak_meter,
+    run_worker,
+    time_calls,
+    version,
+    write_json,
+)
+from _models import flat
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hvp_cost import cuda_extra_peak, machine, rss_peak_meter, time_calls, version
-
-RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-4
 BATCH = 8
 TARGET = 1.05
@@ -135,10 +144,6 @@ def make_problem(seq: int, device: torch.device, n_positions: int = 128, seed: i
     params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
     v = torch.randn(sum(p.numel() for p in params), device=device)
     return Problem(model, batch, params, v, list(hesse.ParamSpace(params).unflatten(v)))
-
-
-def flat(out: Any) -> Tensor:
-    return out.reshape(-1) if isinstance(out, Tensor) else torch.cat([t.reshape(-1) for t in out])
 
 
 def reference(pb: Problem) -> Tensor:
@@ -263,23 +268,25 @@ def run_time(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def print_time(res: dict, args: argparse.Namespace, device: torch.device) -> None:
-    head = (
-        f"{'method':<40} {'ms':>8} {'x 1st':>6} {'hesse / by hand [quartiles]':>28} {'rel.err':>8}"
-    )
-    print(
-        f"\n(a) time: P = {res['params']}, batch {res['batch']} x {res['seq']} tokens, {device}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} rounds\n{head}\n{'-' * len(head)}"
-    )
+    columns = [
+        ("method", "<40"),
+        ("ms", "8.2f"),
+        ("x 1st", "6.2f"),
+        ("hesse / by hand [quartiles]", ">28"),
+        ("rel.err", "8.1e"),
+    ]
+    rows = []
     for row in res["rows"].values():
         ratio = ""
         if "ratio" in row:
             q1, q3 = row["ratio_quartiles"]
             ratio = f"{row['ratio']:.3f} [{q1:.2f}-{q3:.2f}]"
-        err = "-" if row["rel_error"] is None else f"{row['rel_error']:.1e}"
-        print(
-            f"{row['label']:<40} {row['median_ms']:8.2f} {row['x_first_order']:6.2f} "
-            f"{ratio:>28} {err:>8}"
-        )
+        rows.append([row["label"], row["median_ms"], row["x_first_order"], ratio, row["rel_error"]])
+    title = (
+        f"(a) time: P = {res['params']}, batch {res['batch']} x {res['seq']} tokens, {device}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds"
+    )
+    print_table(title, columns, rows)
 
 
 # -- (b) memory ---------------------------------------------------------------------------------
@@ -304,12 +311,8 @@ def cpu_extra_peak(key: str, seq: int, threads: int) -> int | None:
     cmd = [sys.executable, __file__, "--memory-worker", key, "--seqs", str(seq)]
     cmd += ["--device", "cpu", "--threads", str(threads)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    try:
-        return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"])
-    except (IndexError, ValueError, KeyError):
-        print(f"  memory worker {key} failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
+    out = run_worker(cmd, env, f"memory worker {key}")
+    return None if out is None else int(out["bytes"])
 
 
 def run_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -328,24 +331,38 @@ def run_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def print_memory(res: list[dict], device: torch.device) -> None:
-    def mib(b: int | None) -> str:
-        return "-" if b is None else f"{b / 2**20:.1f}"
+    def ratio(a: int | None, b: int | None) -> float | None:
+        return None if a is None or not b else a / b
 
-    def ratio(a: int | None, b: int | None) -> str:
-        return "-" if a is None or not b else f"{a / b:.2f}"
+    def mib(b: int | None) -> float | None:
+        return None if b is None else b / 2**20
 
-    head = (
-        f"{'T':>5} {'1st, dflt':>11} {'1st, math':>10} {'hesse Hv':>9} {'by hand Hv':>11} "
-        f"{'Hv/1st dflt':>13} {'1st math/dflt':>15} {'B*h*T^2*L fp32':>15}"
-    )
-    print(f"\n(b) extra peak memory, MiB ({device}; batch {BATCH})\n{head}\n{'-' * len(head)}")
+    columns = [
+        ("T", "5d"),
+        ("1st, dflt", "11.1f"),
+        ("1st, math", "10.1f"),
+        ("hesse Hv", "9.1f"),
+        ("by hand Hv", "11.1f"),
+        ("Hv/1st dflt", "13.2f"),
+        ("1st math/dflt", "15.2f"),
+        ("B*h*T^2*L fp32", "15.1f"),
+    ]
+    rows = []
     for r in res:
         m = r["bytes"]
-        print(
-            f"{r['seq']:>5} {mib(m['grad']):>11} {mib(m['grad-math']):>10} {mib(m['hesse']):>9} "
-            f"{mib(m['plain']):>11} {ratio(m['hesse'], m['grad']):>13} "
-            f"{ratio(m['grad-math'], m['grad']):>15} {mib(r['attention_matrices_bytes']):>15}"
+        rows.append(
+            [
+                r["seq"],
+                mib(m["grad"]),
+                mib(m["grad-math"]),
+                mib(m["hesse"]),
+                mib(m["plain"]),
+                ratio(m["hesse"], m["grad"]),
+                ratio(m["grad-math"], m["grad"]),
+                mib(r["attention_matrices_bytes"]),
+            ]
         )
+    print_table(f"(b) extra peak memory, MiB ({device}; batch {BATCH})", columns, rows)
 
 
 # -- driver ---------------------------------------------------------------------------------
@@ -353,7 +370,7 @@ def print_memory(res: list[dict], device: torch.device) -> None:
 
 def metadata(device: torch.device, args: argparse.Namespace) -> dict:
     return {
-        **machine(device),
+        **machine(device, ("transformers",)),
         "transformers": version("transformers"),
         "dtype": "float32 (TF32 off)",
         "model": "GPT2LMHeadModel(n_embd=64, n_layer=2, n_head=4, vocab_size=256), sdpa",
@@ -395,10 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_worker:
         return memory_worker(args.memory_worker, args.seqs[0])
     meta = metadata(device, args)
-    print(
-        f"torch {meta['torch']}, transformers {meta['transformers']}, {meta['cpu']}, "
-        f"{meta['gpu'] or 'no GPU'}, {meta['threads']} threads"
-    )
+    print_header(meta)
     timing = run_time(args, device)
     print_time(timing, args, device)
     memory = [] if args.no_memory else run_memory(args, device)
@@ -415,10 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{CPU_MEMORY_NOTE}")
     worst = max(r["ratio"] for r in timing["rows"].values() if "ratio" in r)
     print(f"hesse / hand-written, worst of the two medians: {worst:.3f} (target <= {TARGET})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"meta": meta, "notes": notes, "time": timing, "memory": memory}
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out}")
+    finish(meta)
+    write_json(args.out, {"meta": meta, "notes": notes, "time": timing, "memory": memory})
     return 0
 
 
