@@ -314,6 +314,14 @@ def raises(rank, world, out):
         comm.sum_weighted(torch.ones(3), 1.0, None, "a test reduction", tag=7 + (rank == 1))
     except Exception as err:
         out["step_error"] = f"{type(err).__name__}: {err}"
+    # ... at another call site (an optimizer's tags: site, step, call): named
+    from hesse.distributed._comm import site
+
+    where = "the line search" if rank == 1 else "the start of a step"
+    try:
+        comm.sum_weighted(torch.ones(3), 1.0, None, "a test reduction", tag=(site(where), 4, 2))
+    except Exception as err:
+        out["site_error"] = f"{type(err).__name__}: {err}"
 
 
 def edges(rank, world, out):
@@ -533,6 +541,50 @@ def precision(rank, world, out):
     for _ in range(3):
         opt.step(closure, batch=data)
     out["sub_x"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    # ... and with three iterations per step, the batch only on rank 0 (rank 1: samples=0,
+    # batch=None): rank 0 draws the subsample one process draws (its seed is the
+    # optimizer's own), so both take one process's iterates on rank 0's data
+    model3 = problem()[0]
+    opt = hd.SubsampledNewton(
+        model3.parameters(),
+        model=model3,
+        loss_fn=loss_fn,
+        subsample=5,
+        max_iter=3,
+        seed=11,
+        samples=len(data[0]),
+    )
+
+    def closure3():
+        opt.zero_grad()
+        loss = loss_fn(model3(data[0]), data[1])
+        loss.backward()
+        return loss
+
+    out["sub3_x0"] = torch.cat([p.detach().reshape(-1) for p in model3.parameters()])
+    for _ in range(2):
+        opt.step(closure3, batch=data if rank == 0 else None)
+    out["sub3_x"] = torch.cat([p.detach().reshape(-1) for p in model3.parameters()])
+    if rank == 0:
+        ref_model = problem()[0]
+        ref = hesse.optim.SubsampledNewton(
+            ref_model.parameters(),
+            model=ref_model,
+            loss_fn=loss_fn,
+            subsample=5,
+            max_iter=3,
+            seed=11,
+        )
+
+        def ref_closure3():
+            ref.zero_grad()
+            loss = loss_fn(ref_model(xs), ys)
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            ref.step(ref_closure3, batch=(xs, ys))
+        out["ref_sub3_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
 
 
 def hangs(rank, world, out):

@@ -234,6 +234,8 @@ def test_precision_sum_losses_and_empty_tensor_shards(tmp_path):
         torch.testing.assert_close(res["hf_x"], ref["ref_hf_x"], rtol=1e-9, atol=1e-12)
         assert torch.equal(res["sub_x"], ref["sub_x"])
         torch.testing.assert_close(res["hf2_x"], ref["ref_hf2_x"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(res["sub3_x"], ref["ref_sub3_x"], rtol=1e-9, atol=1e-12)
+    assert (ref["sub3_x"] - ref["sub3_x0"]).norm() > 1e-3  # the trajectory went somewhere
     assert float(ref["ref_f16"].abs().max()) > 1.0  # the float16 case is a real one
 
 
@@ -302,6 +304,13 @@ def test_a_rank_that_raises_stops_the_others(tmp_path):
     for res in results:  # rank 1 made one product more: every rank sees it
         assert res["step_error"].startswith("RankError"), res["step_error"]
     assert "out of step" in results[0]["step_error"]
+    for r, res in enumerate(results):  # at another call site: each rank names its own
+        msg = res["site_error"]
+        assert msg.startswith("RankError") and "out of step" in msg, msg
+        where = "the line search" if r == 1 else "the start of a step"
+        assert f"rank {r} at '{where}' (call 2 of step 4)" in msg, msg
+        other = "rank 1 at call site #" if r != 1 else "rank 0 at call site #"
+        assert other in msg, msg  # a site this rank never reached: by its number
     for r in (0, 2):
         keys = ("eig_error_False", "eig_error_True", "nan_loss_error", "opt_error", "make_error")
         for key in (*keys, "sophia_error"):

@@ -197,18 +197,23 @@ def test_optimizer_dense_curvature_is_the_operators_on_its_subsample():
     torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_dense_curvature_through_an_overridden_operator_is_the_same():
-    """A subclass with its own batch curvature (hesse.distributed reduces it across ranks)
-    gets the dense matrix from that operator's products: the same matrix."""
+def test_dense_curvature_of_a_sharded_reducer_is_the_same():
+    """Where each process holds a shard (hesse.distributed's reducer is ``sharded``), the
+    dense matrix comes from the reduced operator's products instead of one batched pass
+    over the local batch: the same matrix."""
+    from hesse.optim._base import Reducer
 
-    class Reduced(SubsampledNewton):
-        def _batch_curvature(self, data):
-            return super()._batch_curvature(data)
+    class Sharded(Reducer):
+        sharded = True
 
     model, loss_fn, X, y = _case("mlp-ce")
     mats = []
-    for cls in (SubsampledNewton, Reduced):
-        opt = cls(model.parameters(), model=model, loss_fn=loss_fn, subsample=9, l2=0.1)
+    for reducer in (None, Sharded()):
+        opt = SubsampledNewton(
+            model.parameters(), model=model, loss_fn=loss_fn, subsample=9, l2=0.1
+        )
+        if reducer is not None:
+            opt._reducer = reducer
         assert opt._uses_dense((X, y))
         mats.append(opt._dense_curvature(None, (X, y)))
     torch.testing.assert_close(mats[1], mats[0], rtol=1e-10, atol=1e-12)

@@ -9,8 +9,11 @@ starts, stochastic Lanczos quadrature) are drawn from rank 0's generator state o
 rank, so :func:`hesse.eigenvalues`, :func:`hesse.trace`, :func:`hesse.spectral_density`
 and :func:`hesse.linalg.cg` return the same on every rank as one process on all the data.
 
-The optimizers reduce every evaluation of the closure (loss, gradient, Hessian-vector
-products through its graph), weighted by each rank's ``samples``; :class:`KFAC` and the
+The optimizers are those of :mod:`hesse.optim`, given a reducer over the process group in
+place of the identity (:class:`hesse.optim._base.Reducer`): every evaluation of the
+closure (loss, gradient, Hessian-vector products through its graph), every curvature
+operator on a batch and every mean they take (:class:`KFAC`'s factors, Sophia's
+sampled-label gradient) is reduced, weighted by each rank's ``samples``; the
 Kronecker-factored operators reduce their factors likewise.
 
 A rank whose local work raises still joins the collective, flagged: it raises its own

@@ -7,11 +7,14 @@ from __future__ import annotations
 import datetime
 import math
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+from hesse._core._checks import derive_seed
 
 #: Seconds a rank waits for the others in one collective before it gives up (override per
 #: object with ``timeout=``, or for the process with :func:`set_default_timeout`).
@@ -24,6 +27,29 @@ T = TypeVar("T")
 # Sample counts travel in the reduced buffer as two base-2^12 digits, so that they stay
 # exact in float32 (whose integers are exact to 2^24) for totals up to 2^36 samples.
 _DIGIT = 4096.0
+
+
+#: The names of the call sites that tag collectives, by the number that stands for each in
+#: a tag (:func:`site`), so that an out-of-step error names where each rank was.
+_SITES: dict[int, str] = {}
+
+
+def site(name: str) -> int:
+    """The number (< 2**20, exact in float32) that stands for the call site ``name`` in a
+    collective's tag; the same in every process (a CRC-32 of the name, not ``hash``)."""
+    number = zlib.crc32(name.encode("utf-8")) % 2**20
+    _SITES.setdefault(number, name)
+    return number
+
+
+def _where(tag: list[int]) -> str:
+    """Where a tag says a rank was (a call site this process has not tagged itself is
+    named by its number)."""
+    number, step, call = tag
+    if number == 0 and step == 0:
+        return f"collective {call}"
+    name = repr(_SITES[number]) if number in _SITES else f"call site #{number}"
+    return f"{name} (call {call} of step {step})"
 
 
 class RankError(RuntimeError):
@@ -81,6 +107,7 @@ class Communicator:
         self.timeout = _default_timeout if timeout is None else _check_timeout(timeout)
         self.seconds = 0.0
         self.calls = 0
+        self._pending: BaseException | None = None
 
     def _device(self, tensor: Tensor) -> torch.device:
         """Where a tensor must be for this backend (nccl reduces CUDA tensors only)."""
@@ -116,35 +143,60 @@ class Communicator:
             self.seconds += time.perf_counter() - start
             self.calls += 1
 
+    def defer(self, error: BaseException | None) -> None:
+        """Raise ``error`` (found by this rank before a collective) in this rank's next
+        collective (:meth:`sum_weighted`, :meth:`run_reduced`, :meth:`attempt`), where the
+        other ranks learn of it and raise a :class:`RankError`, rather than now, which
+        would leave them waiting in that collective. Until then this rank's local work in
+        those collectives is skipped. ``None``: nothing to defer."""
+        if error is not None and self._pending is None:
+            self._pending = error
+
+    def shard_seed(self, seed: int) -> int:
+        """The seed of random draws from data only this rank holds (a subsample of its
+        shard, labels sampled for it): rank 0's is ``seed`` itself, so that one rank draws
+        what one process draws; another rank's is derived from ``seed`` and the rank
+        (:func:`~hesse._core._checks.derive_seed`), so that the shards draw independently."""
+        return seed if self.rank == 0 else derive_seed(seed, "rank", self.rank)
+
     def sum_weighted(
         self,
         local: Tensor,
         weight: float,
         error: BaseException | None,
         what: str,
-        tag: int | None = None,
+        tag: int | tuple[int, int, int] | None = None,
     ) -> tuple[Tensor, float]:
         """``(sum over ranks of local, sum over ranks of weight)``, in one all-reduce.
 
         ``local`` is this rank's already-weighted partial sum. A rank whose local work
-        failed passes ``error`` (and any ``local`` of the right shape): the collective still
-        completes, so nobody hangs; that rank then raises its own error and every other
-        rank a :class:`RankError` naming it.
+        failed passes ``error`` (and any ``local`` of the right shape), or has deferred one
+        (:meth:`defer`): the collective still completes, so nobody hangs; that rank then
+        raises its own error and every other rank a :class:`RankError` naming it.
 
-        ``tag`` says where the caller is in its own sequence (an optimizer passes its step
-        and the evaluation's number within it; by default, the number of this
-        communicator's reductions so far). Ranks whose tags differ are out of step: they
-        took different paths, and every rank raises a :class:`RankError` saying so.
+        ``tag`` says where the caller is in its own sequence: ``(site(name), step, call)``
+        (an optimizer's reducer passes its call site, the step and the call's number
+        within the step), or an integer; by default, the number of this communicator's
+        reductions so far. Ranks whose tags differ are out of step: they took different
+        paths, and every rank raises a :class:`RankError` saying where each one was.
         """
+        if error is None and self._pending is not None:
+            error, self._pending = self._pending, None
         dtype = local.dtype if local.dtype in (torch.float32, torch.float64) else torch.float32
-        # [count (2 digits), failure flag per rank, this call's number per rank]
-        extra = torch.zeros(2 + 2 * self.world, dtype=dtype, device=local.device)
+        # [count (2 digits), failure flag per rank, this call's tag (3 numbers) per rank]
+        extra = torch.zeros(2 + 4 * self.world, dtype=dtype, device=local.device)
         hi = math.floor(weight / _DIGIT)
         extra[0], extra[1] = hi, weight - hi * _DIGIT
         if error is not None:
             extra[2 + self.rank] = 1.0
         self._sums = getattr(self, "_sums", 0) + 1
-        extra[2 + self.world + self.rank] = (self._sums if tag is None else tag) % 2**22
+        if tag is None:
+            tag = (0, 0, self._sums)
+        elif isinstance(tag, int):
+            tag = (0, 0, tag)
+        mine = 2 + self.world + 3 * self.rank
+        for j, number in enumerate(tag):
+            extra[mine + j] = number % 2**22  # exact in float32
         buf = torch.cat([local.reshape(-1).to(dtype), extra])
         device = self._device(buf)
         buf = buf.to(device)
@@ -160,12 +212,14 @@ class Communicator:
                 f"rank {self.rank} of {self.world}: {what} failed on rank(s) {failed} (see "
                 "their own errors); this rank stops too"
             )
-        calls = extra[2 + self.world :]
-        if any(c != calls[0] for c in calls):
+        tags = [[int(c) for c in extra[2 + self.world + 3 * r : 5 + self.world + 3 * r]]
+                for r in range(self.world)]  # fmt: skip
+        if any(t != tags[0] for t in tags):
+            where = "; ".join(f"rank {r} at {_where(t)}" for r, t in enumerate(tags))
             raise RankError(
                 f"rank {self.rank} of {self.world}: the ranks are out of step in {what} "
-                f"(tags {[int(c) for c in calls]}): they took different paths; run every "
-                "rank with the same software, thread count and optimizer state"
+                f"({where}): they took different paths; run every rank with the same "
+                "software, thread count and optimizer state"
             )
         return buf[:n].reshape(local.shape).to(local.dtype), extra[0] * _DIGIT + extra[1]
 
@@ -227,6 +281,8 @@ class Communicator:
         """Run this rank's part (``compute() -> (weighted local sum, weight)``) and reduce
         it; an exception in ``compute`` is carried through the collective (see
         :meth:`sum_weighted`) rather than leaving the other ranks waiting."""
+        if self._pending is not None:  # raised in the collective: no local work before it
+            return self.sum_weighted(torch.zeros_like(like), 0.0, None, what, tag)
         try:
             local, weight = compute()
             error = None
@@ -280,6 +336,7 @@ class Communicator:
         *,
         params: Callable[[T], list[Tensor]] | None = None,
         flatten: Callable[[T], Tensor] | None = None,
+        tag: int | tuple[int, int, int] | None = None,
     ) -> T:
         """Run this rank's ``local()`` and return its result, after a barrier that carries
         failures: a rank whose ``local()`` raised re-raises its error there, every other
@@ -290,14 +347,17 @@ class Communicator:
         collective also says whether each rank knows them to be in sync
         (:meth:`mark_in_sync`); if any rank does not, every rank checks them
         (:meth:`check_same`). The decision is the same everywhere."""
-        try:
-            out, error = local(), None
-        except Exception as err:
-            out, error = None, err
+        out, error = None, None
+        ran = self._pending is None  # (a deferred error is raised in the collective below)
+        if ran:
+            try:
+                out = local()
+            except Exception as err:
+                error = err
         unsynced = 0.0
-        if error is None and params is not None and not self.is_in_sync(params(out)):
+        if ran and error is None and params is not None and not self.is_in_sync(params(out)):
             unsynced = 1.0
-        total, _ = self.sum_weighted(torch.tensor([unsynced]), 0.0, error, what)
+        total, _ = self.sum_weighted(torch.tensor([unsynced]), 0.0, error, what, tag)
         if float(total) > 0 and flatten is not None:
             self.check_same(flatten(out), "the model's parameters")
         return out  # type: ignore[return-value]

@@ -107,11 +107,12 @@ class GGNOperator(_DataParallel, operators.GGNOperator):
 class FisherOperator(_DataParallel, operators.FisherOperator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Rank 0's seed on every rank, offset by rank: each shard draws its own targets
-        # and the whole draw is reproducible from rank 0's generator.
+        # Rank 0's seed, then one per rank (Communicator.shard_seed): each shard draws its
+        # own targets and the whole draw is reproducible from rank 0's generator. (Below
+        # 2**62, as the local operator's: it adds the batch's index.)
         seed = torch.tensor([self._seed], dtype=torch.int64)
         self.comm.broadcast_(seed, "sharing the Monte-Carlo Fisher's seed")
-        self._seed = int(seed) % 2**62 + 1_000_003 * self.comm.rank
+        self._seed = self.comm.shard_seed(int(seed)) % 2**62
 
 
 class FiniteDifferenceHessian(_DataParallel, operators.FiniteDifferenceHessian):
@@ -149,10 +150,10 @@ class _DataParallelKronecker:
             params=lambda _: self.fn._selected,
             flatten=lambda _: self.space.flatten(self.fn.params()),
         )
-        # Rank 0's seed, offset by rank: each shard draws its own labels (fisher="mc").
+        # Rank 0's seed, then one per rank: each shard draws its own labels (fisher="mc").
         seed = torch.tensor([self._seed], dtype=torch.int64)
         self.comm.broadcast_(seed, f"sharing {type(self).__name__}'s seed")
-        self._seed = int(seed) % 2**62 + 1_000_003 * self.comm.rank
+        self._seed = self.comm.shard_seed(int(seed)) % 2**62
         self.update()
 
     def _reduce(self, compute, sizes: list[int], what: str) -> tuple[list[Tensor], float]:

@@ -1,6 +1,7 @@
 """What hesse's optimizers share: flat views of the parameters of all groups, evaluating a
 closure (with the gradient's graph when curvature is needed), curvature from that graph,
-and validation of hyper-parameters."""
+the reducer through which data parallelism meets them (:class:`Reducer`), settings kept in
+the parameter groups (:class:`GroupSetting`), and validation of hyper-parameters."""
 
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def check_float(
 
 def check_int(value: object, name: str, minimum: int = 1) -> int:
     return _check_int(value, name, minimum)
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 class FlatParams:
@@ -193,6 +200,89 @@ def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluat
     return Evaluation(value, grads, kept)
 
 
+class Reducer:
+    r"""Where data parallelism meets an optimizer, and what one process does there:
+    nothing (this class is the identity).
+
+    Every optimizer of :mod:`hesse.optim` calls its reducer (``self._reducer``, by default
+    :data:`LOCAL`) at each point where processes that each hold a shard of the data must
+    communicate, and nowhere else; :mod:`hesse.distributed` gives the same classes a
+    reducer over a process group, so the optimizers' code has no branch of its own for
+    data parallelism and the two cannot drift apart. Each call names its call site
+    (``name``); across processes the name, the step and the call's number within the step
+    tag the collective, so that processes which took different paths stop with an error
+    naming where each one was.
+
+    The points (the data-parallel meaning in brackets):
+
+    - :meth:`evaluate`: the closure's loss and gradient at the current parameters [their
+      sample-weighted means over processes; Hessian-vector products through the kept
+      graphs are reduced alike];
+    - :meth:`batch`: the batch this process's curvature is measured on [a process without
+      data follows the others: an empty batch where they have batches, else ``None``];
+    - :meth:`operator`: a curvature operator of :mod:`hesse.operators` on a batch [its
+      data-parallel twin of :mod:`hesse.distributed`, over every process's batch];
+    - :meth:`mean`: tensors computed from this process's data (Kronecker factors,
+      Sophia's sampled-label gradient) [their weighted means over processes];
+    - :meth:`attempt`: local work whose failure must stop every process (drawing a
+      subsample) [one small collective carries the failure];
+    - :meth:`check`: an error in a step's arguments [raised in the step's next collective:
+      here, and a :class:`~hesse.distributed.RankError` on the others];
+    - :meth:`shard_seed`: the seed of draws from data only this process holds (a
+      subsample, sampled labels) [another seed on each process];
+    - :attr:`sharded`: whether the data is split between processes [then a batch's
+      curvature comes from the reduced operator's products, never from this process's
+      batch alone].
+    """
+
+    #: Whether each process holds only a shard of the data.
+    sharded = False
+
+    def evaluate(self, name: str, closure: Closure, flat: FlatParams, graph: bool = False):
+        """Run the closure and read the loss and the gradients (:func:`evaluate`)."""
+        return evaluate(closure, flat, graph)
+
+    def batch(self, batch: object) -> object:
+        """The batch the curvature is measured on, after the step's first evaluation."""
+        return batch
+
+    def operator(self, cls: type, *args, **kwargs) -> CurvatureOperator:
+        """``cls(*args, **kwargs)``: an operator of :mod:`hesse.operators` on a batch."""
+        return cls(*args, **kwargs)
+
+    def mean(
+        self,
+        name: str,
+        compute: Callable[[], tuple[list[Tensor | None], float | None]],
+        like: list[Tensor],
+    ) -> tuple[list[Tensor | None], float]:
+        """``compute() -> (tensors, weight)``: tensors from this process's data (``None``
+        for one it has no part in) and their weight (``None``: this process's share of
+        the data). Returns the tensors and the weight, unchanged here; across processes,
+        each tensor's weighted mean over the processes that have it (``None`` where none
+        has) and the total weight. ``like`` gives each tensor's shape, dtype and device
+        (for a process whose ``compute`` failed)."""
+        tensors, weight = compute()
+        return tensors, 1.0 if weight is None else float(weight)
+
+    def attempt(self, name: str, fn: Callable, *args):
+        """``fn(*args)``, whose failure must stop every process."""
+        return fn(*args)
+
+    def check(self, name: str, error: Exception | None) -> None:
+        """Raise ``error`` (the verdict on a step's arguments), if any."""
+        if error is not None:
+            raise error
+
+    def shard_seed(self, seed: int) -> int:
+        """The seed of draws from data that only this process holds: ``seed`` itself."""
+        return seed
+
+
+#: The reducer of one process: every optimizer's by default.
+LOCAL = Reducer()
+
+
 class GraphHessian(CurvatureOperator):
     """The Hessian of the closure's loss at the current parameters, from the graph an
     :class:`Evaluation` kept: one backward pass per product."""
@@ -249,9 +339,16 @@ class FlatOptimizer(Optimizer):
     hold the same value. ``_late_settings`` names those recorded in the groups only
     since hesse 0.1 (they were attributes): a state saved before lacks them and keeps this
     optimizer's values.
+
+    Every evaluation of the closure, and every other point where processes holding shards
+    of the data would have to communicate, goes through ``self._reducer`` (a
+    :class:`Reducer`: :data:`LOCAL`, the identity, unless :mod:`hesse.distributed` made
+    the optimizer).
     """
 
     _flat: FlatParams | None = None
+    #: Where data parallelism would communicate (:class:`Reducer`); one process: none.
+    _reducer: Reducer = LOCAL
     _group_checks: ClassVar[dict[str, Callable[[object, str], object]]] = {}
     _state_keys: frozenset[str] = frozenset()
     _global_settings: tuple[str, ...] = ()
@@ -325,12 +422,10 @@ class FlatOptimizer(Optimizer):
     def global_state(self) -> dict:
         return self.state[self.flat.params[0]]
 
-    def _evaluate(self, closure: Closure, graph: bool = False) -> Evaluation:
-        """Run the closure and read loss and gradients (:func:`evaluate`). Every evaluation
-        of an optimizer goes through here: the data-parallel optimizers of
-        :mod:`hesse.distributed` reduce loss, gradients and curvature products across
-        ranks in this one place."""
-        return evaluate(closure, self.flat, graph)
+    def _evaluate(self, name: str, closure: Closure, graph: bool = False) -> Evaluation:
+        """Run the closure and read loss and gradients, through the reducer (every
+        evaluation of an optimizer goes through here; ``name`` says which one)."""
+        return self._reducer.evaluate(name, closure, self.flat, graph)
 
 
 def check_betas(betas: object, name: str = "betas") -> tuple[float, float]:

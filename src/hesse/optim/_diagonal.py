@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hesse._core._checks import check_choice, check_seed
+from hesse._core._checks import check_choice, check_seed, derive_seed
 from hesse.func._model import _DEFAULT_IO
 from hesse.optim._base import (
     Closure,
@@ -51,11 +51,14 @@ class _DiagonalCurvature(FlatOptimizer):
         return state
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """The probes of step t come from a generator seeded with (seed, t): a restored
-        optimizer (whose state holds t) draws the same probes as one never interrupted."""
+        """The probes of step t come from a generator seeded with
+        ``derive_seed(seed, "hutchinson", t)``: a restored optimizer (whose state holds t)
+        draws the same probes as one never interrupted, and every process of a
+        data-parallel run the same probes (its products are reduced)."""
         step = int(self._global()["step"])
-        # (mod 2^63: a seed near 2^63 does not overflow; the same value below it)
-        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + step) % 2**63)
+        return torch.Generator(device=device).manual_seed(
+            derive_seed(self.seed, "hutchinson", step)
+        )
 
     def _refresh(self) -> bool:
         """Whether this step draws a new estimate of the diagonal."""
@@ -70,7 +73,7 @@ class _DiagonalCurvature(FlatOptimizer):
         return hutchinson_diagonal_probe(hvp, flat.params, self._generator(flat.device), samples)
 
     def _evaluate_checked(self, closure, curvature_now: bool):
-        ev = self._evaluate(closure, graph=curvature_now)
+        ev = self._evaluate(f"{type(self).__name__}: the step's evaluation", closure, curvature_now)
         if not ev.finite:
             raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
         return ev
@@ -295,7 +298,22 @@ class Sophia(_DiagonalCurvature):
         super().__init__(params, defaults)
 
     def _gnb(self, outputs_fn: Callable[[], Tensor]) -> list[Tensor]:
-        grads, b = self._gnb_gradient(outputs_fn, self._generator(torch.device("cpu")))
+        """The Gauss-Newton-Bartlett estimate of a refresh step: the sampled-label gradient
+        (through the reducer: its batch-size-weighted mean over processes, each drawing
+        its own labels) and the number of rows it was taken over."""
+        step = int(self._global()["step"])
+        seed = derive_seed(self._reducer.shard_seed(self.seed), "sophia-gnb-labels", step)
+        labels = torch.Generator().manual_seed(seed)
+        grads, b = self._reducer.mean(
+            "Sophia: the Gauss-Newton-Bartlett gradient",
+            lambda: self._gnb_gradient(outputs_fn, labels),
+            self.flat.params,
+        )
+        if b == 0:
+            raise ValueError(
+                "outputs_fn() returned no rows of logits (on every process): the "
+                "Gauss-Newton-Bartlett estimate needs at least one sample"
+            )
         return self._gnb_estimate(grads, b)
 
     @staticmethod
@@ -333,8 +351,12 @@ class Sophia(_DiagonalCurvature):
         self.check_groups()
         state = self._global()
         refresh = self._refresh()
+        error = None
         if self.estimator == "gnb" and refresh and outputs_fn is None:
-            raise ValueError("estimator='gnb' needs step(closure, outputs_fn=...) on refresh steps")
+            error = ValueError(
+                "estimator='gnb' needs step(closure, outputs_fn=...) on refresh steps"
+            )
+        self._reducer.check("Sophia: outputs_fn", error)
         ev = self._evaluate_checked(closure, refresh and self.estimator == "hutchinson")
         if refresh:
             diag = self._probe(ev, 1) if self.estimator == "hutchinson" else self._gnb(outputs_fn)

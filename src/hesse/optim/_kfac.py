@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from hesse._core._checks import check_choice, check_seed
+from hesse._core._checks import check_choice, check_seed, derive_seed
 from hesse.func._model import ModelLoss
 from hesse.operators._kfac import (
     DAMPING_METHODS,
@@ -227,9 +227,7 @@ class KFAC(FlatOptimizer):
         t = int(state.get("step", 0))
         update = t % group["update_each"] == 0
         on_batch = update and self.loss_fn is not None and batch is not None
-        error = self._batch_error(update, on_batch)
-        if error is not None:
-            raise error
+        self._reducer.check("KFAC: the batch", self._batch_error(update, on_batch))
         seen: dict[str, list] = {}
         handles = []
         if update and not on_batch:
@@ -237,13 +235,14 @@ class KFAC(FlatOptimizer):
                 seen[la.name] = []
                 handles.append(la.module.register_forward_hook(partial(_record, seen[la.name])))
         try:
-            ev = self._evaluate(closure)
+            ev = self._evaluate("KFAC: the step's evaluation", closure)
         finally:
             for h in handles:
                 h.remove()
         if not ev.finite:
             raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
-        if self._factors_on_batch(update, on_batch):
+        batch = self._reducer.batch(batch)
+        if update and self.loss_fn is not None and batch is not None:
             self._update_factors_on(batch, group, t)
         elif update:
             self._update_factors(seen, group)
@@ -263,14 +262,28 @@ class KFAC(FlatOptimizer):
             )
         return None
 
-    def _factors_on_batch(self, update: bool, on_batch: bool) -> bool:
-        """Whether this step's factors come from the batch (after the evaluation: the
-        data-parallel optimizer decides it from every rank's)."""
-        return on_batch
-
     def _update_factors(self, seen: dict[str, list], group: dict) -> None:
-        """The factors from the closure's pass (empirical Fisher), averaged in."""
-        self._average_in(self._closure_factors(seen, group), group["factor_decay"])
+        """The factors from the closure's pass (empirical Fisher), through the reducer
+        (across processes: their sample-weighted means, layer by layer, over the processes
+        where the layer took part), averaged in."""
+        layers = self._layers
+        flat = self.flat
+
+        def compute() -> tuple[list[Tensor | None], None]:
+            factors = self._closure_factors(seen, group)
+            return [f for la in layers for f in factors.get(la.name, (None, None))], None
+
+        def empty(n: int) -> Tensor:
+            return torch.empty(n, n, dtype=flat.dtype, device=flat.device)
+
+        like = [t for la in layers for t in (empty(la.d), empty(la.out))]
+        means, _ = self._reducer.mean("KFAC: the factors", compute, like)
+        factors = {
+            la.name: (means[2 * j], means[2 * j + 1])
+            for j, la in enumerate(layers)
+            if means[2 * j] is not None
+        }
+        self._average_in(factors, group["factor_decay"])
 
     def _closure_factors(
         self, seen: dict[str, list], group: dict
@@ -305,8 +318,9 @@ class KFAC(FlatOptimizer):
         names = [
             self._names[i] for la in self._layers for i in (la.weight, la.bias) if i is not None
         ]
-        gen = torch.Generator().manual_seed((group["seed"] * 1_000_003 + t) % 2**63)
-        op = self._batch_operator(
+        gen = torch.Generator().manual_seed(derive_seed(group["seed"], "kfac-mc", t))
+        op = self._reducer.operator(
+            KFACOperator,
             self.model,
             self.loss_fn,
             batch,
@@ -319,9 +333,6 @@ class KFAC(FlatOptimizer):
             io=self.io,
         )
         self._average_in({b.module: (b.A, b.G) for b in op.blocks}, group["factor_decay"])
-
-    def _batch_operator(self, *args, **kwargs) -> KFACOperator:
-        return KFACOperator(*args, **kwargs)
 
     def _average_in(self, factors: dict[str, tuple[Tensor, Tensor]], rho: float) -> None:
         for la in self._layers:

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hesse.optim._base import Closure, FlatOptimizer, check_float, check_int
+from hesse.optim._base import Closure, FlatOptimizer, check_bool, check_float, check_int
 from hesse.solvers import LINE_SEARCHES as _SEARCHES
 from hesse.solvers import LBFGSMemory, line_search
 
@@ -20,12 +20,6 @@ LINE_SEARCHES = (*_SEARCHES, None)
 def _check_line_search(value: object, name: str) -> str | None:
     if value not in LINE_SEARCHES:
         raise ValueError(f"{name} must be one of {LINE_SEARCHES}, got {value!r}")
-    return value
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -93,7 +87,7 @@ class LBFGS(FlatOptimizer):
         "tolerance_grad": check_float,
         "tolerance_change": check_float,
         "line_search": _check_line_search,
-        "batch_mode": _check_bool,
+        "batch_mode": check_bool,
     }
     #: One setting for all groups (only ``lr`` may differ between groups).
     _global_settings = (
@@ -177,7 +171,7 @@ class LBFGS(FlatOptimizer):
         mem = self._memory(state)
         scale = flat.per_group([g["lr"] for g in self.param_groups])
         x = flat.get()
-        ev = self._evaluate(closure)
+        ev = self._evaluate("L-BFGS: the start of a step", closure)
         state["func_evals"] += 1
         first_loss = torch.tensor(ev.loss)
         if not ev.finite:
@@ -205,7 +199,7 @@ class LBFGS(FlatOptimizer):
 
             def phi(a: float, x=x, d=d):
                 flat.set(x + a * d)
-                e = self._evaluate(closure)
+                e = self._evaluate("L-BFGS: the line search", closure)
                 state["func_evals"] += 1
                 return e.loss, float(e.g @ d) if e.finite else math.nan, e
 
@@ -260,7 +254,7 @@ class LBFGS(FlatOptimizer):
         x_new = x + s
         flat = self.flat
         flat.set(x_new)
-        new = self._evaluate(closure)  # the same batch, at the new point
+        new = self._evaluate("L-BFGS: the same batch at the new point", closure)
         state["func_evals"] += 1
         if not new.finite or new.loss > ev.loss:
             # The step made this batch's loss worse (or not finite): undo it and forget

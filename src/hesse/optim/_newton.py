@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vmap
 
 from hesse._core import NonFiniteError
-from hesse._core._checks import check_seed
+from hesse._core._checks import check_choice, check_seed, derive_seed
 from hesse.func._io import ModelIO, map_tensors
 from hesse.func._model import ModelLoss
 from hesse.func._output import OutputCurvature
@@ -28,6 +28,8 @@ from hesse.optim._base import (
     Closure,
     FlatOptimizer,
     GraphHessian,
+    GroupSetting,
+    check_bool,
     check_float,
     check_int,
 )
@@ -59,23 +61,94 @@ DENSE_ENTRIES = 2**24
 DENSE_COLUMNS = 128
 
 
+def _check_subsample(value: object, name: str, *, none: str = "") -> int | float | None:
+    """A number of samples (an int >= 1), a fraction of the batch in (0, 1], or None."""
+    if value is None:
+        return None
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, float) and 0 < value <= 1
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be a number of samples (int >= 1) or a fraction in (0, 1]{none}, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _check_preconditioner(value: object, name: str) -> str | None:
+    if value not in (None, "hutchinson"):
+        raise ValueError(f"{name} must be None or 'hutchinson', got {value!r}")
+    return value
+
+
+def _check_seed(value: object, name: str) -> int:
+    return check_seed(value, name, allow_none=False)
+
+
+#: The settings of every truncated-Newton optimizer besides its hyper-parameters of the
+#: step (lr, damping, CG's): one for the whole optimizer, kept in every parameter group
+#: since hesse 0.1 (they were attributes, which state_dict() did not record).
+_SETTINGS = (
+    "curvature",
+    "subsample",
+    "subsample_growth",
+    "subsample_max",
+    "preconditioner",
+    "l2",
+    "seed",
+    "solver",
+    "dense_max",
+    "max_iter",
+    "tolerance_grad",
+)
+
+
 class _TruncatedNewton(FlatOptimizer):
     """The shared loop: evaluate the closure, build the curvature operator :math:`C`, solve
     :math:`(C + \\lambda I) p = -g` by CG, adapt :math:`\\lambda` by the reduction ratio,
-    search along :math:`p`."""
+    search along :math:`p`.
+
+    Every setting is kept in the parameter groups (``state_dict()`` records it, and
+    ``load_state_dict()`` restores it) and read as an attribute (``opt.subsample``); the
+    model, its loss and its :class:`~hesse.ModelIO` are the optimizer's wiring, not
+    settings, and stay attributes."""
 
     #: Defaults of subclasses.
     _backtrack_cg = False
     _line_search = "armijo"
     #: One Newton step for all parameters: a group may not set its own (it would be
     #: ignored); freeze the parameters that must not move instead (requires_grad=False).
-    _global_settings = ("lr", "damping", "adapt_damping", "cg_max_iter", "cg_rtol", "warm_start")
+    _global_settings = (
+        "lr",
+        "damping",
+        "adapt_damping",
+        "cg_max_iter",
+        "cg_rtol",
+        "warm_start",
+        *_SETTINGS,
+    )
+    _late_settings = _SETTINGS
     _group_checks: ClassVar[dict[str, Callable]] = {
         "lr": partial(check_float, open_lo=True),
         "damping": check_float,
+        "adapt_damping": check_bool,
         "cg_max_iter": check_int,
-        "cg_rtol": lambda v, name: v is None or check_float(v, name, open_lo=True, hi=1.0),
+        "cg_rtol": lambda v, name: (
+            None if v is None else check_float(v, name, open_lo=True, hi=1.0)
+        ),
         "warm_start": partial(check_float, hi=1.0),
+        "curvature": lambda v, name: check_choice(v, name, CURVATURES),
+        "subsample": _check_subsample,
+        "subsample_growth": check_float,
+        "subsample_max": partial(_check_subsample, none=" or None"),
+        "preconditioner": _check_preconditioner,
+        "l2": check_float,
+        "seed": _check_seed,
+        "solver": lambda v, name: check_choice(v, name, SOLVERS),
+        "dense_max": partial(check_int, minimum=0),
+        "max_iter": check_int,
+        "tolerance_grad": check_float,
     }
     _state_keys = frozenset(
         (
@@ -91,6 +164,17 @@ class _TruncatedNewton(FlatOptimizer):
             "lm_nu",
         )
     )
+    curvature = GroupSetting()
+    subsample = GroupSetting()
+    subsample_growth = GroupSetting()
+    subsample_max = GroupSetting()
+    preconditioner = GroupSetting()
+    l2 = GroupSetting()
+    seed = GroupSetting()
+    solver = GroupSetting()
+    dense_max = GroupSetting()
+    max_iter = GroupSetting()
+    tolerance_grad = GroupSetting()
 
     def __init__(
         self,
@@ -117,67 +201,48 @@ class _TruncatedNewton(FlatOptimizer):
         max_iter: int = 1,
         tolerance_grad: float = 0.0,
     ):
-        lr = check_float(lr, "lr", open_lo=True)
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        self.solver = solver
-        self.dense_max = check_int(dense_max, "dense_max", minimum=0)
-        self.subsample_growth = check_float(subsample_growth, "subsample_growth")
-        if subsample_max is not None:
-            ok = (
-                isinstance(subsample_max, int)
-                and not isinstance(subsample_max, bool)
-                and subsample_max >= 1
-            ) or (isinstance(subsample_max, float) and 0 < subsample_max <= 1)
-            if not ok:
-                raise ValueError(
-                    "subsample_max must be a number of samples (int >= 1), a fraction in "
-                    f"(0, 1] or None, got {subsample_max!r}"
-                )
-        self.subsample_max = subsample_max
-        self.max_iter = check_int(max_iter, "max_iter")
-        self.tolerance_grad = check_float(tolerance_grad, "tolerance_grad")
         if io is not None and not isinstance(io, ModelIO):
             raise TypeError(f"io must be a hesse.ModelIO, got {type(io).__name__}")
-        self.l2 = check_float(l2, "l2")
-        damping = check_float(damping, "damping")
         if (model is None) != (loss_fn is None):
             raise ValueError("give both model and loss_fn (for curvature on a batch), or neither")
         if curvature is None:
             curvature = "ggn" if model is not None and isinstance(self, HessianFree) else "hessian"
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        if curvature == "ggn" and model is None:
-            raise ValueError(
-                "curvature='ggn' needs model= and loss_fn= (the GGN is built from the model's "
-                "outputs); with only parameters, use curvature='hessian'"
-            )
-        if subsample is not None:
-            ok = (
-                isinstance(subsample, int) and not isinstance(subsample, bool) and subsample >= 1
-            ) or (isinstance(subsample, float) and 0 < subsample <= 1)
-            if not ok:
-                raise ValueError(
-                    "subsample must be a number of samples (int >= 1) or a fraction in (0, 1], "
-                    f"got {subsample!r}"
-                )
-        if preconditioner not in (None, "hutchinson"):
-            raise ValueError(f"preconditioner must be None or 'hutchinson', got {preconditioner!r}")
         defaults = {
             "lr": lr,
             "damping": damping,
             "adapt_damping": bool(adapt_damping),
-            "cg_max_iter": check_int(cg_max_iter, "cg_max_iter"),
-            "cg_rtol": None
-            if cg_rtol is None
-            else check_float(cg_rtol, "cg_rtol", open_lo=True, hi=1.0),
-            "warm_start": check_float(warm_start, "warm_start", hi=1.0),
+            "cg_max_iter": cg_max_iter,
+            "cg_rtol": cg_rtol,
+            "warm_start": warm_start,
+            "curvature": curvature,
+            "subsample": subsample,
+            "subsample_growth": subsample_growth,
+            "subsample_max": subsample_max,
+            "preconditioner": preconditioner,
+            "l2": l2,
+            "seed": seed,
+            "solver": solver,
+            "dense_max": dense_max,
+            "max_iter": max_iter,
+            "tolerance_grad": tolerance_grad,
         }
-        super().__init__(params, defaults)
-        self.curvature, self.model, self.loss_fn = curvature, model, loss_fn
-        self.subsample, self.preconditioner = subsample, preconditioner
+        for key, check in self._group_checks.items():  # the rules a step re-checks
+            defaults[key] = check(defaults[key], key)
+        self.model, self.loss_fn = model, loss_fn
         self.io = io if io is not None else ModelIO()
-        self.seed = check_seed(seed, allow_none=False)
+        self._check_wiring(curvature)
+        super().__init__(params, defaults)
+
+    def _check_wiring(self, curvature: str) -> None:
+        if curvature == "ggn" and self.model is None:
+            raise ValueError(
+                "curvature='ggn' needs model= and loss_fn= (the GGN is built from the model's "
+                "outputs); with only parameters, use curvature='hessian'"
+            )
+
+    def check_groups(self) -> None:
+        super().check_groups()
+        self._check_wiring(self.param_groups[0]["curvature"])  # e.g. from a loaded state
 
     # -- state -------------------------------------------------------------------------
     def _global(self) -> dict:
@@ -191,6 +256,8 @@ class _TruncatedNewton(FlatOptimizer):
 
     # -- curvature ---------------------------------------------------------------------
     def _operator(self, ev, batch):
+        """The curvature operator: the Hessian through the closure's graph, or with a
+        model and a batch, the batch curvature on its subsample (plus ``l2 I``)."""
         flat = self.flat
         if self.model is None or batch is None:
             if self.model is not None and self.curvature == "ggn":
@@ -198,67 +265,62 @@ class _TruncatedNewton(FlatOptimizer):
                     "curvature='ggn': pass the batch, step(closure, batch=(inputs, targets))"
                 )
             return GraphHessian(ev, flat)
-        op = self._batch_curvature(self._subsample(batch)).linearize()
+        data = self._reducer.attempt("drawing the curvature's subsample", self._subsample, batch)
+        op = self._batch_curvature(data).linearize()
         if self.l2 > 0:  # the penalty in the closure's loss, which loss_fn does not see
             op = op + IdentityOperator(flat.size, flat.dtype, flat.device) * self.l2
         return op
 
     def _batch_curvature(self, data):
-        """The curvature operator on a batch (data-parallel optimizers reduce it)."""
+        """The curvature operator on a batch (across processes: over every one's batch)."""
         cls = GGNOperator if self.curvature == "ggn" else HessianOperator
-        return cls(self.model, self.loss_fn, data, params=self.flat.params, io=self.io)
-
-    #: Added to the subsample's seed (data-parallel ranks draw different positions).
-    _seed_offset = 0
+        return self._reducer.operator(
+            cls, self.model, self.loss_fn, data, params=self.flat.params, io=self.io
+        )
 
     def _subsample(self, batch):
-        if self.subsample is None or not self.io.is_batch(batch):
+        subsample = self.subsample
+        if subsample is None or not self.io.is_batch(batch):
             return batch
         n = self.io.samples(batch)
-        k = self.subsample if isinstance(self.subsample, int) else max(1, round(self.subsample * n))
+        k = subsample if isinstance(subsample, int) else max(1, round(subsample * n))
         state = self._global()
         g_norm = getattr(self, "_g_norm", None)
-        if self.subsample_growth > 0 and g_norm is not None and "g0_norm" in state:
+        growth = self.subsample_growth
+        if growth > 0 and g_norm is not None and "g0_norm" in state:
             cap = self.subsample_max
             cap = n if cap is None else cap if isinstance(cap, int) else max(1, round(cap * n))
-            k = max(
-                k, subsample_size(k, min(cap, n), g_norm, state["g0_norm"], self.subsample_growth)
-            )
+            k = max(k, subsample_size(k, min(cap, n), g_norm, state["g0_norm"], growth))
         state["subsample_size"] = min(k, n)
         if k >= n:
             return batch
-        idx = subsample_indices(n, k, self.seed + self._seed_offset, state["step"])
+        # One derivation with minimize("subsampled-newton"): seed and step; across
+        # processes each draws its own positions (another seed on each).
+        idx = subsample_indices(n, k, self._reducer.shard_seed(self.seed), state["step"])
         # every tensor of the batch with the samples along its first dimension (inputs of
         # any layout, dict batches, sequence targets) is indexed alike
         return map_tensors(
             batch, lambda t: t[idx.to(t.device)] if t.dim() > 0 and t.shape[0] == n else t
         )
 
-    def _local_curvature(self) -> bool:
-        """Whether the batch curvature is this class's own, on this process's data (a
-        data-parallel subclass overrides :meth:`_batch_curvature` to reduce it across
-        ranks: it then gets the dense matrix from that operator's products, and makes
-        every choice the same way on every rank, whatever batch each holds)."""
-        return type(self)._batch_curvature is _TruncatedNewton._batch_curvature
-
     def _uses_dense(self, batch) -> bool:
         """Whether this iteration forms the curvature densely and solves by Cholesky."""
         if self.solver != "auto":
             return self.solver == "cholesky"
-        if self.model is None or self.flat.size > self.dense_max:
-            return False
-        # Locally, without a batch the curvature is the closure's (P products through its
-        # graph to form it: CG's few are cheaper); a data-parallel rank without data
-        # follows the others.
-        return batch is not None or not self._local_curvature()
+        # Without a batch the curvature is the closure's (P products through its graph to
+        # form it: CG's few are cheaper). (Across processes the batch is the reducer's,
+        # given on every process or on none.)
+        return self.model is not None and self.flat.size <= self.dense_max and batch is not None
 
     def _dense_curvature(self, ev, batch) -> Tensor:
         """The curvature as a dense ``(P, P)`` matrix, penalty ``l2 I`` included: on the
         subsample of ``batch`` in one batched pass (:func:`dense_model_curvature`) where
-        the curvature is local and the model allows it, else from :meth:`_operator`'s
-        products, :data:`DENSE_COLUMNS` columns at a time."""
-        if self._local_curvature() and self.model is not None and batch is not None:
-            data = self._subsample(batch)
+        the model allows it and the batch is all the data (not one process's shard), else
+        from :meth:`_operator`'s products, :data:`DENSE_COLUMNS` columns at a time."""
+        if not self._reducer.sharded and self.model is not None and batch is not None:
+            data = self._reducer.attempt(
+                "drawing the curvature's subsample", self._subsample, batch
+            )
             try:
                 fn, curvature = self._model_loss()
                 H = dense_model_curvature(fn, curvature, data, hessian=self.curvature == "hessian")
@@ -272,7 +334,7 @@ class _TruncatedNewton(FlatOptimizer):
                     H.diagonal().add_(self.l2)
                 return 0.5 * (H + H.T)
         op = self._operator(ev, batch)
-        op.chunk_size = min(self.flat.size, DENSE_COLUMNS)  # the same on every rank
+        op.chunk_size = min(self.flat.size, DENSE_COLUMNS)  # the same on every process
         H = op.to_dense()
         return 0.5 * (H + H.T)
 
@@ -289,9 +351,8 @@ class _TruncatedNewton(FlatOptimizer):
     def _diag_preconditioner(self, op, damping: float, state: dict):
         if self.preconditioner is None:
             return None
-        gen = torch.Generator(device=self.flat.device).manual_seed(
-            self.seed + 104729 * state["step"]
-        )
+        seed = derive_seed(self.seed, "preconditioner", state["step"])
+        gen = torch.Generator(device=self.flat.device).manual_seed(seed)
         like = [torch.empty(self.flat.size, dtype=self.flat.dtype, device=self.flat.device)]
         est = hutchinson_diagonal_probe(lambda z: [op @ z[0]], like, gen)[0].abs()
         ema = state.get("diag_ema")
@@ -314,10 +375,13 @@ class _TruncatedNewton(FlatOptimizer):
             The loss at the start of the step.
         """
         self.check_groups()
-        graph = self.model is None or batch is None
-        ev = self._evaluate(closure, graph=graph)
+        name = type(self).__name__
+        ev = self._evaluate(f"{name}: the start of a step", closure, self._needs_graph(batch))
+        batch = self._reducer.batch(batch)
+        graph = self._needs_graph(batch)
         first = ev.loss
-        for i in range(self.max_iter):
+        max_iter = self.max_iter
+        for i in range(max_iter):
             if not ev.finite:
                 if i == 0:
                     raise FloatingPointError(
@@ -329,12 +393,19 @@ class _TruncatedNewton(FlatOptimizer):
                 ev.release()
                 break
             nxt = self._iteration(closure, batch, ev)
-            if nxt is None or i == self.max_iter - 1:
+            if nxt is None or i == max_iter - 1:
                 break
             # The line search's evaluation at the accepted point starts the next
             # iteration, unless the curvature needs the closure's graph there.
-            ev = self._evaluate(closure, graph=True) if graph else nxt
+            if graph:
+                ev = self._evaluate(f"{name}: the start of an iteration", closure, True)
+            else:
+                ev = nxt
         return torch.tensor(first)
+
+    def _needs_graph(self, batch) -> bool:
+        """Whether the curvature is the closure's own, through its graph."""
+        return self.model is None or batch is None
 
     def _iteration(self, closure: Closure, batch: Any, ev) -> Any:
         """One iteration from the evaluation ``ev`` at the current parameters; returns the
@@ -369,7 +440,7 @@ class _TruncatedNewton(FlatOptimizer):
             best_f, best = math.inf, candidates[-1]
             for cand in reversed(candidates):
                 flat.set(x + cand[0])
-                f_c = self._evaluate(closure).loss
+                f_c = self._evaluate(f"{type(self).__name__}: CG backtracking", closure).loss
                 if not f_c < best_f:
                     break
                 best_f, best = f_c, cand
@@ -381,7 +452,7 @@ class _TruncatedNewton(FlatOptimizer):
 
         def phi(alpha: float):
             flat.set(x + alpha * d)
-            e = self._evaluate(closure)
+            e = self._evaluate(f"{type(self).__name__}: the line search", closure)
             return e.loss, float(e.g @ d) if e.finite else math.nan, e
 
         if self._line_search == "strong-wolfe":
