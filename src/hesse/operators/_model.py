@@ -263,7 +263,9 @@ class LinearizedCurvature(CurvatureOperator):
         The budget bounds the graphs held at once: where some batches must be recomputed
         at each product, the cache leaves room for the largest graph measured, the one a
         recomputed batch builds while the cached ones are alive (without that room, peak
-        memory was the budget plus one batch's graph and the allocator's slack for it)."""
+        memory was the budget plus one batch's graph and the allocator's slack for it); and
+        a batch is built for the cache only where, judged by the largest graph so far, its
+        graph and that room both fit."""
         params = op.fn.params()
         meter = GraphMeter(exclude=params)
         # the gradient-like vectors a cached product keeps (J^T u, the gradient), per batch
@@ -277,7 +279,10 @@ class LinearizedCurvature(CurvatureOperator):
             if n == 0:  # as ModelCurvature._products: a batch without samples adds nothing
                 continue
             found = True
-            if kept + vectors > self.memory_budget:  # not even this batch's vectors fit
+            # Not even this batch's vectors fit, or (judged by the largest graph so far)
+            # not its graph and room for a recomputed one: building it would already
+            # pass the budget.
+            if kept + vectors + 2 * largest > self.memory_budget:
                 return self._make_room(parts, cost, index, kept, largest)
             with meter.measure():
                 part = op._batch_product(params, batch, index, True)
