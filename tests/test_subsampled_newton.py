@@ -12,9 +12,9 @@ from torch import nn
 import hesse
 from hesse.func._model import ModelLoss
 from hesse.func._output import OutputCurvature
+from hesse.operators import _dense as dense_module
+from hesse.operators._dense import dense_model_curvature
 from hesse.optim import NewtonCG, SubsampledNewton
-from hesse.optim import _newton as newton_module
-from hesse.optim._newton import dense_model_curvature
 from hesse.problems import synthetic_logistic
 from hesse.solvers._newton import damped_newton_step, subsample_size
 
@@ -175,7 +175,7 @@ def test_dense_curvature_equals_operator(name, curvature, chunked, monkeypatch):
     model, loss_fn, X, y = _case(name)
     P = sum(p.numel() for p in model.parameters())
     if chunked:  # the subsample's Jacobian in chunks of 7 samples, weighted as batches
-        monkeypatch.setattr(newton_module, "DENSE_ENTRIES", 7 * P * 3)
+        monkeypatch.setattr(dense_module, "DENSE_ENTRIES", 7 * P * 3)
     fn = ModelLoss(model, loss_fn)
     H = dense_model_curvature(fn, OutputCurvature(loss_fn), (X, y), hessian=curvature == "hessian")
     cls = hesse.HessianOperator if curvature == "hessian" else hesse.GGNOperator

@@ -166,7 +166,7 @@ def _dense_hessian(model: nn.Module, loss_fn: Any) -> Callable[[Tensor, Data], T
     loss has no closed-form output curvature."""
     from hesse.func._model import ModelLoss
     from hesse.func._output import OutputCurvature
-    from hesse.optim._newton import dense_model_curvature
+    from hesse.operators._dense import dense_model_curvature
 
     try:
         curvature = OutputCurvature(loss_fn)
