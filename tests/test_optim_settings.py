@@ -363,7 +363,7 @@ SUBSAMPLE = "drawing the curvature's subsample"
             ],
         ),
         (
-            lambda m: SubsampledNewton(m.parameters(), model=m, loss_fn=CE, seed=2),
+            lambda m: SubsampledNewton(m.parameters(), model=m, loss_fn=CE, subsample=8, seed=2),
             {"batch": True},
             [
                 ("evaluate", f"SubsampledNewton: {START}"),

@@ -259,7 +259,8 @@ def minimize(
             ``initial_radius`` :math:`\le` ``max_radius`` (finite, positive); ``correction``
             (newton), ``cg_max_iter`` (newton-cg, trust-ncg), ``memory`` (l-bfgs). An option
             ``subsampled-newton``: ``subsample`` (samples, or a fraction of them, for the
-            first curvature; default 0.1), ``subsample_growth`` (:math:`\gamma` of
+            first curvature; default 0.1; a fraction gives at least 4 samples per
+            unknown), ``subsample_growth`` (:math:`\gamma` of
             :func:`hesse.solvers.subsample_size`, default 0.5), ``subsample_max`` (a cap,
             samples or fraction), ``damping`` (the initial :math:`\mu`, default 1e-3),
             ``dense_max`` (the most unknowns it forms a Hessian for, default 4096),

@@ -22,6 +22,7 @@ from hesse.solvers import armijo, lm_damping, subsample_size
 from hesse.solvers._subsample import (
     ARMIJO_C1,
     dense_newton_direction,
+    dense_subsample_count,
     reduction_ratio,
     subsample_indices,
 )
@@ -318,7 +319,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
     ``seed + 7919 k``, as :class:`hesse.optim.SubsampledNewton`'s ``k``-th step does."""
     obj = run.obj
     n = fs.samples
-    base = _count(options["subsample"], n)
+    base = dense_subsample_count(options["subsample"], n, x0.numel())
     cap = n if options["subsample_max"] is None else min(n, _count(options["subsample_max"], n))
     growth, seed = options["subsample_growth"], options["seed"]
     damping, nu = options["damping"], 2.0

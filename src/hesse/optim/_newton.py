@@ -47,6 +47,7 @@ from hesse.solvers import (
 from hesse.solvers._subsample import (
     ARMIJO_C1,
     dense_newton_direction,
+    dense_subsample_count,
     reduction_ratio,
     subsample_indices,
 )
@@ -280,7 +281,10 @@ class _TruncatedNewton(FlatOptimizer):
         if subsample is None or not self.io.is_batch(batch):
             return batch
         n = self.io.samples(batch)
-        k = subsample if isinstance(subsample, int) else max(1, round(subsample * n))
+        if self._uses_dense(batch):  # a fraction gives at least a few samples per unknown
+            k = dense_subsample_count(subsample, n, self.flat.size)
+        else:
+            k = subsample if isinstance(subsample, int) else max(1, round(subsample * n))
         state = self._global()
         g_norm = getattr(self, "_g_norm", None)
         growth = self.subsample_growth
@@ -679,7 +683,8 @@ class SubsampledNewton(_TruncatedNewton):
         curvature: ``"hessian"`` (default) or ``"ggn"`` (with a model; the same matrix for
             a generalised linear model with its canonical loss, cheaper to form densely).
         model, loss_fn: for curvature on a subsample of ``step(..., batch=...)``.
-        subsample: samples (int) or fraction of the batch for the curvature, at the start.
+        subsample: samples (int) or fraction of the batch for the curvature, at the start
+            (a fraction gives the dense curvature at least 4 samples per unknown).
         subsample_growth: :math:`\gamma` above (0: a fixed subsample).
         solver: ``"auto"`` (Cholesky when :math:`P \le` ``dense_max`` and the curvature is
             on a batch, else CG), ``"cholesky"`` (always dense: without a batch, from

@@ -40,6 +40,30 @@ def subsample_indices(n: int, k: int, seed: int, step: int = 0) -> Tensor:
     return torch.randperm(n, generator=gen)[:k]
 
 
+#: The smallest subsample a fraction gives the dense curvature, in samples per unknown: a
+#: subsampled GGN of a generalised linear model has rank at most the subsample's size, and
+#: with fewer than a few samples per unknown the damped solve crawls (logistic regression,
+#: P = 101, n = 2000: 14 iterations from 200 samples, 7 from 404).
+DENSE_SAMPLES_PER_UNKNOWN = 4
+
+
+def dense_subsample_count(fraction_or_count: int | float, n: int, P: int) -> int:
+    """The samples of a dense subsampled curvature at the start: an int is the count as
+    given; a fraction of the ``n`` samples is raised to at least
+    :data:`DENSE_SAMPLES_PER_UNKNOWN` per unknown (``P``), or all ``n``.
+
+    Example:
+        >>> dense_subsample_count(0.1, 400, 101), dense_subsample_count(0.1, 20000, 101)
+        (400, 2000)
+        >>> dense_subsample_count(40, 400, 101)
+        40
+    """
+    if isinstance(fraction_or_count, int):
+        return min(fraction_or_count, n)
+    k = max(1, round(fraction_or_count * n))
+    return min(n, max(k, DENSE_SAMPLES_PER_UNKNOWN * P))
+
+
 def dense_newton_direction(H: Tensor, g: Tensor, damping: float) -> tuple[Tensor, float]:
     r"""The damped Newton direction :math:`d = -(H + \mu I)^{-1} g` of a dense subsampled
     curvature :math:`H`, and the undamped model's value :math:`q = g^\top d + \tfrac12
