@@ -135,3 +135,19 @@ def sklearn_lstsq(X, y) -> torch.Tensor:
 
     m = LinearRegression().fit(X.numpy(), y.numpy().ravel())
     return torch.cat([torch.from_numpy(m.coef_.ravel()), torch.tensor([float(m.intercept_)])])
+
+
+def lstsq_data(kind: str):
+    """600 samples of 8 features and a noisy linear target (well-conditioned,
+    ``"ill-conditioned"`` or ``"rank-deficient"``), for the least-squares tests of
+    the subsampled Newton methods."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(600, 8, generator=g, dtype=torch.float64)
+    if kind == "ill-conditioned":  # column scales 1 to 1e-3: the Hessian's condition 1e6
+        X = X * torch.logspace(0, -3, 8, dtype=torch.float64)
+    elif kind == "rank-deficient":  # two columns repeat others: rank 6 of 8
+        X[:, 6] = X[:, 0]
+        X[:, 7] = X[:, 1] - X[:, 2]
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    y = (X @ w + 0.3 + 0.1 * torch.randn(600, generator=g, dtype=torch.float64))[:, None]
+    return X, y

@@ -352,17 +352,7 @@ def edges(rank, world, out):
     if rank == 0:
         ref_model = problem()[0]
         out["ref_hv"] = hesse.HessianOperator(ref_model, loss_fn, (x, y)) @ V
-        ref = hesse.optim.LBFGS(ref_model.parameters(), max_iter=3)
-
-        def ref_closure():
-            ref.zero_grad()
-            loss = loss_fn(ref_model(x), y)
-            loss.backward()
-            return loss
-
-        for _ in range(3):
-            ref.step(ref_closure)
-        out["ref_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+        out["ref_x"] = _reference_lbfgs(ref_model, loss_fn, x, y, 3)
     try:  # a DDP-wrapped model in an optimizer: refused (it would reduce twice)
         ddp = nn.parallel.DistributedDataParallel(model)
         hd.HessianFree(model.parameters(), model=ddp, loss_fn=loss_fn, samples=1)
@@ -648,17 +638,23 @@ def nccl(rank, world, out):
         out["ref_hv"] = (Hf @ V).cpu()
         out["ref_eig"] = hesse.eigenvalues(Hf, k=1, seed=0, tol=1e-10).eigenvalues.cpu()
         out["ref_trace"] = hesse.trace(Hf, "hutchinson", 20, seed=0).estimate
-        ref = hesse.optim.LBFGS(ref_model.parameters(), max_iter=3)
+        out["ref_x"] = _reference_lbfgs(ref_model, loss_fn, x, y, 2).cpu()
 
-        def ref_closure():
-            ref.zero_grad()
-            loss = loss_fn(ref_model(x), y)
-            loss.backward()
-            return loss
 
-        for _ in range(2):
-            ref.step(ref_closure)
-        out["ref_x"] = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()]).cpu()
+def _reference_lbfgs(model, loss_fn, x, y, steps: int) -> torch.Tensor:
+    """One process's L-BFGS (max_iter=3 per step) on all the data: the flat parameters
+    after ``steps`` steps, the reference of the data-parallel runs."""
+    ref = hesse.optim.LBFGS(model.parameters(), max_iter=3)
+
+    def closure():
+        ref.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        ref.step(closure)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from hesse.optim import SubsampledNewton
 from hesse.problems import problem, synthetic_logistic
 
 pytest.importorskip("sklearn.linear_model")
+from conftest import lstsq_data
 from conftest import sklearn_logistic as _sklearn_logistic
 from conftest import sklearn_lstsq as _sklearn_lstsq
 
@@ -50,15 +51,7 @@ def _logistic(kind: str):
 
 
 def _lstsq(kind: str):
-    g = torch.Generator().manual_seed(5)
-    X = torch.randn(600, 8, generator=g, dtype=D)
-    if kind == "ill-conditioned":  # column scales 1 to 1e-3: the Hessian's condition 1e6
-        X = X * torch.logspace(0, -3, 8, dtype=D)
-    elif kind == "rank-deficient":  # two columns repeat others: rank 6 of 8
-        X[:, 6] = X[:, 0]
-        X[:, 7] = X[:, 1] - X[:, 2]
-    w = torch.randn(8, generator=g, dtype=D)
-    y = (X @ w + 0.3 + 0.1 * torch.randn(600, generator=g, dtype=D))[:, None]
+    X, y = lstsq_data(kind)
 
     def loss(x, batch):
         Xb, yb = batch

@@ -19,6 +19,7 @@ from hesse.problems import synthetic_logistic
 from hesse.solvers._newton import damped_newton_step, subsample_size
 
 pytest.importorskip("sklearn.linear_model")
+from conftest import lstsq_data
 from conftest import sklearn_logistic as _sklearn_logistic
 from conftest import sklearn_lstsq as _sklearn_lstsq
 
@@ -69,19 +70,6 @@ def _logistic_data(kind: str):
     return X, y, 1.0 / len(X)
 
 
-def _lstsq_data(kind: str):
-    g = torch.Generator().manual_seed(5)
-    X = torch.randn(600, 8, generator=g, dtype=D)
-    if kind == "ill-conditioned":  # column scales 1 to 1e-3: the Hessian's condition 1e6
-        X = X * torch.logspace(0, -3, 8, dtype=D)
-    elif kind == "rank-deficient":  # two columns repeat others: rank 6 of 8
-        X[:, 6] = X[:, 0]
-        X[:, 7] = X[:, 1] - X[:, 2]
-    w = torch.randn(8, generator=g, dtype=D)
-    y = (X @ w + 0.3 + 0.1 * torch.randn(600, generator=g, dtype=D))[:, None]
-    return X, y
-
-
 SOLVES = {
     "dense": dict(solver="auto", subsample=0.25),
     "dense-growing": dict(solver="auto", subsample=0.05, subsample_growth=0.5),
@@ -108,7 +96,7 @@ def test_logistic_reaches_sklearn_solution(kind, solve):
 @pytest.mark.parametrize("kind", ["well-conditioned", "ill-conditioned", "rank-deficient"])
 @pytest.mark.parametrize("solve", ["dense", "cg"])
 def test_least_squares_reaches_sklearn_solution(kind, solve):
-    X, y = _lstsq_data(kind)
+    X, y = lstsq_data(kind)
     model = nn.Linear(X.shape[1], 1).to(D)
     nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
     loss_fn = nn.MSELoss()

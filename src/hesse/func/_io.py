@@ -45,6 +45,19 @@ def map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return x
 
 
+def take_samples(batch: Any, n: int, rows: slice | Tensor) -> Any:
+    """``batch`` with ``rows`` (a slice or an index tensor) taken along the first dimension
+    of every tensor that holds ``n`` samples there (inputs of any layout, dict batches,
+    sequence targets); any other entry is passed as it is."""
+
+    def take(t: Tensor) -> Tensor:
+        if t.dim() == 0 or t.shape[0] != n:
+            return t
+        return t[rows] if isinstance(rows, slice) else t[rows.to(t.device)]
+
+    return map_tensors(batch, take)
+
+
 class ModelIO:
     """How batches reach the model and which output the loss sees.
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vmap
 
-from hesse.func._io import map_tensors
+from hesse.func._io import map_tensors, take_samples
 from hesse.func._model import ModelLoss
 from hesse.func._output import OutputCurvature
 
@@ -50,12 +50,12 @@ def dense_model_curvature(
     eye = torch.eye(P, dtype=fn.space.dtype, device=fn.space.device)
     cols = fn.space.unflatten_columns(eye) if hessian else None  # tangents of the 2nd term
     head = min(n, 2)  # the outputs of a sample or two give their size per sample
-    out = fn.outputs(params, fn.split(_rows_slice(batch, n, 0, head))[0])
+    out = fn.outputs(params, fn.split(take_samples(batch, n, slice(0, head)))[0])
     per_sample = max(1, out.numel() // max(head, 1))
     chunk = max(1, DENSE_ENTRIES // (P * per_sample))
     parts = []
     for a in range(0, n, chunk):
-        part = batch if chunk >= n else _rows_slice(batch, n, a, min(a + chunk, n))
+        part = batch if chunk >= n else take_samples(batch, n, slice(a, min(a + chunk, n)))
         parts.append((_dense_part(fn, curvature, part, params, cols, hessian), fn.weight(part)))
     if len(parts) == 1:
         return parts[0][0]
@@ -113,10 +113,6 @@ def _linear_model_curvature(fn: ModelLoss, curvature: OutputCurvature, batch: An
                     H[o * d + a, b * d : (b + 1) * d] = xb
                     H[o * d + b, o * d + a] = H[o * d + a, o * d + b]
     return H
-
-
-def _rows_slice(batch: Any, n: int, a: int, b: int) -> Any:
-    return map_tensors(batch, lambda t: t[a:b] if t.dim() > 0 and t.shape[0] == n else t)
 
 
 def _dense_part(fn: ModelLoss, curvature: OutputCurvature, batch, params, cols, hessian):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from hesse._core import NonFiniteError
 from hesse._core._checks import check_choice, check_seed, derive_seed
-from hesse.func._io import ModelIO, map_tensors
+from hesse.func._io import ModelIO, take_samples
 from hesse.func._model import ModelLoss
 from hesse.func._output import OutputCurvature
 from hesse.linalg import cg
@@ -298,11 +298,7 @@ class _TruncatedNewton(FlatOptimizer):
         # One derivation with minimize("subsampled-newton"): seed and step; across
         # processes each draws its own positions (another seed on each).
         idx = subsample_indices(n, k, self._reducer.shard_seed(self.seed), state["step"])
-        # every tensor of the batch with the samples along its first dimension (inputs of
-        # any layout, dict batches, sequence targets) is indexed alike
-        return map_tensors(
-            batch, lambda t: t[idx.to(t.device)] if t.dim() > 0 and t.shape[0] == n else t
-        )
+        return take_samples(batch, n, idx)
 
     def _uses_dense(self, batch) -> bool:
         """Whether this iteration forms the curvature densely and solves by Cholesky."""
