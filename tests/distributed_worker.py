@@ -322,6 +322,18 @@ def raises(rank, world, out):
         comm.sum_weighted(torch.ones(3), 1.0, None, "a test reduction", tag=(site(where), 4, 2))
     except Exception as err:
         out["site_error"] = f"{type(err).__name__}: {err}"
+    # an operator's own collectives are tagged by call site too: rank 1 makes one GGN
+    # product more where the others make a Hessian product, and the operand check names
+    # where each rank was
+    comm = hd.Communicator(timeout=10.0)
+    shard = batches(x[lo:hi], y[lo:hi])
+    G, H = (cls(model, loss_fn, shard, group=comm) for cls in (hd.GGNOperator, hd.HessianOperator))
+    v = torch.ones(G.shape[0])
+    G @ v
+    try:
+        (G if rank == 1 else H) @ v
+    except Exception as err:
+        out["product_error"] = f"{type(err).__name__}: {err}"
 
 
 def edges(rank, world, out):

@@ -127,6 +127,25 @@ def test_condition_number_and_wrappers_on_a_known_matrix():
     assert float(e.eigenvalues[0]) == pytest.approx(100.0)
 
 
+def test_condition_number_messages_come_from_the_status_templates():
+    # what to change after each ending is the status's one template (hesse.linalg.Status),
+    # in linalg's names; a non-finite product never advises more iterations
+    import dataclasses
+
+    from hesse.linalg import Status
+
+    lam = torch.logspace(-3, 2, 60, dtype=torch.float64)
+    c = hesse.condition_number(torch.diag(lam), tol=1e-12, max_iter=4, seed=0)
+    assert c.status is Status.MAX_ITERATIONS and not c.success
+    assert "did not converge (max_iterations)" in c.message
+    assert f"{Status.MAX_ITERATIONS.advice()} (the bottom of a Hessian" in c.message
+    bad = dataclasses.replace(c, status=Status.NON_FINITE)
+    assert bad.message.endswith("; check the model, the data and the dtype")
+    assert "max_iter" not in bad.message
+    low = dataclasses.replace(c, status=Status.PRECISION)
+    assert "not resolved" in low.message and low.message.endswith(Status.PRECISION.advice())
+
+
 def test_layer_report_matches_the_dense_blocks():
     model = mlp()
     X, y = make_data("ce")

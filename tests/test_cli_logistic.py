@@ -94,6 +94,26 @@ def test_the_time_limit_stops_a_slow_method(capsys):
     assert d["status"] == "time_limit" and not d["success"] and d["time_s"] < 2.0
 
 
+def test_the_time_limit_is_a_status_of_the_one_vocabulary():
+    # the run stopped at the clock is an OptimizeResult built with Status.TIME_LIMIT (not a
+    # string set afterwards), whose message and advice come from its template
+    import argparse
+
+    from hesse.cli._common import Output
+    from hesse.cli._compare import minimize_all
+    from hesse.linalg import NotConvergedError, Status
+
+    ui = Output(argparse.Namespace(json=True, out=None))
+    f = hesse.problems.classic_function("rosenbrock")
+    runs = minimize_all(f.fun, f.x0(), ["gd"], None, None, ui, time_limit=0.0)
+    r, _ = runs["gd"]
+    assert r.status is Status.TIME_LIMIT and not r.success
+    assert r.message == "stopped after the time limit of 0 s; raise --time-limit"
+    assert r.advice == Status.TIME_LIMIT.advice()  # "raise the time limit"
+    with pytest.raises(NotConvergedError, match="status 'time_limit'"):
+        r.raise_for_status()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -122,6 +122,9 @@ def test_every_status_has_one_advice_template():
     assert Status.MAX_EVALUATIONS.advice(max_evals="max_fev") == "raise max_fev"
     assert "wider dtype" in Status.PRECISION.advice()
     assert "minres" in Status.NEGATIVE_CURVATURE.advice()
-    assert set(ADVICE_NAMES) >= {"max_iter", "tol", "max_evals", "fun", "x"}
+    assert Status.NON_FINITE.advice(fun="the model") == "check the model, the data and the dtype"
+    assert Status.TIME_LIMIT == "time_limit"  # the CLI's ending, in the vocabulary too
+    assert Status.TIME_LIMIT.advice(time_limit="--time-limit") == "raise --time-limit"
+    assert set(ADVICE_NAMES) >= {"max_iter", "tol", "max_evals", "fun", "x", "time_limit"}
     with pytest.raises(TypeError, match=r"Status.advice takes the names .*got \['maxiter'\]"):
         Status.MAX_ITERATIONS.advice(maxiter="n")

@@ -311,6 +311,11 @@ def test_a_rank_that_raises_stops_the_others(tmp_path):
         assert f"rank {r} at '{where}' (call 2 of step 4)" in msg, msg
         other = "rank 1 at call site #" if r != 1 else "rank 0 at call site #"
         assert other in msg, msg  # a site this rank never reached: by its number
+        # an operator's collectives: by call site and call number (no step)
+        msg = res["product_error"]
+        assert msg.startswith("RankError") and "out of step" in msg, msg
+        assert "rank 0 at 'the operands of a HessianOperator product' (call 1)" in msg, msg
+        assert "rank 1 at 'the operands of a GGNOperator product' (call 2)" in msg, msg
     for r in (0, 2):
         keys = ("eig_error_False", "eig_error_True", "nan_loss_error", "opt_error", "make_error")
         for key in (*keys, "sophia_error"):
@@ -373,3 +378,14 @@ def test_nccl_on_cuda_matches_one_process(tmp_path, world):
         torch.testing.assert_close(res["eig"], ref["ref_eig"], rtol=1e-8, atol=1e-10)
         assert abs(res["trace"] - ref["ref_trace"]) <= 1e-8 * abs(ref["ref_trace"])
         torch.testing.assert_close(res["x"], ref["ref_x"], rtol=1e-8, atol=1e-10)
+
+
+def test_a_tag_says_where_a_rank_was():
+    # an optimizer's tag: site, step, call; an operator's: site and call (step 0: none); an
+    # integer tag: its number
+    from hesse.distributed._comm import _where, site
+
+    assert _where([site("the line search"), 4, 2]) == "'the line search' (call 2 of step 4)"
+    product = site("the operands of a GGNOperator product")
+    assert _where([product, 0, 3]) == "'the operands of a GGNOperator product' (call 3)"
+    assert _where([0, 0, 7]) == "collective 7"

@@ -548,3 +548,27 @@ def test_hutchinson_probe_is_the_mean_of_probe_steps():
         torch.testing.assert_close(three[k], sum(st[k] for st in steps) / 3, rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="samples must be an integer >= 1, got 0"):
         hutchinson_diagonal_probe(hvp, like, g, samples=0)
+
+
+def test_armijo_judges_a_step_at_f_rounding_by_its_slope():
+    """Hager & Zhang's approximate condition: phi(alpha) within f's rounding of phi(0),
+    phi'(alpha) <= (2 c1 - 1) phi'(0)."""
+    ulp = 2.0**-52
+    df0, c1 = -1e-14, 1e-2
+    bound = (2 * c1 - 1) * df0  # 0.98e-14
+
+    def phi_at(f, slope_at_1):
+        # phi(1) = f; a slope that falls linearly from df0 at 0 to slope_at_1 at 1
+        return lambda a: (f if a == 1.0 else 1.0, df0 + a * (slope_at_1 - df0), a)
+
+    # f one rounding above phi(0): plain Armijo fails, the slopes' model accepts the step
+    r = armijo(phi_at(1.0 + ulp, 0.0), 1.0, df0, 1.0, c1=c1)
+    assert r.accepted and r.alpha == 1.0 and r.nfev == 1 and "rounding" in r.message
+    r = armijo(phi_at(1.0 + 50 * ulp, 0.97e-14), 1.0, df0, 1.0, c1=c1)  # just within
+    assert r.accepted and r.alpha == 1.0
+    r = armijo(phi_at(1.0 + 50 * ulp, 0.99e-14), 1.0, df0, 1.0, c1=c1)  # just past
+    assert r.alpha != 1.0
+    assert 0.97e-14 <= bound <= 0.99e-14
+    # beyond f's rounding the value decides, whatever the slope
+    r = armijo(phi_at(1.0 + 200 * ulp, 0.0), 1.0, df0, 1.0, c1=c1)
+    assert r.alpha != 1.0

@@ -21,10 +21,11 @@ class Status(str, Enum):
     """How an iterative routine ended. A string, so ``result.status == "converged"`` works.
 
     The first eight are the endings of :mod:`hesse.linalg`'s routines (and of the solvers
-    built on them); the last five are the further endings of a minimisation
+    built on them); the next five are the further endings of a minimisation
     (:class:`hesse.OptimizeResult`) and of a line search
-    (:attr:`hesse.solvers.LineSearchResult.outcome`). :meth:`advice` says what to change
-    after each.
+    (:attr:`hesse.solvers.LineSearchResult.outcome`); the last, ``TIME_LIMIT``, is the
+    ending of a run that a front end stopped at its clock (``hesse compare
+    --time-limit``). :meth:`advice` says what to change after each.
 
     Example:
         >>> Status.MAX_ITERATIONS == "max_iterations"
@@ -47,6 +48,8 @@ class Status(str, Enum):
     MAX_EVALUATIONS = "max_evaluations"  # a budget of function evaluations was spent
     NO_PROGRESS = "no_progress"  # no acceptable step (a search failed, a region collapsed)
     CALLBACK = "callback"  # the user's callback asked to stop
+    # -- front ends ----------------------------------------------------------------------
+    TIME_LIMIT = "time_limit"  # the front end's time limit stopped the run
 
     def __str__(self) -> str:
         return self.value
@@ -84,6 +87,7 @@ ADVICE_NAMES = {
     "gradient_check": "compare it with finite differences",
     "indefinite": "minres",
     "products": "the products",
+    "time_limit": "the time limit",
 }
 
 #: What to change after each ending (see :meth:`Status.advice`); one sentence each, with
@@ -95,8 +99,7 @@ ADVICE_TEMPLATES: dict[Status, str] = {
     "method for indefinite problems ({indefinite})",
     Status.BOUNDARY: "",  # the trust region's radius bounded the step: its caller's business
     Status.BREAKDOWN: "pass a positive definite preconditioner, or none",
-    Status.NON_FINITE: "start from a point where {fun} and its gradient are finite, or bound "
-    "{x} so that {fun} stays finite; check the data and the dtype",
+    Status.NON_FINITE: "check {fun}, the data and the dtype",
     Status.BUDGET: "",  # the estimate of a fixed budget: raise it for a smaller error
     Status.PRECISION: "compute {products} in a wider dtype",
     Status.FTOL: "the value of {fun} stopped changing with the gradient still large: rescale "
@@ -107,4 +110,5 @@ ADVICE_TEMPLATES: dict[Status, str] = {
     Status.NO_PROGRESS: "check that {fun} is smooth and its gradient correct "
     "({gradient_check}), rescale {x}, or try another method",
     Status.CALLBACK: "the callback asked to stop; the best point so far is returned",
+    Status.TIME_LIMIT: "raise {time_limit}",
 }

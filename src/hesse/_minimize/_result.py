@@ -23,6 +23,8 @@ STATUSES: dict[Status, bool] = {
     Status.NO_PROGRESS: False,  # no acceptable step: a line search failed, a trust region
     # collapsed
     Status.NON_FINITE: False,
+    Status.TIME_LIMIT: False,  # not an ending of minimize itself: a front end (the CLI's
+    # ``compare --time-limit``) stops a run through the callback and reports it so
     Status.CALLBACK: False,
 }
 
@@ -36,13 +38,17 @@ ADVICE_NAMES = {
 }
 
 #: What to change when a run ends with a status that is not a success: each status's one
-#: template (:meth:`Status.advice`) in minimize's names, and for ``max_iterations`` the
-#: methods that need fewer iterations.
+#: template (:meth:`Status.advice`) in minimize's names, for ``max_iterations`` the
+#: methods that need fewer iterations, and for ``non_finite`` where to start.
 ADVICE: dict[Status, str] = {
     s: s.advice(**ADVICE_NAMES) for s in STATUSES if s is not Status.CONVERGED
 }
 ADVICE[Status.MAX_ITERATIONS] += (
     ", or use a method with second-order information (trust-ncg, newton-cg)"
+)
+ADVICE[Status.NON_FINITE] += (
+    ", or start from a point where fun and its gradient are finite (or bound x so that fun "
+    "stays finite)"
 )
 
 
@@ -66,8 +72,10 @@ class OptimizeResult:
         status: a :class:`hesse.linalg.Status` (a ``str``: it equals ``"converged"``,
             ...): ``"converged"``, ``"ftol"``, ``"xtol"`` (successes), or
             ``"max_iterations"``, ``"max_evaluations"``, ``"no_progress"``,
-            ``"non_finite"``, ``"callback"``. A string given here is turned into its
-            member; one outside :data:`STATUSES` is a ``ValueError``.
+            ``"non_finite"``, ``"callback"``; ``"time_limit"`` where a front end stopped
+            the run at its clock (``hesse compare --time-limit``; minimize itself never
+            returns it). A string given here is turned into its member; one outside
+            :data:`STATUSES` is a ``ValueError``.
         message: what happened, and what to change when it failed.
         method: the method's name.
         hess_inv: the inverse-Hessian approximation (``bfgs``, ``dfp``), flat ``(n, n)``.

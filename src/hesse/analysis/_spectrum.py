@@ -25,7 +25,7 @@ from hesse.linalg import (
     xtrace,
 )
 from hesse.linalg import spectral_density as _slq
-from hesse.linalg._common import Result, as_operator, check_choice, maybe_linearize
+from hesse.linalg._common import Result, advice, as_operator, check_choice, maybe_linearize
 
 TRACE_METHODS = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace, "xtrace": xtrace}
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
@@ -140,15 +140,18 @@ class ConditionResult(Result):
     def message(self) -> str:
         if self.success:
             return f"condition number {self.value:.4g} from {self.matvecs} products"
+        fix = advice(self.status)  # what to change: the status's one template
         if self.status == Status.PRECISION:
             return (
                 f"the smallest eigenvalue {self.smallest:.3g} is within the error of "
                 f"{self.dtype} products ({self.error_floor:.2g}) of zero: the condition "
-                "number is not resolved; compute the products in a wider dtype"
+                f"number is not resolved; {fix}"
             )
+        if self.status == Status.MAX_ITERATIONS:
+            fix += " (the bottom of a Hessian converges slowly)"
         return (
             f"the extreme eigenvalues did not converge ({self.status}) after {self.matvecs} "
-            "products; raise max_iter (the bottom of a Hessian converges slowly) or tol"
+            f"products; {fix}"
         )
 
 

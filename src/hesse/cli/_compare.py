@@ -13,6 +13,7 @@ Two ways to compare, chosen from the problem and the methods:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from hesse.cli._common import (
     parse_dtype,
     positive,
 )
+from hesse.linalg import Status
 from hesse.optim import LBFGS, AdaHessian, HessianFree, NewtonCG, Sophia, SubsampledNewton
 from hesse.problems import FUNCTIONS, PROBLEMS, SCALABLE, Problem, classic_function, problem
 
@@ -297,7 +299,7 @@ def minimize_all(
 ) -> dict[str, Any]:  # fmt: skip
     """Run :func:`hesse.minimize` with each method from ``x0``; ``{method: (result,
     seconds)}``. With ``time_limit``, a run still going after that many seconds stops
-    (through the callback) with the status ``"time_limit"``."""
+    (through the callback) with the status :attr:`hesse.linalg.Status.TIME_LIMIT`."""
     if tol is None:
         tol = 1e-8 if x0.dtype == torch.float64 else None
     if tol is not None and not tol > 0:
@@ -318,9 +320,10 @@ def minimize_all(
 
             r = hesse.minimize(fun, x0, m, tol=tol, max_iter=max_iter or 2000, callback=over,
                                options={"history": True})  # fmt: skip
-            if r.status == "callback":
-                r.status = "time_limit"
-                r.message = f"stopped after the time limit of {time_limit:g} s"
+            if r.status is Status.CALLBACK:
+                advice = Status.TIME_LIMIT.advice(time_limit="--time-limit")
+                message = f"stopped after the time limit of {time_limit:g} s; {advice}"
+                r = dataclasses.replace(r, status=Status.TIME_LIMIT, message=message)
             runs[m] = (r, time.perf_counter() - t0)
             advance(1)
     return runs

@@ -44,12 +44,25 @@ def site(name: str) -> int:
 
 def _where(tag: list[int]) -> str:
     """Where a tag says a rank was (a call site this process has not tagged itself is
-    named by its number)."""
+    named by its number). Step 0 is no step: the operators' collectives
+    (:meth:`Communicator.tag`) count their calls over the communicator's life."""
     number, step, call = tag
     if number == 0 and step == 0:
         return f"collective {call}"
     name = repr(_SITES[number]) if number in _SITES else f"call site #{number}"
-    return f"{name} (call {call} of step {step})"
+    return f"{name} (call {call})" if step == 0 else f"{name} (call {call} of step {step})"
+
+
+def _check_in_step(rank: int, world: int, tags: list[list[int]], what: str) -> None:
+    """Raise (on every rank alike) a :class:`RankError` saying where each rank was, unless
+    every rank's tag is the same."""
+    if any(t != tags[0] for t in tags):
+        where = "; ".join(f"rank {r} at {_where(t)}" for r, t in enumerate(tags))
+        raise RankError(
+            f"rank {rank} of {world}: the ranks are out of step in {what} ({where}): they "
+            "took different paths; run every rank with the same software, thread count "
+            "and optimizer state"
+        )
 
 
 class RankError(RuntimeError):
@@ -95,6 +108,12 @@ class Communicator:
 
     ``seconds`` and ``calls`` count the time spent in (and the number of) collectives, for
     profiling communication.
+
+    Every collective that compares the ranks' places (:meth:`sum_weighted` and what is
+    built on it, :meth:`check_operand`) is tagged with its call site: by default its own
+    description (``what``) and the number of this communicator's calls there
+    (:meth:`tag`); an optimizer's reducer passes its site, step and call instead. Ranks
+    that took different paths stop with a :class:`RankError` naming where each one was.
     """
 
     def __init__(self, group: Any = None, timeout: float | None = None):
@@ -108,6 +127,7 @@ class Communicator:
         self.seconds = 0.0
         self.calls = 0
         self._pending: BaseException | None = None
+        self._site_calls: dict[str, int] = {}
 
     def _device(self, tensor: Tensor) -> torch.device:
         """Where a tensor must be for this backend (nccl reduces CUDA tensors only)."""
@@ -143,6 +163,15 @@ class Communicator:
             self.seconds += time.perf_counter() - start
             self.calls += 1
 
+    def tag(self, name: str) -> tuple[int, int, int]:
+        """The tag of the next collective at the call site ``name`` outside an optimizer's
+        step (a product, an operand check, a factor sum, the making of an operator...):
+        the site (:func:`site`), step 0 (none) and the number of this communicator's
+        calls at that site so far, itself included."""
+        n = self._site_calls.get(name, 0) + 1
+        self._site_calls[name] = n
+        return site(name), 0, n % 2**20
+
     def defer(self, error: BaseException | None) -> None:
         """Raise ``error`` (found by this rank before a collective) in this rank's next
         collective (:meth:`sum_weighted`, :meth:`run_reduced`, :meth:`attempt`), where the
@@ -176,9 +205,10 @@ class Communicator:
 
         ``tag`` says where the caller is in its own sequence: ``(site(name), step, call)``
         (an optimizer's reducer passes its call site, the step and the call's number
-        within the step), or an integer; by default, the number of this communicator's
-        reductions so far. Ranks whose tags differ are out of step: they took different
-        paths, and every rank raises a :class:`RankError` saying where each one was.
+        within the step), or an integer; by default the call site ``what`` and its call's
+        number on this communicator (:meth:`tag`). Ranks whose tags differ are out of
+        step: they took different paths, and every rank raises a :class:`RankError`
+        saying where each one was.
         """
         if error is None and self._pending is not None:
             error, self._pending = self._pending, None
@@ -189,9 +219,8 @@ class Communicator:
         extra[0], extra[1] = hi, weight - hi * _DIGIT
         if error is not None:
             extra[2 + self.rank] = 1.0
-        self._sums = getattr(self, "_sums", 0) + 1
         if tag is None:
-            tag = (0, 0, self._sums)
+            tag = self.tag(what)
         elif isinstance(tag, int):
             tag = (0, 0, tag)
         mine = 2 + self.world + 3 * self.rank
@@ -214,16 +243,10 @@ class Communicator:
             )
         tags = [[int(c) for c in extra[2 + self.world + 3 * r : 5 + self.world + 3 * r]]
                 for r in range(self.world)]  # fmt: skip
-        if any(t != tags[0] for t in tags):
-            where = "; ".join(f"rank {r} at {_where(t)}" for r, t in enumerate(tags))
-            raise RankError(
-                f"rank {self.rank} of {self.world}: the ranks are out of step in {what} "
-                f"({where}): they took different paths; run every rank with the same "
-                "software, thread count and optimizer state"
-            )
+        _check_in_step(self.rank, self.world, tags, what)
         return buf[:n].reshape(local.shape).to(local.dtype), extra[0] * _DIGIT + extra[1]
 
-    def check_operand(self, x: Tensor, what: str) -> None:
+    def check_operand(self, x: Tensor, what: str, tag: tuple[int, int, int] | None = None) -> None:
         """Raise (on every rank alike) unless ``x`` has the same shape and, up to rounding,
         the same values on every rank: one small all-reduce before a product's, whose
         buffer sizes must agree (gloo aborts the process on a mismatch) and whose sum is
@@ -231,7 +254,12 @@ class Communicator:
 
         The values are compared through a checksum (the sum of ``x``, a position-weighted
         sum, and the sum of its magnitudes, in float64), not element by element: cheap
-        for any size, and blind only to differences of the order of rounding."""
+        for any size, and blind only to differences of the order of rounding. The same
+        buffer carries each rank's tag (by default the call site "the operands of
+        ``what``", :meth:`tag`): ranks at different places raise a :class:`RankError`
+        saying where each one was (a rank one product ahead is caught here)."""
+        where = f"the operands of {what}"
+        tag = self.tag(where) if tag is None else tag
         flat = x.detach().reshape(-1)
         n = flat.numel()
         ramp = torch.linspace(1.0, 2.0, n, dtype=flat.dtype, device=flat.device)
@@ -241,16 +269,18 @@ class Communicator:
             float(flat.sum(dtype=torch.float64)),
             float((flat * ramp).sum(dtype=torch.float64)),
             float(flat.abs().sum(dtype=torch.float64)),
+            *(float(number % 2**22) for number in tag),
         ]
         k = len(mine)
         buf = torch.zeros(k * self.world, dtype=torch.float64)
         buf[k * self.rank : k * (self.rank + 1)] = torch.tensor(mine, dtype=torch.float64)
         dev = buf.to(self._device(buf))
         self._run(
-            f"comparing the operands of {what}",
+            f"comparing {where}",
             lambda: self._dist.all_reduce(dev, group=self.group, async_op=True),
         )
         rows = dev.cpu().reshape(self.world, k).tolist()
+        _check_in_step(self.rank, self.world, [[int(c) for c in r[5:]] for r in rows], where)
         sizes = [(int(r[0]), int(r[1])) for r in rows]
         if any(sz != sizes[0] for sz in sizes):
             raise ValueError(

@@ -19,7 +19,14 @@ class _DataParallel(ModelCurvature):
     """Mixin: each rank holds a shard of the data; a product is every rank's sum over its
     batches (weighted by batch size), all-reduced together with the sample counts in one
     collective, then divided by the total count. Every rank gets the same result: the
-    operator of the loss over the union of the shards."""
+    operator of the loss over the union of the shards.
+
+    Each collective is tagged with its call site and the number of its calls there on the
+    communicator (:meth:`~hesse.distributed.Communicator.tag`): ``"making a
+    HessianOperator"``, ``"the operands of a HessianOperator product"`` (the operand
+    check), ``"a HessianOperator product"``, ``"HessianOperator.linearize()"``; ranks
+    that took different paths (one product more on one rank) stop with a
+    :class:`~hesse.distributed.RankError` saying where each one was."""
 
     _empty_ok = True  # a rank may hold no batch (an uneven split); the others carry it
 
@@ -56,8 +63,9 @@ class _DataParallel(ModelCurvature):
             return total, float(n)
 
         like = V if V.dtype in (torch.float32, torch.float64) else V.float()
-        self.comm.check_operand(V, f"a {type(self).__name__} product")
-        total, n = self.comm.run_reduced(compute, like, f"a {type(self).__name__} product")
+        what = f"a {type(self).__name__} product"  # the call sites: its operands, then it
+        self.comm.check_operand(V, what)
+        total, n = self.comm.run_reduced(compute, like, what)
         if n == 0:
             raise ValueError("no rank holds any data: every shard is empty")
         return (total / n if mean else total).to(V.dtype)
@@ -135,7 +143,10 @@ class _DataParallelKronecker:
     the factors' sums (and EKFAC's eigenvalue sums) are every rank's, all-reduced with the
     sample counts and weights in one collective each (as kfac-pytorch and KAISA reduce
     their factors), so every rank holds the factors of one process over the union of the
-    shards. Products, inverses, traces and log-determinants then need no communication."""
+    shards. Products, inverses, traces and log-determinants then need no communication.
+    Each collective is tagged with its call site (``"KFACOperator's factors"``,
+    ``"EKFACOperator's eigenvalues"``, ``"making a KFACOperator"``) and its call's number
+    there, as :class:`HessianOperator`'s are."""
 
     _empty_ok = True  # a rank may hold no batch; the others carry it
     _factors_now = False  # computed once every rank has made its operator

@@ -15,6 +15,21 @@ from hesse._core._status import NotConvergedError as NotConvergedError  # re-exp
 from hesse._core._status import Status as Status  # re-exported
 from hesse.operators import CurvatureOperator, DenseOperator
 
+#: The names :mod:`hesse.linalg` gives in :meth:`Status.advice`'s templates: what computes
+#: the products is the model (or the matrix) behind the operator.
+ADVICE_NAMES = {"fun": "the model"}
+
+
+def advice(status: Status, **names: str) -> str:
+    """What to change after ``status`` (its one template, :meth:`Status.advice`), in
+    :mod:`hesse.linalg`'s names, with a routine's own (``tol="rtol"``) over them.
+
+    Example:
+        >>> advice(Status.NON_FINITE)
+        'check the model, the data and the dtype'
+    """
+    return status.advice(**{**ADVICE_NAMES, **names})
+
 
 class Result:
     """What every result of :mod:`hesse.linalg` shares: ``success`` (its ``status`` is one

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hesse._core import NonFiniteError
-from hesse.linalg._common import Result, Status, as_operator, product_dtype, promote
+from hesse.linalg._common import Result, Status, advice, as_operator, product_dtype, promote
 from hesse.linalg._trace import apply, check_budget, leave_one_out_basis, prepare, rank_deficient
 from hesse.linalg._trace import signs as sign_probes
 from hesse.operators import CurvatureOperator
@@ -54,7 +54,7 @@ class DiagonalResult(Result):
             return f"{self.method} diagonal from {self.matvecs} products"
         return (
             f"{self.method} diagonal: a product with the operator or the estimate was not "
-            f"finite after {self.matvecs} products; check the model, the data and the dtype"
+            f"finite after {self.matvecs} products; {advice(self.status)}"
         )
 
 

@@ -12,6 +12,7 @@ from hesse._core._progress import report
 from hesse.linalg._common import (
     Result,
     Status,
+    advice,
     as_operator,
     check_choice,
     check_positive_int,
@@ -70,10 +71,9 @@ class EigenResult(Result):
                 msg += f", to {self.error_floor:.2g}: the accuracy of {self.dtype} products"
             return msg
         done = int(self.converged.sum())
+        fix = advice(self.status)
         if self.status == Status.NON_FINITE:
-            fix = "a product was not finite: check the model, the data and the dtype"
-        else:
-            fix = self.status.advice()
+            fix = f"a product was not finite: {fix}"
         return (
             f"{done} of {self.converged.numel()} eigenpair(s) converged to rtol={self.tol} "
             f"({self.status}) after {self.matvecs} products; {fix}"

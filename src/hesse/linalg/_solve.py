@@ -16,6 +16,7 @@ from hesse.linalg._common import (
     NotConvergedError,
     Result,
     Status,
+    advice,
     as_operator,
     check_positive_int,
     check_vector,
@@ -53,15 +54,14 @@ class SolveResult(Result):
 
     @property
     def message(self) -> str:
-        advice = self.status.advice(tol="rtol")  # what to change (one template per status)
+        fix = advice(self.status, tol="rtol")  # what to change (one template per status)
         hints = {
             Status.CONVERGED: "converged",
-            Status.MAX_ITERATIONS: f"not converged: {advice}",
-            Status.NEGATIVE_CURVATURE: f"stopped at a direction of negative curvature; {advice}",
+            Status.MAX_ITERATIONS: f"not converged: {fix}",
+            Status.NEGATIVE_CURVATURE: f"stopped at a direction of negative curvature; {fix}",
             Status.BOUNDARY: "the step reached the trust-region boundary",
-            Status.BREAKDOWN: f"breakdown: the preconditioner is not positive definite; {advice}",
-            Status.NON_FINITE: "a product or the right-hand side is not finite; check the "
-            "model, the data and the dtype",
+            Status.BREAKDOWN: f"breakdown: the preconditioner is not positive definite; {fix}",
+            Status.NON_FINITE: f"a product or the right-hand side is not finite; {fix}",
         }
         return (
             f"{hints[self.status]} after {self.iterations} iterations "

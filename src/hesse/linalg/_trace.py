@@ -18,6 +18,7 @@ from hesse._core._random import rademacher
 from hesse.linalg._common import (
     Result,
     Status,
+    advice,
     as_operator,
     check_choice,
     check_positive_int,
@@ -65,7 +66,7 @@ class TraceResult(Result):
             )
         return (
             f"{self.method}: a product with the operator or the estimate was not finite "
-            f"after {self.matvecs} products; check the model, the data and the dtype"
+            f"after {self.matvecs} products; {advice(self.status)}"
         )
 
 

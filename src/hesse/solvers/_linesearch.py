@@ -185,6 +185,16 @@ def line_search(
     raise ValueError(f"line search must be one of {LINE_SEARCHES}, got {kind!r}")
 
 
+#: How many float64 roundings of :math:`\phi(0)` a trial value may differ by and still be
+#: judged by its slope in :func:`armijo` (a float32 function's values never come that close
+#: without being equal, so it changes nothing there but equal values).
+ROUNDING_ULPS = 100
+
+
+def _within_rounding(f: float, f0: float) -> bool:
+    return abs(f - f0) <= ROUNDING_ULPS * 2.0**-52 * abs(f0)
+
+
 def armijo(
     phi: Phi,
     f0: float,
@@ -200,6 +210,16 @@ def armijo(
     :math:`\phi'(0)` and :math:`\phi(\alpha)`, kept within :math:`[0.1\alpha, 0.5\alpha]`;
     a non-finite value cuts the step to a quarter.
 
+    Where :math:`\phi(\alpha)` is within :data:`ROUNDING_ULPS` float64 roundings of
+    :math:`\phi(0)` (the decrease asked for is lost in :math:`f`'s rounding, near a
+    minimum), the step is judged by its slope instead, the approximate Armijo condition of
+    Hager & Zhang (2005): the quadratic through the two slopes decreases enough,
+    :math:`\alpha (\phi'(0) + \phi'(\alpha)) / 2 \le c_1 \alpha \phi'(0)`, that is
+    :math:`\phi'(\alpha) \le (2 c_1 - 1) \phi'(0)`. Without it a Newton step there is
+    cut to nothing (whichever side of :math:`\phi(0)` rounding puts :math:`\phi(\alpha)`),
+    and the gradient, which resolves :math:`x` to rounding where :math:`f` resolves it to
+    its square root, stops falling.
+
     Example:
         >>> phi = lambda a: ((a - 0.3) ** 2, 2 * (a - 0.3), None)
         >>> r = armijo(phi, 0.09, -0.6)
@@ -213,6 +233,9 @@ def armijo(
         f, df, payload = phi(alpha)
         if math.isfinite(f) and f <= f0 + c1 * alpha * df0:
             return _accept(Trial(alpha, f, df, payload), n, "armijo", "sufficient decrease")
+        if _within_rounding(f, f0) and math.isfinite(df) and df <= (2.0 * c1 - 1.0) * df0:
+            message = "sufficient decrease of the slopes' model (f at its rounding)"
+            return _accept(Trial(alpha, f, df, payload), n, "armijo", message)
         if math.isfinite(f):
             curv = f - f0 - df0 * alpha
             cut = -df0 * alpha * alpha / (2.0 * curv) if curv > 0 else 0.5 * alpha

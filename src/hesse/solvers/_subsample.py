@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from hesse._core._checks import derive_seed
 from hesse.solvers._newton import damped_newton_step
 
 #: The sufficient-decrease constant of the backtracking search along a subsampled Newton
@@ -25,16 +26,17 @@ ARMIJO_C1 = 1e-2
 
 def subsample_indices(n: int, k: int, seed: int, step: int = 0) -> Tensor:
     """``k`` positions among ``n`` samples for iteration ``step``, on the CPU, drawn from a
-    generator seeded with ``seed + 7919 step`` (mod 2**63; one derivation for every front
+    generator seeded with ``derive_seed(seed, "subsample", step)`` (the one rule for
+    derived seeds, :func:`hesse._core._checks.derive_seed`; one derivation for every front
     end, so that ``minimize`` and ``hesse.optim`` draw the same subsamples): with
     replacement and sorted (for locality) when ``k <= n / 4`` (a permutation of all ``n``
     positions would cost more than the curvature), else the first ``k`` of a permutation.
 
     Example:
         >>> subsample_indices(100, 3, seed=0).tolist()
-        [33, 39, 44]
+        [38, 62, 85]
     """
-    gen = torch.Generator().manual_seed((seed + 7919 * step) % 2**63)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "subsample", step))
     if k * 4 <= n:
         return torch.randint(n, (k,), generator=gen).sort().values
     return torch.randperm(n, generator=gen)[:k]
