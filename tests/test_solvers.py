@@ -135,7 +135,9 @@ def test_line_search_outcomes_are_statuses_with_advice():
     # constructed by hand (the positional fields of earlier versions): read from status
     assert LineSearchResult(0.0, 1.0, -1.0, None, 3, "failed", "x").outcome == "no_progress"
     assert LineSearchResult(1.0, 0.0, 0.0, None, 1, "wolfe", "x").outcome == "converged"
-    with pytest.raises(ValueError, match="status must be 'wolfe', 'armijo' or 'failed', got 'ok'"):
+    with pytest.raises(
+        ValueError, match="status must be 'wolfe', 'armijo', 'fixed' or 'failed', got 'ok'"
+    ):
         LineSearchResult(1.0, 0.0, 0.0, None, 1, "ok", "x")
 
 
@@ -550,6 +552,22 @@ def test_hutchinson_probe_is_the_mean_of_probe_steps():
         hutchinson_diagonal_probe(hvp, like, g, samples=0)
 
 
+# ------------------------------------------------ the fixed step, approximate Armijo
+def test_fixed_step_takes_the_step_where_it_is_finite():
+    from hesse.linalg import Status
+    from hesse.solvers import fixed_step, line_search
+
+    quad = lambda a: ((a - 2.0) ** 2, 2 * (a - 2.0), a)  # noqa: E731
+    r = fixed_step(quad, 4.0, -4.0, 5.0)  # f rises (9 > 4): no condition is tested
+    assert (r.status, r.alpha, r.f, r.payload, r.nfev) == ("fixed", 5.0, 9.0, 5.0, 1)
+    assert r.accepted and r.outcome is Status.CONVERGED
+    assert line_search(None, quad, 4.0, -4.0, 0.5).alpha == 0.5
+    nan = lambda a: (math.nan, math.nan, None)  # noqa: E731
+    r = fixed_step(nan, 4.0, -4.0, 1.0)
+    assert not r.accepted and r.outcome is Status.NON_FINITE and r.alpha == 0.0
+    assert fixed_step(quad, 4.0, 1.0).outcome is Status.NO_PROGRESS  # not a descent slope
+
+
 def test_armijo_judges_a_step_at_f_rounding_by_its_slope():
     """Hager & Zhang's approximate condition: phi(alpha) within f's rounding of phi(0),
     phi'(alpha) <= (2 c1 - 1) phi'(0)."""
@@ -572,3 +590,165 @@ def test_armijo_judges_a_step_at_f_rounding_by_its_slope():
     # beyond f's rounding the value decides, whatever the slope
     r = armijo(phi_at(1.0 + 200 * ulp, 0.0), 1.0, df0, 1.0, c1=c1)
     assert r.alpha != 1.0
+
+
+# ------------------------------------------------------------------ one iteration
+def _quadratic(A):
+    from hesse.solvers import Point
+
+    def evaluate(x):
+        return Point(x, float(x @ A @ x) / 2, g=A @ x)
+
+    return evaluate
+
+
+def test_search_iteration_l_bfgs_by_hand():
+    """Two iterations of LBFGSDescent + strong Wolfe equal the same calls made by hand."""
+    from hesse.solvers import LBFGSDescent, initial_step, line_search, search_iteration
+
+    A = torch.diag(torch.tensor([1.0, 3.0, 10.0], dtype=torch.float64))
+    evaluate = _quadratic(A)
+    pt = evaluate(torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64))
+    mem = LBFGSMemory(size=3)
+    descent = LBFGSDescent(mem)
+    ref_mem = LBFGSMemory(size=3)
+    x = pt.x
+    for k in range(2):
+        g = A @ x
+        d = ref_mem.direction(g)
+        phi = lambda a, x=x, d=d: (  # noqa: E731
+            float((x + a * d) @ A @ (x + a * d)) / 2,
+            float((A @ (x + a * d)) @ d),
+            None,
+        )
+        first = initial_step(g) if k == 0 else 1.0
+        ls = line_search("strong-wolfe", phi, float(x @ A @ x) / 2, float(g @ d), first)
+        x_new = x + ls.alpha * d
+        ref_mem.update(ls.alpha * d, A @ x_new - g, -ls.alpha * g)
+        it = search_iteration(pt, descent, evaluate)
+        assert it.accepted and not it.restarted and it.alpha == ls.alpha
+        torch.testing.assert_close(it.point.x, x_new, rtol=0, atol=0)
+        x, pt = x_new, it.point
+    assert len(mem) == 2 and all(torch.equal(a, b) for a, b in zip(mem.s, ref_mem.s))
+
+
+class _Recorder:
+    """A descent with a fixed direction that records what the iteration asks of it."""
+
+    def __init__(self, d, first=1.0):
+        self.d, self.first = d, first
+        self.calls = []
+
+    def direction(self, pt):
+        self.calls.append("direction")
+        return self.d
+
+    def steepest(self, pt):
+        return -pt.g
+
+    def first_step(self, pt, d):
+        self.calls.append(("first_step", d.tolist()))
+        return self.first
+
+    def update(self, old, new, alpha, d):
+        self.calls.append(("update", alpha, d.tolist()))
+
+    def reset(self):
+        self.calls.append("reset")
+
+
+def test_search_iteration_restarts_retries_and_scales():
+    from hesse.solvers import search_iteration
+
+    A = torch.eye(2, dtype=torch.float64)
+    evaluate = _quadratic(A)
+    pt = evaluate(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    # an ascent direction: reset, then steepest descent
+    rec = _Recorder(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    it = search_iteration(pt, rec, evaluate, "armijo")
+    assert it.restarted and it.d.tolist() == [-1.0, 0.0] and it.alpha == 1.0
+    assert rec.calls == [
+        "direction",
+        "reset",
+        ("first_step", [-1.0, 0.0]),
+        ("update", 1.0, [-1.0, 0.0]),
+    ]
+    # a descent direction along which the search fails (f is not finite off the first
+    # axis): with retry, reset and once more along -g; without, a failed iteration
+    from hesse.solvers import Point
+
+    def domain(x):
+        return evaluate(x) if x[1] == 0 else Point(x, math.nan)
+
+    d = torch.tensor([-1.0, 5.0], dtype=torch.float64)
+    rec = _Recorder(d)
+    it = search_iteration(pt, rec, domain, "armijo")
+    assert it.restarted and it.accepted and it.d.tolist() == [-1.0, 0.0]
+    assert rec.calls[:2] == ["direction", ("first_step", d.tolist())]
+    assert rec.calls[2:] == ["reset", ("first_step", [-1.0, 0.0]), ("update", 1.0, [-1.0, 0.0])]
+    rec = _Recorder(d)
+    it = search_iteration(pt, rec, domain, "armijo", retry=False)
+    assert not it.accepted and it.point is None and "reset" not in rec.calls
+    # the first trial step is scale * first_step; a fixed step takes it as it is
+    it = search_iteration(pt, _Recorder(-pt.g, first=0.25), evaluate, None, scale=2.0)
+    assert it.alpha == 0.5 and it.search.status == "fixed"
+    torch.testing.assert_close(it.point.x, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert it.step_norm == 0.5
+
+
+def test_lbfgs_descent_scales_per_block():
+    from hesse.solvers import LBFGSDescent, Point
+
+    mem = LBFGSMemory(size=2)
+    mem.push(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]))
+    scale = torch.tensor([0.5, 3.0])
+    desc = LBFGSDescent(mem, scale)
+    pt = Point(torch.zeros(2), 0.0, g=torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(desc.direction(pt), mem.direction(pt.g) * scale)
+    torch.testing.assert_close(desc.steepest(pt), torch.tensor([-1.0, -3.0]))
+    new = Point(torch.zeros(2), 0.0, g=torch.tensor([1.0, 0.5]))
+    d = desc.direction(pt)
+    desc.update(pt, new, 0.5, d)  # the pair of the step 0.5 d, with B s = -0.5 scale * g
+    torch.testing.assert_close(mem.s[-1], 0.5 * d)
+    torch.testing.assert_close(mem.y[-1], new.g - pt.g)
+    desc.reset()
+    assert len(mem) == 0
+
+
+def test_newton_descent_ratio_and_steepest_model():
+    from hesse.solvers import NewtonDescent, repeat_decrease_step, search_iteration
+
+    A = torch.tensor([[4.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    evaluate = _quadratic(A)
+    pt = evaluate(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    g = pt.g
+    d = -torch.linalg.solve(A, g)
+    q = float(g @ d) + 0.5 * float(d @ A @ d)
+    desc = NewtonDescent(d, q, lambda v: A @ v)
+    it = search_iteration(pt, desc, evaluate, "armijo", retry=False)
+    # the quadratic model is f itself: the full step, actual = predicted reduction
+    assert it.alpha == 1.0 and abs(desc.ratio(pt, it) - 1.0) < 1e-12
+    assert desc.last_decrease == pt.f - it.point.f and it.point.f < 1e-30
+    # a step half as long: m(1/2) = g'd/2 + d'Ad/8 = 3/4 of the full reduction
+    half = search_iteration(pt, NewtonDescent(d, q), evaluate, None, scale=0.5)
+    assert abs(NewtonDescent(d, q).ratio(pt, half) - 1.0) < 1e-12
+    # -g in place of a direction that is not a descent: its own model value
+    up = NewtonDescent(-d, q, lambda v: A @ v)
+    it = search_iteration(pt, up, evaluate, "armijo", retry=False)
+    assert it.restarted and torch.equal(up.d, -g)
+    assert up.q == pytest.approx(-float(g @ g) + 0.5 * float(g @ A @ g), rel=1e-15)
+    # the first step: 1, or the step repeating the last decrease (capped at 1)
+    slope = float(g @ d)
+    rep = NewtonDescent(d, q, repeat_decrease=True, last_decrease=0.01)
+    assert rep.first_step(pt, d) == repeat_decrease_step(0.01, slope, 1.0, cap=1.0) < 1.0
+    assert NewtonDescent(d, q).first_step(pt, d) == 1.0
+    failed = search_iteration(pt, NewtonDescent(d, q), evaluate, "armijo", retry=False, d=-d)
+    assert failed.restarted  # the given direction was an ascent: -g instead
+    assert NewtonDescent(d, q).ratio(pt, _failed_iteration(pt, d)) == -math.inf
+
+
+def _failed_iteration(pt, d):
+    from hesse.solvers import Iteration, LineSearchResult
+
+    ls = LineSearchResult(0.0, pt.f, -1.0, None, 3, "failed", "no decrease")
+    return Iteration(ls, d, -1.0, False)

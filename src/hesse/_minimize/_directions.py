@@ -11,7 +11,9 @@ from torch import Tensor
 from hesse._minimize._objective import Objective, Point
 from hesse.solvers import (
     DampedSubproblem,
+    Descent,
     ExactSubproblem,
+    LBFGSDescent,
     LBFGSMemory,
     NielsenDamping,
     SteihaugPath,
@@ -31,27 +33,17 @@ from hesse.solvers import (
 )
 
 
-class Direction:
-    """A search direction: ``compute(pt)`` gives ``d`` with ``g'd < 0``; ``update`` learns
-    from an accepted step ``s = alpha d``; ``reset`` forgets."""
+class Direction(Descent):
+    """A :class:`~hesse.solvers.Descent` of ``hesse.minimize`` over an
+    :class:`Objective` (which gives the Hessian at a point where the method needs it):
+    ``direction(pt)`` gives ``d`` with ``g'd < 0``; ``update`` learns from an accepted step
+    ``s = alpha d``; ``reset`` forgets."""
 
-    needs_graph = False  # does compute() take Hessian-vector products at pt?
+    needs_graph = False  # does direction() take Hessian-vector products at pt?
     second_order = False
 
     def __init__(self, obj: Objective, options: dict):
         self.obj = obj
-
-    def compute(self, pt: Point) -> Tensor:
-        raise NotImplementedError
-
-    def update(self, old: Point, new: Point, alpha: float, d: Tensor) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
-
-    def first_step(self, pt: Point, d: Tensor) -> float:
-        return 1.0
 
 
 class Gradient(Direction):
@@ -62,7 +54,7 @@ class Gradient(Direction):
         super().__init__(obj, options)
         self.last_decrease: float | None = None
 
-    def compute(self, pt):
+    def direction(self, pt):
         return -pt.g
 
     def update(self, old, new, alpha, d):
@@ -83,7 +75,7 @@ class Newton(Direction):
         super().__init__(obj, options)
         self.correction = options["correction"]
 
-    def compute(self, pt):
+    def direction(self, pt):
         H = self.obj.hessian(pt)
         if self.correction == "cholesky":
             return cholesky_newton(H, pt.g).direction
@@ -119,7 +111,7 @@ class NewtonCG(Direction):
         slope = float(torch.dot(pt.g, d))
         return repeat_decrease_step(self.last_decrease, slope, default=1.0, cap=1.0)
 
-    def compute(self, pt):
+    def direction(self, pt):
         op = self.obj.operator(pt)
         return truncated_newton(op, pt.g, rtol=forcing_rtol(pt.g_norm(2)), max_iter=self.max_cg)[0]
 
@@ -137,7 +129,7 @@ class InverseUpdate(Direction):
     def reset(self):
         self.H = None
 
-    def compute(self, pt):
+    def direction(self, pt):
         return -pt.g if self.H is None else -(self.H @ pt.g)
 
     def first_step(self, pt, d):
@@ -161,26 +153,13 @@ def dfp(obj, options):
     return InverseUpdate(obj, options, dfp_update)
 
 
-class LBFGS(Direction):
-    """L-BFGS: the two-loop recursion over the last ``memory`` pairs. Direction, first
-    step and update are :class:`~hesse.solvers.LBFGSMemory`'s, the same calls as
-    :class:`hesse.optim.LBFGS` makes."""
+class LBFGS(LBFGSDescent, Direction):
+    """L-BFGS: the two-loop recursion over the last ``memory`` pairs,
+    :class:`~hesse.solvers.LBFGSDescent`, the descent :class:`hesse.optim.LBFGS` uses."""
 
     def __init__(self, obj, options):
-        super().__init__(obj, options)
-        self.memory = LBFGSMemory(size=options["memory"])
-
-    def reset(self):
-        self.memory.clear()
-
-    def compute(self, pt):
-        return self.memory.direction(pt.g)
-
-    def first_step(self, pt, d):
-        return self.memory.first_step(pt.g)
-
-    def update(self, old, new, alpha, d):
-        self.memory.update(alpha * d, new.g - old.g, -alpha * old.g)
+        Direction.__init__(self, obj, options)
+        LBFGSDescent.__init__(self, LBFGSMemory(size=options["memory"]))
 
 
 # -- trust regions ---------------------------------------------------------------------

@@ -15,15 +15,15 @@ from torch import Tensor
 from hesse._core import check_scalar
 from hesse._core._checks import check_int, check_seed
 from hesse._minimize._loops import _stationary
-from hesse._minimize._objective import Objective, graph_products
+from hesse._minimize._objective import Objective
 from hesse._minimize._run import Run, Stop
+from hesse.func._engine import flat_graph_hvp
 from hesse.func._io import first_tensor, take_samples
-from hesse.solvers import armijo, lm_damping, subsample_size
+from hesse.solvers import NewtonDescent, lm_damping, search_iteration, subsample_size
 from hesse.solvers._subsample import (
     ARMIJO_C1,
     dense_newton_direction,
     dense_subsample_count,
-    reduction_ratio,
     subsample_indices,
 )
 
@@ -195,7 +195,7 @@ class FiniteSum:
                     continue
                 (g,) = torch.autograd.grad(value, xl, create_graph=True, allow_unused=True)
                 if g is not None and g.requires_grad:
-                    out += graph_products(g, xl, V, retain=False)
+                    out += flat_graph_hvp(g, xl, V, retain=False)
         return out
 
     def _dense_hessian(
@@ -310,7 +310,8 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
     direction :math:`-(H_S + \mu I)^{-1} g`, a backtracking search on the full objective,
     :math:`\mu` adapted by the reduction ratio (Nielsen), and a subsample that grows as
     the gradient shrinks. Iteration ``k`` draws its subsample with the seed
-    ``seed + 7919 k``, as :class:`hesse.optim.SubsampledNewton`'s ``k``-th step does."""
+    ``derive_seed(seed, "subsample", k)``, as :class:`hesse.optim.SubsampledNewton`'s
+    ``k``-th step does."""
     obj = run.obj
     n = fs.samples
     base = dense_subsample_count(options["subsample"], n, x0.numel())
@@ -344,34 +345,24 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
             run.check_budget()
             continue
         d, q = dense_newton_direction(H, g, damping)
-        slope = float(g @ d)
-        if not (slope < 0 and math.isfinite(slope)):  # rounding lost descent: use -g
-            d = -g
-            slope = -float(g @ g)
-            q = slope + 0.5 * float(g @ (H @ g))
-        x = pt.x
-
-        def phi(alpha: float, x=x, d=d):
-            trial = run.evaluate(x + alpha * d)
-            return trial.f, float(trial.g @ d) if trial.finite else math.nan, trial
-
-        ls = armijo(phi, pt.f, slope, 1.0, c1=ARMIJO_C1)
-        rho = reduction_ratio(pt.f, ls.f, ls.alpha, slope, q) if ls.accepted else -math.inf
+        descent = NewtonDescent(d, q, lambda v, H=H: H @ v)
+        it = search_iteration(pt, descent, run.evaluate, "armijo", c1=ARMIJO_C1, retry=False)
+        rho = descent.ratio(pt, it)
         if damping > 0:
             damping, nu = lm_damping(damping, nu, rho)
-        if ls.accepted:
-            old, pt = pt, ls.payload
-            run.after_step(old, pt, ls.alpha * float(torch.linalg.vector_norm(d)))
+        if it.accepted:
+            old, pt = pt, it.point
+            run.after_step(old, pt, it.step_norm)
             continue
         run.nit += 1
         run.check_budget()
         if not math.isfinite(damping) or damping > 1e30:
             raise Stop(
                 "no_progress",
-                f"the line search failed and the damping grew without bound: {ls.message}",
+                f"the line search failed and the damping grew without bound: {it.search.message}",
             )
         if damping == 0:
-            raise Stop("no_progress", f"the line search failed: {ls.message}")
+            raise Stop("no_progress", f"the line search failed: {it.search.message}")
 
 
 def _subsample_hessian(obj: Objective, fs: FiniteSum, x: Tensor, batch: Any, scale: float):

@@ -9,7 +9,7 @@ import torch
 
 from hesse._minimize._directions import TRUST_MODELS, Direction, InverseUpdate, Newton
 from hesse._minimize._run import Run, Stop
-from hesse.solvers import armijo, initial_step, line_search
+from hesse.solvers import armijo, initial_step, search_iteration
 
 
 def _stationary(run: Run, pt, graph: bool, H=None):
@@ -22,13 +22,15 @@ def _stationary(run: Run, pt, graph: bool, H=None):
 
 
 def line_search_loop(run: Run, direction: Direction, x0, options: dict):
-    """Direction + line search, until a test passes."""
+    """Direction + line search (:func:`hesse.solvers.search_iteration`: after a failed
+    search, once more along ``-g`` with the direction reset), until a test passes."""
     graph = direction.needs_graph
-    search = options["line_search"]
-    c1, c2 = options["c1"], options["c2"]
     pt = run.first(x0, graph)
     run.record(pt)
-    fallback = False  # after a failed search: one more try along -g before giving up
+
+    def evaluate(x):
+        return run.evaluate(x, graph)
+
     while True:
         if run.converged(pt):
             H = run.obj.hessian(pt) if isinstance(direction, Newton) and run.saddle_check else None
@@ -38,33 +40,15 @@ def line_search_loop(run: Run, direction: Direction, x0, options: dict):
             pt = nxt
             direction.reset()
             continue
-        d = -pt.g if fallback else direction.compute(pt)
-        slope = float(torch.dot(pt.g, d))
-        if not slope < 0 or not math.isfinite(slope):  # lost descent (rounding): restart
-            direction.reset()
-            d = -pt.g
-            slope = -float(torch.dot(pt.g, pt.g))
-        x = pt.x
-
-        def phi(alpha: float, x=x, d=d):
-            trial = run.evaluate(x + alpha * d, graph)
-            df = float(torch.dot(trial.g, d)) if trial.finite else math.nan
-            return trial.f, df, trial
-
-        ls = line_search(search, phi, pt.f, slope, direction.first_step(pt, d), c1=c1, c2=c2)
-        if not ls.accepted:
-            if not fallback and not torch.equal(d, -pt.g):
-                direction.reset()
-                fallback = True
-                continue
-            raise Stop("no_progress", f"the line search failed: {ls.message}")
-        fallback = False
-        new = ls.payload
-        direction.update(pt, new, ls.alpha, d)
+        it = search_iteration(
+            pt, direction, evaluate, options["line_search"], c1=options["c1"], c2=options["c2"]
+        )
+        if not it.accepted:
+            raise Stop("no_progress", f"the line search failed: {it.search.message}")
         if isinstance(direction, InverseUpdate):
             run.hess_inv = direction.H
-        old, pt = pt, new
-        run.after_step(old, pt, ls.alpha * float(torch.linalg.vector_norm(d)))
+        old, pt = pt, it.point
+        run.after_step(old, pt, it.step_norm)
 
 
 def trust_region_loop(run: Run, method: str, x0, options: dict):

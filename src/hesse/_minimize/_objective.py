@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -13,9 +12,10 @@ from torch import Tensor
 from hesse._core import all_finite, check_scalar
 from hesse.func import fd_step
 from hesse.func._context import second_order
-from hesse.func._engine import _grad
+from hesse.func._engine import flat_graph_hvp
 from hesse.func._tensor import FDErrorTracker, fd_richardson, fd_scale
 from hesse.operators import CurvatureOperator
+from hesse.solvers._point import Point
 
 _NO_PATH = (
     "fun(x) does not depend on x through autograd: its value has no gradient path back to "
@@ -25,50 +25,9 @@ _NO_PATH = (
 )
 
 
-@dataclass
-class Point:
-    """``x`` (flat) with ``f(x)`` and the gradient there; ``hvp`` applies the Hessian at
-    ``x`` to a flat vector (kept from the gradient's graph when the method needs it)."""
-
-    x: Tensor
-    f: float
-    value: Tensor
-    g: Tensor | None = None
-    hvp: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
-    _g_norm: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.f) and self.g is not None
-
-    def g_norm(self, order: float) -> float:
-        if order not in self._g_norm:
-            self._g_norm[order] = float(torch.linalg.vector_norm(self.g, ord=order))
-        return self._g_norm[order]
-
-
 class Counts:
     def __init__(self):
         self.nfev = self.njev = self.nhvp = self.nhev = 0
-
-
-def graph_products(g: Tensor, xl: Tensor, V: Tensor, retain: bool = True) -> Tensor:
-    """The Hessian times ``V`` (``(n,)`` or ``(n, k)``) through the graph of the gradient
-    ``g`` of a function of ``xl`` (flat, both): all columns in one batched backward pass
-    (one column at a time for an operation without a batching rule); zeros where the
-    gradient does not depend on ``xl``. ``retain=False`` frees the graph afterwards."""
-    with torch.enable_grad():
-        if V.dim() == 1:
-            return _grad([g], [xl], [V], retain)[0]
-        if V.shape[1] == 1:
-            return _grad([g], [xl], [V[:, 0]], retain)[0].unsqueeze(1)
-        try:  # all columns in one batched backward pass
-            (HV,) = torch.autograd.grad(
-                g, xl, V.T, retain_graph=True, is_grads_batched=True, allow_unused=True
-            )
-        except RuntimeError:  # an operation without a batching rule
-            HV = torch.stack([torch.autograd.grad(g, xl, v, retain_graph=True)[0] for v in V.T])
-    return torch.zeros_like(V) if HV is None else HV.T
 
 
 class Objective:
@@ -186,9 +145,7 @@ class Objective:
         def hvp(V: Tensor) -> Tensor:  # V: (n,) or (n, k)
             k = 1 if V.dim() == 1 else V.shape[1]
             counts.nhvp += k
-            if not g.requires_grad:
-                return torch.zeros_like(V)
-            return graph_products(g, xl, V)
+            return flat_graph_hvp(g, xl, V)
 
         return hvp
 
@@ -252,13 +209,4 @@ class Objective:
 
     def operator(self, pt: Point) -> CurvatureOperator:
         """The Hessian at ``pt`` as a hesse operator (for CG and Lanczos)."""
-        return _PointHessian(pt, self.n, self.dtype, self.device)
-
-
-class _PointHessian(CurvatureOperator):
-    def __init__(self, pt: Point, n: int, dtype, device):
-        super().__init__(n, dtype, device)
-        self._hvp = pt.hvp
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self._hvp(V[:, 0]).unsqueeze(1) if V.shape[1] == 1 else self._hvp(V)
+        return pt.hessian()

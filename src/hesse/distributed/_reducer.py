@@ -76,7 +76,7 @@ class DataParallelReducer(Reducer):
                     buf[: P + 1] = math.nan
                 else:
                     buf[:P] = ev.g
-                    buf[P] = ev.loss
+                    buf[P] = ev.f
                 buf[: P + 1].mul_(w)
                 buf[P + 1] = self._given
                 buf[P + 2] = 1.0
@@ -104,7 +104,7 @@ class DataParallelReducer(Reducer):
         if not finite:
             if local is not None:
                 local.release()
-            return Evaluation(loss, None, None)
+            return Evaluation(loss, None, None, flat.params)
         # .grad holds the reduced gradient, as after DistributedDataParallel's backward; on
         # every rank alike, also where this rank's closure left it None (a parameter unused
         # by its shard), so that every rank updates the same parameters.
@@ -187,13 +187,14 @@ class _ReducedEvaluation(Evaluation):
         weight: float,
         total_weight: float,
     ):
-        super().__init__(loss, flat.split(g), None)
+        super().__init__(loss, flat.split(g), None, flat.params)
         self._g = g
+        self.hvp = self._flat_hvp  # every rank takes part in each product (reduced)
         self._local, self._flat, self._reducer = local, flat, reducer
         self._name = f"{name}: a Hessian-vector product"
         self._weight, self._total = weight, total_weight
 
-    def hvp_list(self, vs: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+    def hvp_list(self, vs: list[Tensor], params: list[Tensor] | None = None) -> list[Tensor]:
         local, w = self._local, self._weight
         like = torch.cat([v.reshape(-1) for v in vs])
         dtype = like.dtype

@@ -44,6 +44,64 @@ def _grad(outputs, inputs, grad_outputs, retain: bool, create: bool = False) -> 
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
 
 
+def graph_hvp(
+    grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    *,
+    batched: bool = False,
+    retain: bool = True,
+) -> list[Tensor]:
+    r""":math:`H v` through a kept graph: ``grads`` is the gradient of one scalar with
+    respect to ``inputs``, built with ``create_graph=True``; ``vs`` holds one tensor per
+    input, shaped like it, or with a leading dimension of ``k`` columns when ``batched``
+    (all ``k`` in one backward pass, one at a time for an operation without a batching
+    rule). Zeros where a gradient has no graph (the scalar is linear in that input) or does
+    not reach an input. ``retain=False`` frees the graph (unbatched only).
+
+    The one Hessian-vector product through a kept graph: the operators' products
+    (:func:`hvp_product`), ``hesse.minimize``'s points and the optimizers' evaluations all
+    call it.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
+        >>> graph_hvp([g], [x], [torch.tensor([1.0, 1.0])])[0]  # diag(6 x) v
+        tensor([ 6., 12.])
+        >>> graph_hvp([g], [x], [torch.eye(2)], batched=True)[0]
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    if not live:
+        return [torch.zeros_like(v) for v in vs]
+    outputs, cols = [grads[i] for i in live], [vs[i] for i in live]
+    with torch.enable_grad():
+        if not batched:
+            return _grad(outputs, inputs, cols, retain)
+        k = vs[0].shape[0]
+        try:
+            got = torch.autograd.grad(
+                outputs, inputs, cols, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+        except RuntimeError:  # an operation without a batching rule: a column at a time
+            rows = [_grad(outputs, inputs, [c[j] for c in cols], True) for j in range(k)]
+            return [torch.stack(t) for t in zip(*rows)]
+    return [
+        x.new_zeros((k, *x.shape)) if h is None else h for h, x in zip(got, inputs, strict=True)
+    ]
+
+
+def flat_graph_hvp(g: Tensor, x: Tensor, V: Tensor, retain: bool = True) -> Tensor:
+    """:func:`graph_hvp` for one flat input ``x`` and the flat gradient ``g`` of a
+    function of it: ``V`` is ``(n,)`` or ``(n, k)`` and so is the result."""
+    if V.dim() == 1:
+        return graph_hvp([g], [x], [V], retain=retain)[0]
+    if V.shape[1] == 1:
+        return graph_hvp([g], [x], [V[:, 0]], retain=retain)[0].unsqueeze(1)
+    return graph_hvp([g], [x], [V.T], batched=True)[0].T
+
+
 def _stack(rows: list[list[Tensor]]) -> Columns:
     if len(rows) == 1:  # one column: a view, no copy
         return tuple(t.unsqueeze(0) for t in rows[0])
@@ -67,24 +125,19 @@ def hvp_product(
             grads = [torch.zeros_like(x) for x in leaves]
     # A gradient that does not depend on the parameters (a linear term) has no graph: it
     # contributes nothing to H v.
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    linear = not any(g.requires_grad for g in grads)
     state = {"spent": False}
 
     def product(cols: Columns) -> Columns:
         k = cols[0].shape[0]
-        if not live:
+        if linear:
             return tuple(torch.zeros_like(c) for c in cols)
         if state["spent"]:
             raise RuntimeError("this product was built for one application (reuse=False)")
-        rows = []
-        with torch.enable_grad():
-            for j in range(k):
-                retain = reuse or j < k - 1
-                rows.append(
-                    _grad(
-                        [grads[i] for i in live], leaves, [cols[i][j] for i in live], retain=retain
-                    )
-                )
+        rows = [
+            graph_hvp(grads, leaves, [c[j] for c in cols], retain=reuse or j < k - 1)
+            for j in range(k)
+        ]
         state["spent"] = not reuse
         return _stack(rows)
 

@@ -9,7 +9,7 @@ from hesse.operators._base import (
 )
 from hesse.operators._ekfac import EKFACOperator
 from hesse.operators._finite import FiniteDifferenceHessian
-from hesse.operators._function import FunctionHessian
+from hesse.operators._function import FunctionHessian, PointHessian
 from hesse.operators._kfac import KFACOperator, KroneckerBlock
 from hesse.operators._model import (
     FisherOperator,
@@ -36,6 +36,7 @@ __all__ = [
     "LinearizedCurvature",
     "LowRankOperator",
     "ModelCurvature",
+    "PointHessian",
     "ScaledOperator",
     "SumOperator",
 ]

@@ -8,15 +8,35 @@ import torch
 from torch import Tensor
 
 from hesse._core import check_scalar
-from hesse.func._engine import hvp_product
+from hesse.func._engine import flat_graph_hvp
 from hesse.func._tensor import _check_point, _scalar_fn
 from hesse.operators._base import CurvatureOperator
 
 
-class FunctionHessian(CurvatureOperator):
+class PointHessian(CurvatureOperator):
+    """The Hessian at one point as an operator, over the point's products ``hvp(V)``
+    (``V`` flat, ``(n,)`` or ``(n, k)``, the result shaped alike): the one "Hessian at a
+    point" of hesse, for :class:`FunctionHessian`, ``hesse.minimize``'s points and the
+    optimizers' evaluations (:class:`hesse.solvers.Point`).
+
+    Example:
+        >>> H = PointHessian(lambda V: 2 * V, 3, torch.float32, torch.device("cpu"))
+        >>> (H @ torch.ones(3)).tolist()
+        [2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, hvp: Callable[[Tensor], Tensor], n: int, dtype, device):
+        super().__init__(n, dtype, device)
+        self._hvp = hvp
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._hvp(V[:, 0]).unsqueeze(1) if V.shape[1] == 1 else self._hvp(V)
+
+
+class FunctionHessian(PointHessian):
     r""":math:`\nabla^2 f(x)` for ``f: Tensor -> scalar`` at ``x``, on flat vectors of
     length ``x.numel()``. The gradient's graph is built once, at construction; each product
-    is one backward pass through it.
+    is one backward pass through it (all columns of a block in one batched pass).
 
     Example:
         >>> H = FunctionHessian(lambda x: (x**2).sum() + x[0] * x[1], torch.zeros(2))
@@ -27,19 +47,21 @@ class FunctionHessian(CurvatureOperator):
 
     def __init__(self, f: Callable[[Tensor], Tensor], x: Tensor):
         x = _check_point(x)
-        super().__init__(x.numel(), x.dtype, x.device)
         self.x = x.detach()
         shape = x.shape
-
         scalar = _scalar_fn(f)  # checked, in the second-order context
+        with torch.enable_grad():
+            xl = self.x.reshape(-1).clone().requires_grad_()
+            value = scalar(xl.reshape(shape))
+            g = torch.zeros_like(xl)
+            if value.requires_grad:  # else f does not depend on x here: H = 0
+                (got,) = torch.autograd.grad(value, xl, create_graph=True, allow_unused=True)
+                g = g if got is None else got
 
-        def loss(xs: tuple[Tensor, ...]) -> Tensor:
-            return scalar(xs[0].reshape(shape))
+        def hvp(V: Tensor) -> Tensor:
+            return flat_graph_hvp(g, xl, V)
 
-        self._product = hvp_product(loss, (self.x.reshape(-1),), reuse=True)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self._product((V.T,))[0].T
+        super().__init__(hvp, x.numel(), x.dtype, x.device)
 
 
 def gradient(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:

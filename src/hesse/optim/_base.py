@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hesse._core import all_finite
+from hesse._core import ParamSpace, all_finite
 from hesse._core._checks import check_int as _check_int
+from hesse._core._checks import check_real
 from hesse.func._context import second_order
-from hesse.func._engine import _grad
+from hesse.func._engine import graph_hvp
 from hesse.operators import CurvatureOperator
+from hesse.solvers._point import Point
 
 Closure = Callable[[], Tensor]
 
@@ -50,19 +52,6 @@ def create_graph() -> Iterator[None]:
             torch.autograd.backward = original
 
 
-def check_float(
-    value: object, name: str, lo: float = 0.0, hi: float = math.inf, *, open_lo=False, open_hi=False
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if open_lo else value >= lo) and (value < hi if open_hi else value <= hi)
-    if not ok:
-        left = "(" if open_lo or lo == -math.inf else "["
-        right = ")" if open_hi or hi == math.inf else "]"
-        raise ValueError(f"{name} must be a number in {left}{lo}, {hi}{right}, got {value!r}")
-    return float(value)
-
-
 def check_int(value: object, name: str, minimum: int = 1) -> int:
     return _check_int(value, name, minimum)
 
@@ -74,11 +63,15 @@ def check_bool(value: object, name: str) -> bool:
 
 
 class FlatParams:
-    """The trainable parameters of all groups of an optimizer as one flat vector.
+    """The trainable parameters of all groups of an optimizer as one flat vector, in the
+    :class:`~hesse._core.ParamSpace` they span.
 
     A parameter that does not require grad (a frozen layer) is not part of the vector: as
     in :mod:`torch.optim`, it is never moved, and no derivative is asked of it.
     ``groups[i]`` holds the trainable parameters of ``optimizer.param_groups[i]``, in order.
+    The flat vector needs one dtype and one device for all of them (the space checks it
+    when a flat vector is first asked for: the diagonal optimizers, which work per tensor,
+    never ask).
     """
 
     def __init__(self, optimizer: Optimizer):
@@ -94,25 +87,29 @@ class FlatParams:
         self.size = sum(self.numels)
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
+        self._space: ParamSpace | None = None
+
+    @property
+    def space(self) -> ParamSpace:
+        if self._space is None:
+            self._space = ParamSpace(self.params)
+        return self._space
 
     def get(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        return self.space.flatten([p.detach() for p in self.params])
 
     @torch.no_grad()
     def set(self, x: Tensor) -> None:
-        for p, v in zip(self.params, torch.split(x, self.numels)):
-            p.copy_(v.view_as(p))
+        for p, v in zip(self.params, self.space.unflatten(x)):
+            p.copy_(v)
 
     def grad(self) -> Tensor:
-        return torch.cat(
-            [
-                (torch.zeros_like(p) if p.grad is None else p.grad.detach()).reshape(-1)
-                for p in self.params
-            ]
+        return self.space.flatten(
+            [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self.params]
         )
 
     def split(self, x: Tensor) -> list[Tensor]:
-        return [v.view_as(p) for p, v in zip(self.params, torch.split(x, self.numels))]
+        return list(self.space.unflatten(x))
 
     def per_group(self, values: list[float]) -> Tensor:
         """A flat vector holding each parameter's group value (e.g. its group's lr)."""
@@ -124,18 +121,24 @@ class FlatParams:
         )
 
 
-class Evaluation:
-    """A closure's loss and the gradients it left, at the current parameters: ``grads``
-    (one tensor per parameter) and, on first use, ``g`` (flat)."""
+class Evaluation(Point):
+    """A closure's evaluation at the current parameters, as a
+    :class:`hesse.solvers.Point`: ``f`` is the loss, ``grads`` the gradients (one tensor
+    per parameter) and ``g`` their flat concatenation (made on first use); where the
+    gradients' graph was kept, ``hvp`` (flat) and :meth:`hvp_list` (per parameter) go
+    through it. ``x`` is the optimizer's to set, where it needs the point."""
 
-    def __init__(self, loss: float, grads: list[Tensor] | None, graph: list[Tensor] | None):
-        self.loss, self.grads = loss, grads
+    def __init__(
+        self,
+        loss: float,
+        grads: list[Tensor] | None,
+        graph: list[Tensor] | None,
+        params: list[Tensor] | None = None,
+    ):
+        self.grads, self.params = grads, params
         self._graph = graph
         self._g: Tensor | None = None
-
-    @property
-    def finite(self) -> bool:
-        return self.grads is not None and math.isfinite(self.loss)
+        super().__init__(None, loss, hvp=self._flat_hvp if graph is not None else None)
 
     @property
     def g(self) -> Tensor | None:
@@ -143,25 +146,40 @@ class Evaluation:
             self._g = torch.cat([t.reshape(-1) for t in self.grads])
         return self._g
 
-    def hvp_list(self, vs: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        """Hessian times one direction given per parameter, through the kept graph."""
-        live = [i for i, g in enumerate(self._graph) if g.requires_grad]
-        if not live:
-            return [torch.zeros_like(v) for v in vs]
-        with torch.enable_grad():
-            return _grad([self._graph[i] for i in live], params, [vs[i] for i in live], True)
+    @g.setter
+    def g(self, value: Tensor | None) -> None:
+        if value is not None:
+            self._g = value
 
-    def hvp(self, V: Tensor, flat: FlatParams) -> Tensor:
-        """Hessian times ``V`` (flat, ``(P,)`` or ``(P, k)``) through the kept graph."""
+    @property
+    def finite(self) -> bool:
+        return self.grads is not None and math.isfinite(self.f)
+
+    def hvp_list(self, vs: list[Tensor], params: list[Tensor] | None = None) -> list[Tensor]:
+        """Hessian times one direction given per parameter, through the kept graph."""
+        return graph_hvp(self._graph, self.params if params is None else params, vs)
+
+    def _flat_hvp(self, V: Tensor) -> Tensor:
+        """Hessian times ``V`` (flat, ``(P,)`` or ``(P, k)``): :meth:`hvp_list` a column at
+        a time (through the graph, or reduced across processes)."""
+        sizes = [p.numel() for p in self.params]
         cols = [V] if V.dim() == 1 else list(V.T)
         out = [
-            torch.cat([h.reshape(-1) for h in self.hvp_list(flat.split(v), flat.params)])
+            torch.cat(
+                [
+                    h.reshape(-1)
+                    for h in self.hvp_list(
+                        [c.view_as(p) for c, p in zip(v.split(sizes), self.params)]
+                    )
+                ]
+            )
             for v in cols
         ]
         return out[0] if V.dim() == 1 else torch.stack(out, dim=1)
 
     def release(self) -> None:
         self._graph = None
+        super().release()
 
 
 def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluation:
@@ -196,8 +214,8 @@ def evaluate(closure: Closure, flat: FlatParams, graph: bool = False) -> Evaluat
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in flat.params]
     value = float(loss.detach())
     if not math.isfinite(value) or not all_finite(*grads):
-        return Evaluation(value, None, None)
-    return Evaluation(value, grads, kept)
+        return Evaluation(value, None, None, flat.params)
+    return Evaluation(value, grads, kept, flat.params)
 
 
 class Reducer:
@@ -281,18 +299,6 @@ class Reducer:
 
 #: The reducer of one process: every optimizer's by default.
 LOCAL = Reducer()
-
-
-class GraphHessian(CurvatureOperator):
-    """The Hessian of the closure's loss at the current parameters, from the graph an
-    :class:`Evaluation` kept: one backward pass per product."""
-
-    def __init__(self, ev: Evaluation, flat: FlatParams):
-        super().__init__(flat.size, flat.dtype, flat.device)
-        self.ev, self.flat = ev, flat
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.ev.hvp(V[:, 0] if V.shape[1] == 1 else V, self.flat).reshape(V.shape)
 
 
 def _tensors(value: object) -> Iterator[Tensor]:
@@ -433,6 +439,6 @@ def check_betas(betas: object, name: str = "betas") -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
     return (
-        check_float(betas[0], f"{name}[0]", hi=1.0, open_hi=True),
-        check_float(betas[1], f"{name}[1]", hi=1.0, open_hi=True),
+        check_real(betas[0], f"{name}[0]", hi=1.0, open_hi=True),
+        check_real(betas[1], f"{name}[1]", hi=1.0, open_hi=True),
     )

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from hesse._core._checks import check_seed
-from hesse.optim._base import check_float, check_int
+from hesse.optim._base import check_int, check_real
 
 
 @dataclass
@@ -90,9 +90,9 @@ def compare(
     if epochs is None and time_budget is None:
         raise ValueError("give a budget: epochs, time_budget, or both")
     if epochs is not None:
-        epochs = check_float(epochs, "epochs", open_lo=True)
+        epochs = check_real(epochs, "epochs", open_lo=True)
     if time_budget is not None:
-        time_budget = check_float(time_budget, "time_budget", open_lo=True)
+        time_budget = check_real(time_budget, "time_budget", open_lo=True)
     check_int(evals_per_epoch, "evals_per_epoch")
     seed = check_seed(seed, allow_none=False)
     inputs, targets = _check_data(data, "data")

@@ -17,8 +17,8 @@ from hesse.optim._base import (
     FlatOptimizer,
     GroupSetting,
     check_betas,
-    check_float,
     check_int,
+    check_real,
 )
 from hesse.solvers import hutchinson_diagonal_probe
 
@@ -75,7 +75,7 @@ class _DiagonalCurvature(FlatOptimizer):
     def _evaluate_checked(self, closure, curvature_now: bool):
         ev = self._evaluate(f"{type(self).__name__}: the step's evaluation", closure, curvature_now)
         if not ev.finite:
-            raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
+            raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.f})")
         return ev
 
 
@@ -120,11 +120,11 @@ class AdaHessian(_DiagonalCurvature):
     """
 
     _group_checks: ClassVar[dict[str, Callable]] = {
-        "lr": check_float,  # 0 (the end of a schedule) means no move, as in torch.optim
+        "lr": check_real,  # 0 (the end of a schedule) means no move, as in torch.optim
         "betas": check_betas,
-        "eps": check_float,
-        "weight_decay": check_float,
-        "hessian_power": partial(check_float, hi=1.0),
+        "eps": check_real,
+        "weight_decay": check_real,
+        "hessian_power": partial(check_real, hi=1.0),
         "update_each": check_int,
         "n_samples": check_int,
         "seed": _check_seed,
@@ -147,11 +147,11 @@ class AdaHessian(_DiagonalCurvature):
         seed: int = 0,
     ):
         defaults = {
-            "lr": check_float(lr, "lr"),
+            "lr": check_real(lr, "lr"),
             "betas": check_betas(betas),
-            "eps": check_float(eps, "eps"),
-            "weight_decay": check_float(weight_decay, "weight_decay"),
-            "hessian_power": check_float(hessian_power, "hessian_power", hi=1.0),
+            "eps": check_real(eps, "eps"),
+            "weight_decay": check_real(weight_decay, "weight_decay"),
+            "hessian_power": check_real(hessian_power, "hessian_power", hi=1.0),
             "update_each": check_int(update_each, "update_each"),
             "n_samples": check_int(n_samples, "n_samples"),
             "seed": _check_seed(seed, "seed"),
@@ -203,7 +203,7 @@ class AdaHessian(_DiagonalCurvature):
             if group["weight_decay"]:
                 torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_addcdiv_(ps, m, denom, value=-group["lr"] / (1 - b1**t))
-        return torch.tensor(ev.loss)
+        return torch.tensor(ev.f)
 
 
 def _with_grad(ps: list[Tensor], *lists: list[Tensor]) -> tuple[list[Tensor], tuple]:
@@ -259,11 +259,11 @@ class Sophia(_DiagonalCurvature):
     """
 
     _group_checks: ClassVar[dict[str, Callable]] = {
-        "lr": check_float,  # 0 (the end of a schedule) means no move, as in torch.optim
+        "lr": check_real,  # 0 (the end of a schedule) means no move, as in torch.optim
         "betas": check_betas,
-        "rho": partial(check_float, open_lo=True),
-        "weight_decay": check_float,
-        "eps": partial(check_float, open_lo=True),
+        "rho": partial(check_real, open_lo=True),
+        "weight_decay": check_real,
+        "eps": partial(check_real, open_lo=True),
         "update_each": check_int,
         "estimator": _check_estimator,
         "seed": _check_seed,
@@ -286,11 +286,11 @@ class Sophia(_DiagonalCurvature):
         seed: int = 0,
     ):
         defaults = {
-            "lr": check_float(lr, "lr"),
+            "lr": check_real(lr, "lr"),
             "betas": check_betas(betas),
-            "rho": check_float(rho, "rho", open_lo=True),
-            "weight_decay": check_float(weight_decay, "weight_decay"),
-            "eps": check_float(eps, "eps", open_lo=True),
+            "rho": check_real(rho, "rho", open_lo=True),
+            "weight_decay": check_real(weight_decay, "weight_decay"),
+            "eps": check_real(eps, "eps", open_lo=True),
             "update_each": check_int(update_each, "update_each"),
             "estimator": _check_estimator(estimator, "estimator"),
             "seed": _check_seed(seed, "seed"),
@@ -391,4 +391,4 @@ class Sophia(_DiagonalCurvature):
             torch._foreach_mul_(ratio, [x.sign() for x in m])
             torch._foreach_add_(ps, ratio, alpha=-group["lr"])
         state["step"] += 1
-        return torch.tensor(ev.loss)
+        return torch.tensor(ev.f)

@@ -26,15 +26,15 @@ from hesse.operators._kfac import (
     batch_factors,
     damped_spectrum,
 )
-from hesse.optim._base import Closure, FlatOptimizer, check_float, check_int
+from hesse.optim._base import Closure, FlatOptimizer, check_int, check_real
 
 
 def _check_choice(choices: tuple[str, ...]) -> Callable[[object, str], str]:
     return lambda value, name: check_choice(value, name, choices)
 
 
-_positive = partial(check_float, open_lo=True)
-_rate = partial(check_float, hi=1.0, open_hi=True)
+_positive = partial(check_real, open_lo=True)
+_rate = partial(check_real, hi=1.0, open_hi=True)
 
 
 class KFAC(FlatOptimizer):
@@ -105,10 +105,10 @@ class KFAC(FlatOptimizer):
     """
 
     _group_checks: ClassVar[dict[str, Callable]] = {
-        "lr": check_float,
+        "lr": check_real,
         "damping": _positive,
         "momentum": _rate,
-        "weight_decay": check_float,
+        "weight_decay": check_real,
         "factor_decay": _rate,
         "update_each": check_int,
         "inverse_each": check_int,
@@ -117,7 +117,7 @@ class KFAC(FlatOptimizer):
         "fisher": _check_choice(FISHER_TYPES),
         "mc_samples": check_int,
         "seed": lambda v, name: check_seed(v, name, allow_none=False),
-        "kl_clip": lambda v, name: None if v is None else check_float(v, name, open_lo=True),
+        "kl_clip": lambda v, name: None if v is None else check_real(v, name, open_lo=True),
     }
     _late_settings = ("kl_clip",)
     _state_keys = frozenset(("step", "A", "G", "eig", "momentum_buffer"))
@@ -240,7 +240,7 @@ class KFAC(FlatOptimizer):
             for h in handles:
                 h.remove()
         if not ev.finite:
-            raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.loss})")
+            raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.f})")
         batch = self._reducer.batch(batch)
         if update and self.loss_fn is not None and batch is not None:
             self._update_factors_on(batch, group, t)
@@ -250,7 +250,7 @@ class KFAC(FlatOptimizer):
             self._eigendecompose()
         self._apply(ev.grads)
         state["step"] = t + 1
-        return torch.tensor(ev.loss)
+        return torch.tensor(ev.f)
 
     def _batch_error(self, update: bool, on_batch: bool) -> ValueError | None:
         """The error of a step that must compute the factors on a batch but has none."""

@@ -10,9 +10,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hesse.optim._base import Closure, FlatOptimizer, check_bool, check_float, check_int
+from hesse.optim._base import Closure, FlatOptimizer, check_bool, check_int, check_real
 from hesse.solvers import LINE_SEARCHES as _SEARCHES
-from hesse.solvers import LBFGSMemory, line_search
+from hesse.solvers import LBFGSDescent, LBFGSMemory, search_iteration
 
 LINE_SEARCHES = (*_SEARCHES, None)
 
@@ -21,6 +21,17 @@ def _check_line_search(value: object, name: str) -> str | None:
     if value not in LINE_SEARCHES:
         raise ValueError(f"{name} must be one of {LINE_SEARCHES}, got {value!r}")
     return value
+
+
+class _Descent(LBFGSDescent):
+    """L-BFGS's descent, counting the resets in the optimizer's state."""
+
+    def __init__(self, memory: LBFGSMemory, scale: Tensor, on_reset: Callable[[], None]):
+        super().__init__(memory, scale)
+        self._on_reset = on_reset
+
+    def reset(self) -> None:
+        self._on_reset()
 
 
 class LBFGS(FlatOptimizer):
@@ -81,11 +92,11 @@ class LBFGS(FlatOptimizer):
     """
 
     _group_checks: ClassVar[dict[str, Callable]] = {
-        "lr": partial(check_float, open_lo=True),
+        "lr": partial(check_real, open_lo=True),
         "max_iter": check_int,
         "history_size": check_int,
-        "tolerance_grad": check_float,
-        "tolerance_change": check_float,
+        "tolerance_grad": check_real,
+        "tolerance_change": check_real,
         "line_search": _check_line_search,
         "batch_mode": check_bool,
     }
@@ -114,11 +125,11 @@ class LBFGS(FlatOptimizer):
         batch_mode: bool = False,
     ):
         defaults = {
-            "lr": check_float(lr, "lr", open_lo=True),
+            "lr": check_real(lr, "lr", open_lo=True),
             "max_iter": check_int(max_iter, "max_iter"),
             "history_size": check_int(history_size, "history_size"),
-            "tolerance_grad": check_float(tolerance_grad, "tolerance_grad"),
-            "tolerance_change": check_float(tolerance_change, "tolerance_change"),
+            "tolerance_grad": check_real(tolerance_grad, "tolerance_grad"),
+            "tolerance_change": check_real(tolerance_change, "tolerance_change"),
             "line_search": _check_line_search(line_search, "line_search"),
             "batch_mode": bool(batch_mode),
         }
@@ -173,64 +184,48 @@ class LBFGS(FlatOptimizer):
         x = flat.get()
         ev = self._evaluate("L-BFGS: the start of a step", closure)
         state["func_evals"] += 1
-        first_loss = torch.tensor(ev.loss)
+        first_loss = torch.tensor(ev.f)
         if not ev.finite:
             # Back off: the best point seen, an empty memory; the next step starts afresh.
             if state["best_x"] is not None:
                 flat.set(state["best_x"])
             self._reset(state, mem)
             return first_loss
-        self._remember(state, ev.loss, x)
+        self._remember(state, ev.f, x)
         if group["batch_mode"]:
             self._batch_step(closure, state, mem, x, ev, scale)
             return first_loss
+        descent = _Descent(mem, scale, lambda: self._reset(state, mem))
+
+        def evaluate(x_new: Tensor):
+            flat.set(x_new)
+            e = self._evaluate("L-BFGS: the line search", closure)
+            state["func_evals"] += 1
+            e.x = x_new
+            return e
+
+        search = group["line_search"]
+        ev.x = x
         for _ in range(group["max_iter"]):
             if float(ev.g.abs().max()) <= group["tolerance_grad"]:
                 break
-            # The descent and the search are hesse.minimize(method="l-bfgs")'s, call for
-            # call: the two-loop direction, its first step, the named line search, the
-            # Powell-damped pair (with lr = 1 the iterates are the same).
-            d = mem.direction(ev.g) * scale
-            slope = float(ev.g @ d)
-            if not slope < 0:
-                self._reset(state, mem)
-                d, slope = -ev.g * scale, -float(ev.g @ (ev.g * scale))
-            alpha0 = mem.first_step(ev.g)
-
-            def phi(a: float, x=x, d=d):
-                flat.set(x + a * d)
-                e = self._evaluate("L-BFGS: the line search", closure)
-                state["func_evals"] += 1
-                return e.loss, float(e.g @ d) if e.finite else math.nan, e
-
-            if group["line_search"] is None:  # a fixed step: lr (in d) times the first step
-                _, _, new = phi(alpha0)
-                if not new.finite:
-                    flat.set(x)
-                    self._reset(state, mem)
-                    break
-                alpha = alpha0
-            else:
-                ls = line_search(group["line_search"], phi, ev.loss, slope, alpha0)
-                if not ls.accepted:
-                    flat.set(x)
-                    if not len(mem):
-                        break  # steepest descent failed too: nothing more this step
-                    self._reset(state, mem)
-                    continue
-                alpha, new = ls.alpha, ls.payload
-            s = alpha * d
-            x_new = x + s
-            flat.set(x_new)
-            mem.update(s, new.g - ev.g, -alpha * ev.g * scale)
+            # hesse.minimize(method="l-bfgs")'s iteration, call for call: the two-loop
+            # direction, its first step, the named search (-g once more after a failed
+            # one), the Powell-damped pair (with lr = 1 the iterates are the same).
+            it = search_iteration(ev, descent, evaluate, search, retry=search is not None)
+            if not it.accepted:
+                flat.set(x)
+                if search is None:  # a fixed step that left the domain: start afresh
+                    descent.reset()
+                break
+            new = it.point
             state["n_iter"] += 1
-            change = abs(new.loss - ev.loss)
-            x, ev = x_new, new
-            self._remember(state, ev.loss, x)
-            if (
-                change < group["tolerance_change"]
-                or float(s.abs().max()) <= group["tolerance_change"]
-            ):
+            change = abs(new.f - ev.f)
+            x, ev = new.x, new
+            flat.set(x)
+            self._remember(state, ev.f, x)
+            step_inf = float((it.alpha * it.d).abs().max())
+            if change < group["tolerance_change"] or step_inf <= group["tolerance_change"]:
                 break
         return first_loss
 
@@ -256,7 +251,7 @@ class LBFGS(FlatOptimizer):
         flat.set(x_new)
         new = self._evaluate("L-BFGS: the same batch at the new point", closure)
         state["func_evals"] += 1
-        if not new.finite or new.loss > ev.loss:
+        if not new.finite or new.f > ev.f:
             # The step made this batch's loss worse (or not finite): undo it and forget
             # the memory, whose curvature no longer fits. Without this check the loss of
             # the digits MLP went from 1e-3 to 1e3 within an epoch once it was near 0.

@@ -21,26 +21,23 @@ from hesse._core._checks import check_choice, check_seed, derive_seed
 from hesse.func._io import ModelIO, take_samples
 from hesse.func._model import ModelLoss
 from hesse.func._output import OutputCurvature
-from hesse.linalg import cg
 from hesse.operators import GGNOperator, HessianOperator, IdentityOperator
 from hesse.operators._dense import dense_model_curvature
 from hesse.optim._base import (
     Closure,
     FlatOptimizer,
-    GraphHessian,
     GroupSetting,
     check_bool,
-    check_float,
     check_int,
+    check_real,
 )
 from hesse.solvers import (
-    armijo,
+    NewtonDescent,
     forcing_rtol,
     hutchinson_diagonal_probe,
     lm_damping,
     martens_damping,
-    repeat_decrease_step,
-    strong_wolfe,
+    search_iteration,
     subsample_size,
     truncated_newton,
 )
@@ -48,7 +45,6 @@ from hesse.solvers._subsample import (
     ARMIJO_C1,
     dense_newton_direction,
     dense_subsample_count,
-    reduction_ratio,
     subsample_indices,
 )
 
@@ -128,25 +124,23 @@ class _TruncatedNewton(FlatOptimizer):
     )
     _late_settings = _SETTINGS
     _group_checks: ClassVar[dict[str, Callable]] = {
-        "lr": partial(check_float, open_lo=True),
-        "damping": check_float,
+        "lr": partial(check_real, open_lo=True),
+        "damping": check_real,
         "adapt_damping": check_bool,
         "cg_max_iter": check_int,
-        "cg_rtol": lambda v, name: (
-            None if v is None else check_float(v, name, open_lo=True, hi=1.0)
-        ),
-        "warm_start": partial(check_float, hi=1.0),
+        "cg_rtol": lambda v, name: None if v is None else check_real(v, name, open_lo=True, hi=1.0),
+        "warm_start": partial(check_real, hi=1.0),
         "curvature": lambda v, name: check_choice(v, name, CURVATURES),
         "subsample": _check_subsample,
-        "subsample_growth": check_float,
+        "subsample_growth": check_real,
         "subsample_max": partial(_check_subsample, none=" or None"),
         "preconditioner": _check_preconditioner,
-        "l2": check_float,
+        "l2": check_real,
         "seed": _check_seed,
         "solver": lambda v, name: check_choice(v, name, SOLVERS),
         "dense_max": partial(check_int, minimum=0),
         "max_iter": check_int,
-        "tolerance_grad": check_float,
+        "tolerance_grad": check_real,
     }
     _state_keys = frozenset(
         (
@@ -262,7 +256,7 @@ class _TruncatedNewton(FlatOptimizer):
                 raise ValueError(
                     "curvature='ggn': pass the batch, step(closure, batch=(inputs, targets))"
                 )
-            return GraphHessian(ev, flat)
+            return ev.hessian()
         data = self._reducer.attempt("drawing the curvature's subsample", self._subsample, batch)
         op = self._batch_curvature(data).linearize()
         if self.l2 > 0:  # the penalty in the closure's loss, which loss_fn does not see
@@ -376,14 +370,14 @@ class _TruncatedNewton(FlatOptimizer):
         ev = self._evaluate(f"{name}: the start of a step", closure, self._needs_graph(batch))
         batch = self._reducer.batch(batch)
         graph = self._needs_graph(batch)
-        first = ev.loss
+        first = ev.f
         max_iter = self.max_iter
         for i in range(max_iter):
             if not ev.finite:
                 if i == 0:
                     raise FloatingPointError(
                         "the loss or its gradient is not finite at the current parameters "
-                        f"(loss {ev.loss})"
+                        f"(loss {ev.f})"
                     )
                 break
             if float(ev.g.abs().max()) <= self.tolerance_grad:
@@ -405,72 +399,50 @@ class _TruncatedNewton(FlatOptimizer):
         return self.model is None or batch is None
 
     def _iteration(self, closure: Closure, batch: Any, ev) -> Any:
-        """One iteration from the evaluation ``ev`` at the current parameters; returns the
-        evaluation at the accepted point, or ``None`` where no step was taken."""
+        """One iteration from the evaluation ``ev`` at the current parameters: the damped
+        direction (:meth:`_direction`), the search along it
+        (:func:`hesse.solvers.search_iteration`), the damping adapted by the reduction
+        ratio; returns the evaluation at the accepted point, or ``None`` where no step
+        was taken."""
         flat = self.flat
-        group = self.param_groups[0]
         state = self._global()
         x = flat.get()
-        g = ev.g
-        self._g_norm = g_norm = float(g.norm())
+        ev.x = x
+        self._g_norm = g_norm = float(ev.g.norm())
         state.setdefault("g0_norm", g_norm)
         damping = state["damping"]
         dense = self._uses_dense(batch)
-        if dense:
-            try:
-                H = self._dense_curvature(ev, batch)
-            except NonFiniteError:
-                H = None
-            ev.release()
-            if H is None or not bool(torch.isfinite(H).all()):
-                return self._skip(state, damping)
-            d, q = dense_newton_direction(H, g, damping)
-            state["dense_solves"] = state.get("dense_solves", 0) + 1
-            candidates = [(d, q)]
-        else:
-            found = self._cg_direction(ev, batch, state, damping)
-            if found is None:
-                return self._skip(state, damping)
-            candidates = found
-        # Martens' CG backtracking: from the last iterate back, keep the best objective.
-        if len(candidates) > 1:
-            best_f, best = math.inf, candidates[-1]
-            for cand in reversed(candidates):
-                flat.set(x + cand[0])
-                f_c = self._evaluate(f"{type(self).__name__}: CG backtracking", closure).loss
-                if not f_c < best_f:
-                    break
-                best_f, best = f_c, cand
-            d, q = best
-        else:
-            d, q = candidates[0]
-        state["direction"] = d.clone()
-        slope = float(g @ d)
+        found = self._direction(closure, batch, ev, state, damping, dense)
+        if found is None:
+            return self._skip(state, damping)
+        descent = found
+        state["direction"] = descent.d.clone()
+        name = type(self).__name__
 
-        def phi(alpha: float):
-            flat.set(x + alpha * d)
-            e = self._evaluate(f"{type(self).__name__}: the line search", closure)
-            return e.loss, float(e.g @ d) if e.finite else math.nan, e
+        def evaluate(x_new: Tensor):
+            flat.set(x_new)
+            e = self._evaluate(f"{name}: the line search", closure)
+            e.x = x_new
+            return e
 
-        if self._line_search == "strong-wolfe":
-            alpha0 = repeat_decrease_step(state.get("last_decrease"), slope, 1.0, cap=1.0)
-            ls = strong_wolfe(phi, ev.loss, slope, group["lr"] * alpha0)
-        else:
-            ls = armijo(phi, ev.loss, slope, group["lr"], c1=ARMIJO_C1)
-        if ls.accepted:
-            flat.set(x + ls.alpha * d)
-            f_new = ls.f
-            state["last_decrease"] = ev.loss - f_new
+        strong = self._line_search == "strong-wolfe"
+        it = search_iteration(
+            ev,
+            descent,
+            evaluate,
+            self._line_search,
+            c1=1e-4 if strong else ARMIJO_C1,
+            scale=self.param_groups[0]["lr"],
+            retry=False,
+        )
+        if it.accepted:
+            flat.set(it.point.x)
+            state["last_decrease"] = descent.last_decrease
         else:
             flat.set(x)  # no decrease found: stay, and damp harder
-            f_new = ev.loss
             state.pop("direction", None)
-        if group["adapt_damping"] and damping > 0:
-            # rho: actual over predicted reduction of the undamped model along alpha d,
-            # m(alpha) = alpha g'd + alpha^2 d'Cd / 2, with d'Cd = 2 (q - g'd).
-            rho = -math.inf
-            if ls.accepted:
-                rho = reduction_ratio(ev.loss, f_new, ls.alpha, slope, q)
+        if self.param_groups[0]["adapt_damping"] and damping > 0:
+            rho = descent.ratio(ev, it)
             if dense:
                 # Nielsen's rule: an exact solve makes rho a reliable verdict, and the
                 # damping falls three times per good step (Martens' 2/3 held it above the
@@ -479,7 +451,46 @@ class _TruncatedNewton(FlatOptimizer):
             else:
                 state["damping"] = martens_damping(damping, rho)
         state["step"] += 1
-        return ls.payload if ls.accepted else None
+        return it.point
+
+    def _direction(self, closure, batch, ev, state: dict, damping: float, dense: bool):
+        """The damped Newton direction at ``ev`` as a :class:`~hesse.solvers.NewtonDescent`
+        (with its model value, and the first-step rule of this optimizer's search), or
+        ``None`` where the curvature was not finite: from the dense curvature by a damped
+        solve, or from CG on the operator (with Martens' backtracking over CG's iterates:
+        from the last back, the one with the best objective)."""
+        g = ev.g
+        repeat = self._line_search == "strong-wolfe"
+        last = state.get("last_decrease")
+        if dense:
+            try:
+                H = self._dense_curvature(ev, batch)
+            except NonFiniteError:
+                H = None
+            ev.release()
+            if H is None or not bool(torch.isfinite(H).all()):
+                return None
+            d, q = dense_newton_direction(H, g, damping)
+            state["dense_solves"] = state.get("dense_solves", 0) + 1
+            return NewtonDescent(d, q, lambda v: H @ v, repeat_decrease=repeat, last_decrease=last)
+        found = self._cg_direction(ev, batch, state, damping)
+        if found is None:
+            return None
+        candidates, op = found
+        d, q = candidates[-1]
+        if len(candidates) > 1:
+            flat, x = self.flat, ev.x
+            best_f = math.inf
+            for cand in reversed(candidates):
+                flat.set(x + cand[0])
+                f_c = self._evaluate(f"{type(self).__name__}: CG backtracking", closure).f
+                if not f_c < best_f:
+                    break
+                best_f, (d, q) = f_c, cand
+        # -g's model needs C g: from the batch curvature, which outlives the closure's
+        # graph (released above); with the graph's Hessian, -g is judged on its slope.
+        curvature = None if self._needs_graph(batch) else op.__matmul__
+        return NewtonDescent(d, q, curvature, repeat_decrease=repeat, last_decrease=last)
 
     def _skip(self, state: dict, damping: float) -> None:
         """A curvature product overflowed (seen with a float32 loss near 1e-9, where the
@@ -519,15 +530,17 @@ class _TruncatedNewton(FlatOptimizer):
         else:
             remember = None
         try:
-            if damping > 0:  # the damped system is positive definite when C is PSD (GGN)
-                res = cg(
-                    A, -g, x0, M=M, rtol=rtol, max_iter=group["cg_max_iter"], callback=remember
-                )
-                d = res.x if bool(res.x.abs().max() > 0) and float(g @ res.x) < 0 else -g
-            else:
-                d, res = truncated_newton(
-                    A, g, rtol=rtol, max_iter=group["cg_max_iter"], M=M, x0=x0
-                )
+            # CG's iterates are kept for backtracking only on a damped system (positive
+            # definite when C is PSD, the GGN): undamped, a truncated path is no model.
+            d, res = truncated_newton(
+                A,
+                g,
+                rtol=rtol,
+                max_iter=group["cg_max_iter"],
+                M=M,
+                x0=x0,
+                callback=remember if damping > 0 else None,
+            )
         except NonFiniteError:
             ev.release()
             return None
@@ -547,7 +560,7 @@ class _TruncatedNewton(FlatOptimizer):
         if self._backtrack_cg and kept and d is res.x:
             candidates = [(xi, undamped(xi, qi)) for _, xi, qi in kept if float(g @ xi) < 0]
             candidates.append((d, q))
-        return candidates
+        return candidates, op
 
 
 class HessianFree(_TruncatedNewton):
@@ -793,7 +806,7 @@ class NewtonCG(_TruncatedNewton):
             params,
             lr=lr,
             damping=damping,
-            adapt_damping=check_float(damping, "damping") > 0,
+            adapt_damping=check_real(damping, "damping") > 0,
             curvature="hessian",
             model=None,
             loss_fn=None,

@@ -15,11 +15,19 @@ from hesse.solvers._escape import (
     escape_saddle,
     negative_curvature,
 )
+from hesse.solvers._iterate import (
+    Descent,
+    Iteration,
+    LBFGSDescent,
+    NewtonDescent,
+    search_iteration,
+)
 from hesse.solvers._linesearch import (
     LINE_SEARCHES,
     LineSearchResult,
     armijo,
     cubic_minimizer,
+    fixed_step,
     initial_step,
     line_search,
     repeat_decrease_step,
@@ -39,6 +47,7 @@ from hesse.solvers._newton import (
     subsample_size,
     truncated_newton,
 )
+from hesse.solvers._point import Point
 from hesse.solvers._quasi_newton import (
     LBFGSMemory,
     bfgs_update,
@@ -71,11 +80,19 @@ __all__ = [
     "escape_direction",
     "escape_saddle",
     "negative_curvature",
+    # the iteration of the line-search methods, and the point it stands at
+    "Descent",
+    "Iteration",
+    "LBFGSDescent",
+    "NewtonDescent",
+    "Point",
+    "search_iteration",
     # line searches
     "LINE_SEARCHES",
     "LineSearchResult",
     "armijo",
     "cubic_minimizer",
+    "fixed_step",
     "initial_step",
     "line_search",
     "repeat_decrease_step",

@@ -52,8 +52,9 @@ class LineSearchResult:
         payload: what ``phi`` returned with them.
         nfev: evaluations of ``phi``.
         status: which condition the step meets: ``"wolfe"`` (the Wolfe conditions hold),
-            ``"armijo"`` (sufficient decrease only), or ``"failed"`` (no step with
-            sufficient decrease was found).
+            ``"armijo"`` (sufficient decrease only), ``"fixed"`` (none tested: a fixed
+            step, :func:`fixed_step`), or ``"failed"`` (no step with sufficient decrease
+            was found, or a fixed step's value was not finite).
         message: a sentence for the user.
         outcome: how the search ended, in the vocabulary of every hesse result
             (:class:`hesse.linalg.Status`): ``"converged"`` (the search's own conditions
@@ -75,8 +76,10 @@ class LineSearchResult:
     outcome: Status | None = None  # None: read from ``status`` (constructed by hand)
 
     def __post_init__(self) -> None:
-        if self.status not in ("wolfe", "armijo", "failed"):
-            raise ValueError(f"status must be 'wolfe', 'armijo' or 'failed', got {self.status!r}")
+        if self.status not in ("wolfe", "armijo", "fixed", "failed"):
+            raise ValueError(
+                f"status must be 'wolfe', 'armijo', 'fixed' or 'failed', got {self.status!r}"
+            )
         outcome = self.outcome
         if outcome is None:
             outcome = Status.NO_PROGRESS if self.status == "failed" else Status.CONVERGED
@@ -160,7 +163,7 @@ def initial_step(g: Tensor) -> float:
 
 
 def line_search(
-    kind: str,
+    kind: str | None,
     phi: Phi,
     f0: float,
     df0: float,
@@ -171,18 +174,41 @@ def line_search(
 ) -> LineSearchResult:
     """The line search named ``kind`` (one of :data:`LINE_SEARCHES`): ``"strong-wolfe"``
     and ``"wolfe"`` are :func:`strong_wolfe` with the strong or the weak curvature
-    condition, ``"armijo"`` is :func:`armijo` (``c2`` unused).
+    condition, ``"armijo"`` is :func:`armijo` (``c2`` unused); ``None`` is no search, the
+    step ``alpha0`` (:func:`fixed_step`).
 
     Example:
         >>> phi = lambda a: ((a - 2.0) ** 2, 2 * (a - 2.0), None)
         >>> line_search("armijo", phi, 4.0, -4.0).alpha
         1.0
     """
+    if kind is None:
+        return fixed_step(phi, f0, df0, alpha0)
     if kind == "armijo":
         return armijo(phi, f0, df0, alpha0, c1=c1)
     if kind in ("strong-wolfe", "wolfe"):
         return strong_wolfe(phi, f0, df0, alpha0, c1=c1, c2=c2, strong=kind == "strong-wolfe")
     raise ValueError(f"line search must be one of {LINE_SEARCHES}, got {kind!r}")
+
+
+def fixed_step(phi: Phi, f0: float, df0: float, alpha0: float = 1.0) -> LineSearchResult:
+    """No search: the step ``alpha0``, taken wherever :math:`\\phi` and its slope are
+    finite there (a fixed learning rate), refused where they are not or ``df0`` is not a
+    descent slope.
+
+    Example:
+        >>> phi = lambda a: ((a - 2.0) ** 2, 2 * (a - 2.0), None)
+        >>> r = fixed_step(phi, 4.0, -4.0, 5.0)
+        >>> r.status, r.alpha, r.f
+        ('fixed', 5.0, 9.0)
+    """
+    if not df0 < 0:
+        return _not_descent(f0, df0)
+    t = Trial(alpha0, *phi(alpha0))
+    if not t.finite:
+        message = f"f or its slope is not finite at the step {alpha0:.3e}"
+        return _failed(f0, df0, 1, message, Status.NON_FINITE)
+    return _accept(t, 1, "fixed", "a fixed step")
 
 
 #: How many float64 roundings of :math:`\phi(0)` a trial value may differ by and still be
