@@ -1,5 +1,8 @@
 """Optimizers with a stochastic diagonal Hessian preconditioner: AdaHessian and Sophia.
-Both draw the diagonal from :func:`hesse.solvers.hutchinson_diagonal_probe`."""
+Both draw the diagonal from :func:`hesse.solvers.hutchinson_diagonal_probe`; their update
+rules are :func:`hesse.solvers.adahessian_update` and :func:`hesse.solvers.sophia_update`,
+which these classes call on each group's tensors (kept in ``self.state`` under
+``torch.optim``'s names) before applying the updates."""
 
 from __future__ import annotations
 
@@ -20,7 +23,15 @@ from hesse.optim._base import (
     check_int,
     check_real,
 )
-from hesse.solvers import hutchinson_diagonal_probe
+from hesse.solvers import (
+    AdaHessianState,
+    SophiaState,
+    adahessian_update,
+    gnb_diagonal,
+    hutchinson_diagonal_probe,
+    sophia_update,
+    spatial_average,
+)
 
 
 def _check_seed(value: object, name: str) -> int:
@@ -77,14 +88,6 @@ class _DiagonalCurvature(FlatOptimizer):
         if not ev.finite:
             raise FloatingPointError(f"the loss or its gradient is not finite (loss {ev.f})")
         return ev
-
-
-def _spatial_average(d: Tensor, p: Tensor) -> Tensor:
-    """AdaHessian's spatial averaging: a convolution kernel's diagonal is averaged over its
-    spatial positions (dims 2 and beyond), one value per (out, in) channel pair."""
-    if p.dim() <= 2:
-        return d
-    return d.abs().mean(dim=tuple(range(2, p.dim())), keepdim=True).expand_as(d)
 
 
 class AdaHessian(_DiagonalCurvature):
@@ -165,44 +168,36 @@ class AdaHessian(_DiagonalCurvature):
         refresh = self._refresh()
         ev = self._evaluate_checked(closure, refresh)
         if refresh:
-            diag = self._probe(ev, self.n_samples)
+            diag = spatial_average(self._probe(ev, self.n_samples))
             for p, d in zip(self.flat.params, diag):
-                self.state[p]["hess_diag"] = _spatial_average(d, p)
+                self.state[p]["hess_diag"] = d
         ev.release()
-        state["step"] += 1
         t = state["step"]
+        state["step"] += 1
         i = 0
-        # foreach: one kernel per operation per group; frozen parameters are not in flat
+        # one call per group (foreach kernels inside); frozen parameters are not in flat
         for group, ps in zip(self.param_groups, self.flat.groups):
-            b1, b2 = group["betas"]
             gs = ev.grads[i : i + len(ps)]
             i += len(ps)
             ps, (gs,) = _with_grad(ps, gs)
-            states = [self.state[p] for p in ps]
-            for p, st in zip(ps, states):
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_hessian_diag_sq"] = torch.zeros_like(p)
-            m = [st["exp_avg"] for st in states]
-            v = [st["exp_hessian_diag_sq"] for st in states]
-            torch._foreach_mul_(m, b1)
-            torch._foreach_add_(m, gs, alpha=1 - b1)
-            # v averages D^2 at every step, with the last D between refreshes (the
-            # "Hessian delay" of Yao et al.): so that the bias correction 1 - b2^t, which
-            # counts every step, is the right one (averaged only on refreshes, v was
-            # divided by 1 - b2^t for fewer terms than t, and the step too long by up to
-            # sqrt(update_each))
-            d = [st["hess_diag"] for st in states]
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, d, d, value=1 - b2)
-            denom = torch._foreach_div(v, 1 - b2**t)
-            torch._foreach_sqrt_(denom)
-            if group["hessian_power"] != 1.0:
-                torch._foreach_pow_(denom, group["hessian_power"])
-            torch._foreach_add_(denom, group["eps"])
-            if group["weight_decay"]:
-                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_addcdiv_(ps, m, denom, value=-group["lr"] / (1 - b1**t))
+            states = _moments(self.state, ps, "exp_hessian_diag_sq")
+            # the last estimate of the diagonal, a new one or the one of the last refresh
+            # (the "Hessian delay" of Yao et al.): v averages D^2 at every step, so that
+            # its bias correction 1 - b2^t, which counts every step, is the right one
+            updates, _ = adahessian_update(
+                gs,
+                [st["hess_diag"] for st in states],
+                AdaHessianState(
+                    t,
+                    [st["exp_avg"] for st in states],
+                    [st["exp_hessian_diag_sq"] for st in states],
+                ),
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                hessian_power=group["hessian_power"],
+            )
+            _apply(ps, updates, group)
         return torch.tensor(ev.f)
 
 
@@ -214,6 +209,26 @@ def _with_grad(ps: list[Tensor], *lists: list[Tensor]) -> tuple[list[Tensor], tu
     if len(keep) == len(ps):
         return ps, lists
     return [ps[j] for j in keep], tuple([x[j] for j in keep] for x in lists)
+
+
+def _moments(state: dict, ps: list[Tensor], second: str) -> list[dict]:
+    """Each parameter's state, with its moments ``exp_avg`` and ``second`` made (zeros)
+    on its first step."""
+    states = [state[p] for p in ps]
+    for p, st in zip(ps, states):
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st[second] = torch.zeros_like(p)
+    return states
+
+
+def _apply(ps: list[Tensor], updates: list[Tensor], group: dict, scale: float = 1.0) -> None:
+    r"""The parameters' move: decoupled weight decay as torch.optim.AdamW's,
+    :math:`\theta (1 - \eta \lambda)`, then ``scale`` times the updates added (one kernel
+    each)."""
+    if group["weight_decay"]:
+        torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
+    torch._foreach_add_(ps, updates, alpha=scale)
 
 
 ESTIMATORS = ("hutchinson", "gnb")
@@ -314,13 +329,7 @@ class Sophia(_DiagonalCurvature):
                 "outputs_fn() returned no rows of logits (on every process): the "
                 "Gauss-Newton-Bartlett estimate needs at least one sample"
             )
-        return self._gnb_estimate(grads, b)
-
-    @staticmethod
-    def _gnb_estimate(grads: list[Tensor], b: float) -> list[Tensor]:
-        r"""The Gauss-Newton-Bartlett diagonal :math:`B\, \hat g \odot \hat g` from the
-        sampled-label gradient of a batch of ``B`` samples."""
-        return [b * g * g for g in grads]
+        return gnb_diagonal(grads, b)
 
     def _gnb_gradient(
         self, outputs_fn: Callable[[], Tensor], cpu: torch.Generator
@@ -362,33 +371,25 @@ class Sophia(_DiagonalCurvature):
             diag = self._probe(ev, 1) if self.estimator == "hutchinson" else self._gnb(outputs_fn)
         ev.release()
         i = 0
-        # foreach: one kernel per operation per group; frozen parameters are not in flat
+        # one call per group (foreach kernels inside); frozen parameters are not in flat
         for group, ps in zip(self.param_groups, self.flat.groups):
-            b1, b2 = group["betas"]
             gs = ev.grads[i : i + len(ps)]
             ds = diag[i : i + len(ps)] if refresh else gs
             i += len(ps)
             ps, (gs, ds) = _with_grad(ps, gs, ds)
-            states = [self.state[p] for p in ps]
-            for p, st in zip(ps, states):
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["hessian"] = torch.zeros_like(p)
-            m = [st["exp_avg"] for st in states]
-            h = [st["hessian"] for st in states]
-            torch._foreach_mul_(m, b1)
-            torch._foreach_add_(m, gs, alpha=1 - b1)
-            if refresh:
-                torch._foreach_mul_(h, b2)
-                torch._foreach_add_(h, ds, alpha=1 - b2)
-            if group["weight_decay"]:
-                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
-            # clip(m / max(rho h, eps), 1) = sign(m) min(|m| / max(rho h, eps), 1)
-            denom = torch._foreach_mul(h, group["rho"])
-            torch._foreach_clamp_min_(denom, group["eps"])
-            ratio = torch._foreach_div(torch._foreach_abs(m), denom)
-            torch._foreach_clamp_max_(ratio, 1.0)
-            torch._foreach_mul_(ratio, [x.sign() for x in m])
-            torch._foreach_add_(ps, ratio, alpha=-group["lr"])
+            states = _moments(self.state, ps, "hessian")
+            updates, _ = sophia_update(
+                gs,
+                SophiaState(
+                    state["step"],
+                    [st["exp_avg"] for st in states],
+                    [st["hessian"] for st in states],
+                ),
+                ds if refresh else None,
+                betas=group["betas"],
+                rho=group["rho"],
+                eps=group["eps"],
+            )
+            _apply(ps, updates, group, scale=group["lr"])
         state["step"] += 1
         return torch.tensor(ev.f)

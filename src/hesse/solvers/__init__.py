@@ -8,7 +8,18 @@ objects over flat tensors.
 :func:`hesse.minimize` and :mod:`hesse.optim` drive these; neither has its own copy.
 """
 
-from hesse.solvers._diagonal import hutchinson_diagonal_probe, rademacher_like
+from hesse.solvers._diagonal import (
+    AdaHessianState,
+    SophiaState,
+    adahessian_init,
+    adahessian_update,
+    gnb_diagonal,
+    hutchinson_diagonal_probe,
+    rademacher_like,
+    sophia_init,
+    sophia_update,
+    spatial_average,
+)
 from hesse.solvers._escape import (
     EscapeStep,
     escape_direction,
@@ -72,9 +83,17 @@ from hesse.solvers._trust import (
 )
 
 __all__ = [
-    # diagonal estimates
+    # diagonal estimates, AdaHessian and Sophia
+    "AdaHessianState",
+    "SophiaState",
+    "adahessian_init",
+    "adahessian_update",
+    "gnb_diagonal",
     "hutchinson_diagonal_probe",
     "rademacher_like",
+    "sophia_init",
+    "sophia_update",
+    "spatial_average",
     # saddle escape
     "EscapeStep",
     "escape_direction",
