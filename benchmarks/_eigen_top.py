@@ -1,180 +1,25 @@
 """The top eigenvalue of the MLP's Hessian to a relative error of 1e-3: hesse against its
 peers (the first question of ``eigen.py``, which describes the method).
 
-Every method is a function ``(pb, seed, setting, record) -> EigRun``; the peers with a
-``ladder`` are tuned with hindsight (the cheapest value that reaches the target on every
-seed), then every method runs once per seed in interleaved rounds.
+The float64 reference; the peers with a ``ladder`` tuned with hindsight (the cheapest
+value that reaches the target on every seed); then every method of
+``_eigen_top_methods.py`` once per seed in interleaved rounds; the verdict and the table.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 import hesse
+from _eigen_top_methods import EIG_METHODS, EigMethod, EigRun, hesse_eig
 from _harness import print_table, quartiles, rotations, timed
-from _models import Problem, plain_hvp
-from _peers import (
-    CURVLINOPS,
-    EIGENTHINGS,
-    PYHESSIAN,
-    Counter,
-    curvlinops_hessian,
-    eigenthings_hessian,
-    hesse_counted,
-    pyhessian_counted,
-    pyhessian_session,
-)
+from _models import Problem, hesse_operator, plain_hvp
+from _peers import Counter, eigenthings_hessian, hesse_counted
 
 TARGET = 1e-3  # relative error of the top eigenvalue
-PYH, CURV, EIG = PYHESSIAN, CURVLINOPS, EIGENTHINGS
-
-
-def hesse_op(pb: Problem) -> hesse.HessianOperator:
-    return hesse.HessianOperator(pb.model, pb.loss_fn, (pb.X, pb.y))
-
-
-# -- methods --------------------------------------------------------------------------
-
-
-@dataclass
-class EigRun:
-    estimate: float
-    products: int
-    residual: float | None = None  # reported ||H y - theta y|| / |theta|, where there is one
-    status: str = ""
-    rayleigh: list[float] = field(default_factory=list)  # per product, when recorded
-
-
-EigFn = Callable[[Problem, int, dict, bool], EigRun]
-
-
-def hesse_eig(pb: Problem, seed: int, setting: dict, record: bool) -> EigRun:
-    r = hesse.eigenvalues(hesse_op(pb), k=1, seed=seed, **setting)
-    theta = float(r.eigenvalues[0])
-    return EigRun(theta, r.matvecs, float(r.residuals[0]) / abs(theta), str(r.status))
-
-
-def pyhessian_eig(pb: Problem, seed: int, setting: dict, record: bool) -> EigRun:
-    counter = Counter(record)
-    with (
-        pyhessian_counted(counter),
-        pyhessian_session(pb.model, pb.loss_fn, (pb.X, pb.y), seed) as hc,
-    ):
-        values, _ = hc.eigenvalues(top_n=1, **setting)
-    return EigRun(float(values[0]), counter.products, rayleigh=counter.rayleigh)
-
-
-def eigenthings_power(pb: Problem, seed: int, setting: dict, record: bool) -> EigRun:
-    import hessian_eigenthings as he
-
-    counter = Counter(record)
-    op = eigenthings_hessian(pb, counter)
-    lam, _, res, iters, converged = he.power_iteration_one(op, seed=seed, **setting)
-    if iters != counter.products:
-        raise RuntimeError(f"eigenthings reports {iters} products, counted {counter.products}")
-    status = "converged" if converged else "max_iterations"
-    return EigRun(lam, counter.products, res / abs(lam), status, counter.rayleigh)
-
-
-def eigenthings_lanczos(pb: Problem, seed: int, setting: dict, record: bool) -> EigRun:
-    import hessian_eigenthings as he
-
-    counter = Counter()
-    r = he.lanczos(eigenthings_hessian(pb, counter), seed=seed, **setting)
-    theta = float(r.eigenvalues[0])
-    status = "converged" if bool(r.converged[0]) else "not converged"
-    return EigRun(theta, counter.products, float(r.residuals[0]) / abs(theta), status)
-
-
-def eigsh_curvlinops(pb: Problem, seed: int, setting: dict, record: bool) -> EigRun:
-    from scipy.sparse.linalg import eigsh
-
-    counter = Counter()
-    op = curvlinops_hessian(pb, counter).to_scipy()
-    v0 = np.random.default_rng(seed).standard_normal(op.shape[0])
-    w = eigsh(op, k=1, v0=v0, return_eigenvectors=False, **setting)
-    return EigRun(float(w[0]), counter.products)
-
-
-@dataclass(frozen=True)
-class EigMethod:
-    key: str
-    label: str
-    fn: EigFn
-    setting: dict
-    package: str | None = None
-    ladder: tuple[str, list] | None = None  # (parameter, values from cheap to costly)
-
-
-EIG_METHODS = [
-    EigMethod("hesse", "hesse.eigenvalues", hesse_eig, {"tol": 1e-3}),
-    EigMethod(
-        "pyhessian-default",
-        "PyHessian power",
-        pyhessian_eig,
-        {"maxIter": 100, "tol": 1e-3},
-        PYH,
-    ),
-    EigMethod(
-        "pyhessian-tuned",
-        "PyHessian power",
-        pyhessian_eig,
-        {"maxIter": 1000},
-        PYH,
-        ("tol", [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6]),
-    ),
-    EigMethod(
-        "eigenthings-power-default",
-        "eigenthings power",
-        eigenthings_power,
-        {"max_iter": 100, "tol": 1e-4},
-        EIG,
-    ),
-    EigMethod(
-        "eigenthings-power-tuned",
-        "eigenthings power",
-        eigenthings_power,
-        {"max_iter": 1000},
-        EIG,
-        ("tol", [1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 3e-4, 1e-4]),
-    ),
-    EigMethod(
-        "eigenthings-lanczos-default",
-        "eigenthings Lanczos",
-        eigenthings_lanczos,
-        {"k": 1},  # then max_iter = 2k, which="LM"
-        EIG,
-    ),
-    EigMethod(
-        "eigenthings-lanczos-tuned",
-        "eigenthings Lanczos",
-        eigenthings_lanczos,
-        {"k": 1, "which": "LA", "reorthogonalize": True},
-        EIG,
-        ("max_iter", list(range(2, 81))),
-    ),
-    EigMethod(
-        "eigsh-default",
-        "eigsh on curvlinops",
-        eigsh_curvlinops,
-        {"which": "LA"},  # tol=0: machine precision
-        CURV,
-    ),
-    EigMethod(
-        "eigsh-tuned",
-        "eigsh on curvlinops",
-        eigsh_curvlinops,
-        {"which": "LA"},
-        CURV,
-        ("tol", [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6]),
-    ),
-]
 
 
 # -- the reference ---------------------------------------------------------------------
@@ -182,7 +27,7 @@ EIG_METHODS = [
 
 def reference_eigen(pb64: Problem) -> dict:
     start = time.perf_counter()
-    H = hesse.HessianOperator(pb64.model, pb64.loss_fn, (pb64.X, pb64.y))
+    H = hesse_operator(pb64)
     r = hesse.eigenvalues(H, k=2, tol=1e-12, max_iter=300, seed=0)
     if not r.success:
         raise RuntimeError(f"the reference eigenvalue did not converge: {r.message}")

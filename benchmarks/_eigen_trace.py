@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 import hesse
-from _eigen_top import hesse_op
 from _harness import print_table, quartiles, rotations, timed
-from _models import Problem
+from _models import Problem, hesse_operator
 from _peers import (
     CURVLINOPS,
     PYHESSIAN,
@@ -63,7 +62,7 @@ def reference_trace(pb64: Problem) -> dict:
     idx = torch.randperm(diag.numel(), generator=g)[:16]
     E = torch.zeros(diag.numel(), idx.numel(), dtype=torch.float64)
     E[idx, torch.arange(idx.numel())] = 1.0
-    H = hesse.HessianOperator(pb64.model, pb64.loss_fn, (pb64.X, pb64.y))
+    H = hesse_operator(pb64)
     exact = (H @ E)[idx, torch.arange(idx.numel())]
     coord_err = float((exact - diag[idx]).abs().max() / exact.abs().max())
     if not (small_err < 1e-10 and coord_err < 1e-8):
@@ -89,7 +88,7 @@ class TraceRun:
 
 def hesse_trace(method: str) -> Callable[[Problem, int, int], TraceRun]:
     def fn(pb: Problem, seed: int, budget: int) -> TraceRun:
-        r = hesse.trace(hesse_op(pb), method, num_matvecs=budget, seed=seed)
+        r = hesse.trace(hesse_operator(pb), method, num_matvecs=budget, seed=seed)
         return TraceRun(r.estimate, r.matvecs, r.stderr)
 
     return fn

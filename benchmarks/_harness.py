@@ -1,15 +1,12 @@
 """What every benchmark shares: timing, memory meters, the machine it ran on, tables and
-result files. The method is in ``benchmarks/README.md``; this module is its code.
+result files. The method is in ``benchmarks/README.md``; this module is its code (the
+memory meters are in ``_memory.py``).
 
 * **Timing.** :func:`time_calls` times several calls side by side: after warm-up, each round
   runs every call once, in a new random order, so that a slow drift of a shared machine
   hits all of them alike; :func:`timed` times one call; :func:`rotations` gives the
   rotating order of interleaved runs that take seconds each. Every clock is
   ``time.perf_counter``, with ``torch.cuda.synchronize`` around the call on CUDA.
-  :func:`time_limit` stops a run that takes too long.
-* **Memory.** :func:`rss_peak_meter` (growth of the peak resident set size, CPU) and
-  :func:`cuda_extra_peak` (the allocator's peak); :func:`run_worker` runs a measurement in
-  a fresh process and reads the JSON it prints.
 * **Metadata.** :func:`machine` is the common header of every result file (date, git
   commit, versions, processor, threads, device, load average at the start);
   :func:`finish` adds the load average at the end and the total time;
@@ -21,8 +18,6 @@ result files. The method is in ``benchmarks/README.md``; this module is its code
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import datetime
 import gc
 import importlib.metadata
@@ -31,11 +26,8 @@ import math
 import os
 import platform
 import random
-import resource
-import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -129,89 +121,6 @@ def quartiles(xs: Sequence[float]) -> list[float]:
         return [xs[0], xs[0]]
     q1, _, q3 = statistics.quantiles(xs, n=4)
     return [q1, q3]
-
-
-class RunTimeout(BaseException):
-    """A run's wall-clock limit passed. A BaseException, so that no solver's ``except
-    Exception`` swallows it."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`RunTimeout` in the main thread after ``seconds`` (between bytecodes: a
-    long C call finishes first). Unix only (``SIGALRM``)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RunTimeout
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-# -- memory ---------------------------------------------------------------------------------
-
-
-def cuda_extra_peak(call: Call) -> int:
-    """Bytes allocated at the peak of 3 calls, beyond what was allocated before them."""
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    for _ in range(3):
-        out = call()
-        del out
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _max_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
-
-
-def rss_peak_meter() -> Callable[[], int]:
-    """A function returning the growth of the peak RSS from now on. On Linux the peak
-    (VmHWM) is reset here, so that the peaks of imports and set-up do not hide the call's;
-    elsewhere it falls back to ru_maxrss, which cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_bytes("VmRSS")
-        return lambda: _status_bytes("VmHWM") - before
-    except OSError:
-        before = _max_rss_bytes()
-        return lambda: _max_rss_bytes() - before
-
-
-def malloc_trim() -> None:
-    """Hand freed heap memory back to the system (glibc), so that a baseline resident size
-    holds no free memory that the measured call would reuse unseen."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def run_worker(cmd: list[str], env: dict[str, str], what: str) -> Any:
-    """Run ``cmd`` (a fresh Python process) and return the JSON on the last line of its
-    output, or None (and print why on stderr) if it failed."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        print(f"  {what} failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
-        return None
 
 
 # -- metadata -------------------------------------------------------------------------------
@@ -317,12 +226,17 @@ def print_header(meta: dict, busy: float = 0.5) -> None:
 # -- tables ---------------------------------------------------------------------------------
 
 
+def spec_width(spec: str) -> int:
+    """The width a format spec asks for (``"<24"``: 24, ``"8.3f"``: 8, ``".2e"``: 0)."""
+    digits = "".join(ch for ch in spec.lstrip("<>^").split(".")[0] if ch.isdigit())
+    return int(digits) if digits else 0
+
+
 def fmt(x: Any, spec: str) -> str:
     """``format(x, spec)``, or a dash as wide as the spec asks where there is no number
     (None or nan)."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
-        width = "".join(ch for ch in spec.lstrip("<>^").split(".")[0] if ch.isdigit())
-        return "-".rjust(int(width) if width else 1)
+        return "-".rjust(max(spec_width(spec), 1))
     return format(x, spec)
 
 
@@ -332,10 +246,7 @@ def print_table(
     """Print ``title``, a header, a rule and one line per row. ``columns``: (heading, format
     spec) pairs such as ``("method", "<24")`` or ``("seconds", "8.3f")``; a cell that is
     None or nan prints as a dash, a string in a numeric column is right-aligned."""
-    widths = []
-    for head, spec in columns:
-        digits = "".join(ch for ch in spec.lstrip("<>^").split(".")[0] if ch.isdigit())
-        widths.append(max(len(head), int(digits) if digits else 0))
+    widths = [max(len(head), spec_width(spec)) for head, spec in columns]
 
     def cell(x: Any, spec: str, width: int) -> str:
         left = spec.startswith("<")

@@ -22,8 +22,14 @@ import torch
 from torch import Tensor
 
 import hesse
-from _harness import RunTimeout, time_limit
-from _peers import ScipyObjective, scipy_minimize, torch_lbfgs, torchmin_minimize
+from _solvers import (
+    RunTimeout,
+    ScipyObjective,
+    scipy_minimize,
+    time_limit,
+    torch_lbfgs,
+    torchmin_minimize,
+)
 from hesse._minimize import METHODS as HESSE_METHOD_NAMES
 from hesse.problems import FUNCTIONS, ClassicFunction
 

@@ -73,6 +73,12 @@ def float64_problem(pb: Problem) -> Problem:
     return Problem(pb.name, model, pb.loss_fn, pb.X.double(), pb.y, params, pb.v.double(), [])
 
 
+def hesse_operator(pb: Problem, kind: str = "H") -> hesse.CurvatureOperator:
+    """hesse's Hessian (``kind="H"``) or GGN of the problem's loss on its batch."""
+    op = hesse.HessianOperator if kind == "H" else hesse.GGNOperator
+    return op(pb.model, pb.loss_fn, (pb.X, pb.y))
+
+
 def flat(out: Any) -> Tensor:
     """A product's result as one flat tensor (it may come as a list of tensors)."""
     if isinstance(out, Tensor):

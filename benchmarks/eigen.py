@@ -56,8 +56,9 @@ The full run takes 5 to 6 minutes on 2 threads (the exact trace alone 10 to 30 s
 ``--quick`` (2 seeds, budgets 30 and 90) about a minute and a half. The figures go to
 ``benchmarks/results/eigen_cpu.json`` (``_quick`` appended for ``--quick``).
 
-The code: ``_eigen_top.py`` (the top eigenvalue: methods, tuning, verdict) and
-``_eigen_trace.py`` (the trace); the peers' adapters and counters are in ``_peers.py``.
+The code: ``_eigen_top_methods.py`` and ``_eigen_top.py`` (the top eigenvalue: the methods;
+the reference, tuning, rounds and verdict) and ``_eigen_trace.py`` (the trace); the peers'
+adapters and counters are in ``_peers.py``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,14 @@ import torch
 import _eigen_top as top
 import _eigen_trace as trace
 from _harness import RESULTS, finish, machine, print_header, version, write_json
-from _models import Problem, float64_problem, make_problem, references, rel_error
+from _models import (
+    Problem,
+    float64_problem,
+    hesse_operator,
+    make_problem,
+    references,
+    rel_error,
+)
 from _peers import (
     CURVATURE_PEERS,
     Counter,
@@ -92,7 +100,7 @@ def check_products(pb: Problem) -> dict[str, float]:
     ref = references(pb)["H"]
     counter = Counter()
     out = {
-        "hesse": top.hesse_op(pb).linearize() @ pb.v,
+        "hesse": hesse_operator(pb).linearize() @ pb.v,
         "eigenthings": eigenthings_hessian(pb, counter).matvec(pb.v),
         "curvlinops": curvlinops_hessian(pb, counter) @ pb.v,
     }

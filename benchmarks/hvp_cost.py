@@ -40,221 +40,29 @@ The figures go to ``benchmarks/results/hvp_cost_<device>.json`` (``_quick`` appe
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
 import statistics
 import sys
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor
 
-import hesse
 from _harness import (
     RESULTS,
-    cuda_extra_peak,
+    Call,
     finish,
     machine,
     print_header,
     print_table,
-    rss_peak_meter,
-    run_worker,
+    quartiles,
     time_calls,
     write_json,
 )
-from _models import Problem, make_problem, references, rel_error
-from _peers import (
-    BACKPACK,
-    CURVATURE_PEERS,
-    CURVLINOPS,
-    EIGENTHINGS,
-    PYHESSIAN,
-    backpack_ggnvp,
-    backpack_hvp,
-    curvlinops_operator,
-    eigenthings_operator,
-    pyhessian_hessian,
-)
+from _hvp_cost_methods import BY_KEY, TOLERANCE, prepare
+from _memory import cpu_memory_note, cuda_extra_peak, fresh_process_peak, print_worker_peak
+from _models import make_problem, references
+from _peers import CURVATURE_PEERS
 
-TOLERANCE = 1e-4
-CPU_MEMORY_NOTE = (
-    "CPU memory is RSS-based and coarse: the growth of the peak resident set size of a fresh "
-    "process per method over 3 calls after its set-up and one warm-up call (peak reset through "
-    "/proc/self/clear_refs on Linux, else ru_maxrss); it counts whole pages."
-)
-
-
-# -- methods: each factory does the set-up and returns the call to time -------------------
-
-Call = Callable[[], Any]
-
-
-def gradient(pb: Problem) -> Call:
-    return lambda: torch.autograd.grad(pb.loss_fn(pb.model(pb.X), pb.y), pb.params)
-
-
-def hesse_hvp(mode: str) -> Callable[[Problem], Call]:
-    def factory(pb: Problem) -> Call:
-        H = hesse.HessianOperator(pb.model, pb.loss_fn, (pb.X, pb.y), mode=mode)
-        return lambda: H @ pb.v
-
-    return factory
-
-
-def hesse_operator(pb: Problem, kind: str) -> hesse.CurvatureOperator:
-    op = hesse.HessianOperator if kind == "H" else hesse.GGNOperator
-    return op(pb.model, pb.loss_fn, (pb.X, pb.y))
-
-
-def hesse_ggn(pb: Problem) -> Call:
-    G = hesse_operator(pb, "GGN")
-    return lambda: G @ pb.v
-
-
-def hesse_linearized(kind: str) -> Callable[[Problem], Call]:
-    def factory(pb: Problem) -> Call:
-        op = hesse_operator(pb, kind).linearize()
-        return lambda: op @ pb.v
-
-    return factory
-
-
-def hesse_linearize_cost(kind: str) -> Callable[[Problem], Call]:
-    def factory(pb: Problem) -> Call:
-        op = hesse_operator(pb, kind)
-        return op.linearize
-
-    return factory
-
-
-def plain_hvp(pb: Problem) -> Call:
-    def call() -> Any:
-        loss = pb.loss_fn(pb.model(pb.X), pb.y)
-        g = torch.autograd.grad(loss, pb.params, create_graph=True)
-        return torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list)
-
-    return call
-
-
-def plain_hvp_cached(pb: Problem) -> Call:
-    loss = pb.loss_fn(pb.model(pb.X), pb.y)
-    g = torch.autograd.grad(loss, pb.params, create_graph=True)
-    return lambda: torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list, retain_graph=True)
-
-
-def pyhessian_hvp(pb: Problem) -> Call:
-    from pyhessian.utils import hessian_vector_product
-
-    hc = pyhessian_hessian(pb.model, pb.loss_fn, (pb.X, pb.y))
-    return lambda: hessian_vector_product(hc.gradsH, hc.params, pb.v_list)
-
-
-def pyhessian_construction(pb: Problem) -> Call:
-    return lambda: pyhessian_hessian(pb.model, pb.loss_fn, (pb.X, pb.y))
-
-
-def curvlinops_op(kind: str) -> Callable[[Problem], Call]:
-    def factory(pb: Problem) -> Call:
-        op = curvlinops_operator(kind, pb.model, pb.loss_fn, pb.params, pb.X, pb.y)
-        return lambda: op @ pb.v
-
-    return factory
-
-
-def eigenthings_op(kind: str) -> Callable[[Problem], Call]:
-    def factory(pb: Problem) -> Call:
-        op = eigenthings_operator(kind, pb.model, pb.loss_fn, pb.X, pb.y)
-        return lambda: op.matvec(pb.v)
-
-    return factory
-
-
-def backpack_op(kind: str) -> Callable[[Problem], Call]:
-    product = backpack_hvp if kind == "H" else backpack_ggnvp
-    return lambda pb: lambda: product(pb.model, pb.loss_fn, pb.X, pb.y, pb.v_list)
-
-
-@dataclass(frozen=True)
-class Method:
-    key: str
-    label: str
-    kind: str  # "grad", "H", "GGN" (checked against the reference) or "setup"
-    factory: Callable[[Problem], Call]
-    package: str | None = None  # the peer's distribution, if any
-
-
-RoR, FoR = "reverse-over-reverse", "forward-over-reverse"
-PYH, CURV, EIG, BP = PYHESSIAN, CURVLINOPS, EIGENTHINGS, BACKPACK
-METHODS = [
-    Method("gradient", "gradient (forward + backward)", "grad", gradient),
-    Method("hesse-ror", "hesse H @ v, rev-over-rev", "H", hesse_hvp(RoR)),
-    Method("hesse-for", "hesse H @ v, fwd-over-rev", "H", hesse_hvp(FoR)),
-    Method("hesse-lin", "hesse H.linearize() @ v", "H", hesse_linearized("H")),
-    Method("plain", "double backward", "H", plain_hvp),
-    Method("plain-cached", "double backward, cached grad graph", "H", plain_hvp_cached),
-    Method("pyhessian", "PyHessian hvp, cached grad graph", "H", pyhessian_hvp, PYH),
-    Method("curvlinops-h", "curvlinops Hessian @ v", "H", curvlinops_op("H"), CURV),
-    Method("eigenthings-h", "eigenthings Hessian matvec", "H", eigenthings_op("H"), EIG),
-    Method("backpack-h", "BackPACK hvp", "H", backpack_op("H"), BP),
-    Method("hesse-ggn", "hesse G @ v", "GGN", hesse_ggn),
-    Method("hesse-ggn-lin", "hesse G.linearize() @ v", "GGN", hesse_linearized("GGN")),
-    Method("curvlinops-ggn", "curvlinops GGN @ v", "GGN", curvlinops_op("GGN"), CURV),
-    Method("eigenthings-ggn", "eigenthings GGN matvec", "GGN", eigenthings_op("GGN"), EIG),
-    Method("backpack-ggn", "BackPACK ggnvp", "GGN", backpack_op("GGN"), BP),
-    Method("hesse-lin-cost", "hesse H.linearize() itself", "setup", hesse_linearize_cost("H")),
-    Method(
-        "hesse-ggn-lin-cost", "hesse G.linearize() itself", "setup", hesse_linearize_cost("GGN")
-    ),
-    Method("pyhessian-ctor", "PyHessian construction", "setup", pyhessian_construction, PYH),
-]
-BY_KEY = {m.key: m for m in METHODS}
-
-
-# -- set-up and correctness -----------------------------------------------------------------
-
-
-def check_method(m: Method, pb: Problem, refs: dict[str, Tensor]) -> tuple[Call | None, dict]:
-    """Set one method up and check its first product. Returns the call to time (None if it
-    is missing, fails or is wrong) and its row of results; warnings go into the note (a
-    fallback to another algorithm, say)."""
-    row = {"key": m.key, "label": m.label, "kind": m.kind, "package": m.package}
-    row.update(status="ok", note="", rel_error=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            call = m.factory(pb)
-            out = call()
-        except ImportError as e:
-            return None, {**row, "status": "skipped", "note": f"not installed ({e.name or e})"}
-        except Exception as e:  # a peer's API may have moved: report, do not crash
-            return None, {**row, "status": "failed", "note": f"{type(e).__name__}: {e}"[:200]}
-    messages = dict.fromkeys(
-        str(w.message).splitlines()[0]
-        for w in caught
-        if m.package is None and not issubclass(w.category, DeprecationWarning)
-    )
-    row["note"] = "; ".join(f"warned: {text}" for text in messages)[:300]
-    if m.kind in refs:
-        row["rel_error"] = err = rel_error(out, refs[m.kind])
-        if not err < TOLERANCE:  # also catches nan
-            return None, {**row, "status": "wrong", "note": f"rel. error {err:.1e} > {TOLERANCE:g}"}
-    return call, row
-
-
-def prepare(pb: Problem, refs: dict[str, Tensor]) -> tuple[dict[str, Call], dict[str, dict]]:
-    """Set up and check every method: the calls to time, and a row of results per method."""
-    calls: dict[str, Call] = {}
-    rows: dict[str, dict] = {}
-    for m in METHODS:
-        call, rows[m.key] = check_method(m, pb, refs)
-        if call is not None:
-            calls[m.key] = call
-    return calls, rows
+CPU_MEMORY_NOTE = cpu_memory_note("method")
 
 
 # -- memory -------------------------------------------------------------------------------
@@ -267,23 +75,7 @@ def memory_worker(key: str, model: str, device: torch.device) -> int:
     call = BY_KEY[key].factory(pb)
     call()  # the result is dropped at once
     pb.model.zero_grad(set_to_none=True)  # the graph PyHessian's construction left in .grad
-    gc.collect()
-    growth = rss_peak_meter()
-    for _ in range(3):
-        out = call()
-        del out
-    print(json.dumps({"bytes": growth()}))
-    return 0
-
-
-def cpu_extra_peak(key: str, model: str, threads: int) -> int | None:
-    cmd = [sys.executable, __file__, "--memory-worker", key, "--models", model]
-    cmd += ["--device", "cpu", "--threads", str(threads)]
-    # Large blocks straight from mmap, so that freed memory leaves the RSS at once and the
-    # set-up's transient peaks do not hide the call's.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    out = run_worker(cmd, env, f"memory worker {key}")
-    return None if out is None else int(out["bytes"])
+    return print_worker_peak(call)
 
 
 def measure_memory(
@@ -291,7 +83,7 @@ def measure_memory(
 ) -> dict[str, int | None]:
     if device.type == "cuda":
         return {k: cuda_extra_peak(call) for k, call in calls.items()}
-    return {k: cpu_extra_peak(k, model, threads) for k in calls}
+    return {k: fresh_process_peak(__file__, k, ["--models", model], threads) for k in calls}
 
 
 # -- summary and report ---------------------------------------------------------------------
@@ -304,12 +96,11 @@ def summarise(
     grad_t, grad_m = times["gradient"], memory.get("gradient")
     for key, ts in times.items():
         ratios = [t / g for t, g in zip(ts, grad_t)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         mem = memory.get(key)
         rows[key].update(
             median_ms=1e3 * statistics.median(ts),
             ratio=statistics.median(ratios),
-            ratio_quartiles=[q1, q3],
+            ratio_quartiles=quartiles(ratios),
             times_ms=[round(1e3 * t, 4) for t in ts],
             memory_bytes=mem,
             memory_ratio=mem / grad_m if mem is not None and grad_m else None,

@@ -67,210 +67,31 @@ for _i, _a in enumerate(sys.argv):  # before numpy loads OpenBLAS: its thread co
 os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_THREADS))
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
 
-import hesse  # noqa: E402
 from hesse.problems import synthetic_logistic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, finish, fmt, machine, print_header, print_table, write_json  # noqa: E402
-from _peers import (  # noqa: E402
-    Reached,
-    ScipyObjective,
-    Watch,
-    guarded_run,
-    hesse_minimize,
-    scipy_minimize,
-    sklearn_logistic,
-    torch_lbfgs,
-)
+from _logistic import TARGET, Logistic, checked_run, rank_by_best_peer  # noqa: E402
+from _logistic_solvers import SEQUENTIAL_LADDER, SOLVERS, Solver  # noqa: E402
 
-TARGET = 1e-6
 D = 100
-
-
-@dataclass
-class Logistic:
-    """``f(x) = mean BCE(X w + b, y) + l2/2 |w|^2`` with ``x = [w; b]``."""
-
-    name: str
-    problem: hesse.problems.Problem
-    X: Tensor
-    y: Tensor
-    Xn: np.ndarray
-    yn: np.ndarray
-    l2: float
-    g0: float = math.nan
-    f0: float = math.nan
-
-    @property
-    def P(self) -> int:
-        return self.X.shape[1] + 1
-
-    def fun(self, x: Tensor) -> Tensor:
-        w, b = x[:-1], x[-1]
-        z = self.X @ w + b
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            z, self.y
-        ) + 0.5 * self.l2 * torch.dot(w, w)
-
-    def value_grad(self, x: Tensor) -> tuple[float, Tensor]:
-        with torch.enable_grad():
-            x = x.detach().clone().requires_grad_()
-            f = self.fun(x)
-            (g,) = torch.autograd.grad(f, x)
-        return float(f.detach()), g
-
-    @property
-    def target(self) -> float:
-        return TARGET * self.g0
-
-    def zeros(self) -> Tensor:
-        return torch.zeros(self.P, dtype=torch.float64)
 
 
 def make(name: str, n: int) -> Logistic:
     p = synthetic_logistic(n, D, features=name, seed=0)
     X, y = p.train
-    lg = Logistic(name, p, X, y[:, 0].contiguous(), X.numpy(), y[:, 0].numpy(), p.l2)
-    lg.f0, g = lg.value_grad(torch.zeros(lg.P, dtype=torch.float64))
-    lg.g0 = float(g.norm())
-    return lg
-
-
-# -- solvers: each returns (x, info) ---------------------------------------------------------
-Fn = Callable[[Logistic, Any], tuple[Tensor, dict]]
-
-
-def scipy_lbfgsb(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-    watch = Watch(lg.target)
-    opts = {"maxcor": setting, "gtol": 0.0, "ftol": 0.0, "maxiter": 10**6, "maxfun": 10**6}
-    x, info = scipy_minimize(ScipyObjective(lg.fun, watch=watch), lg.zeros(), "L-BFGS-B", opts)
-    return x, {"nfev": watch.nfev, **({"status": info["message"]} if "message" in info else {})}
-
-
-def sklearn_solver(solver: str) -> Fn:
-    def fn(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-        return sklearn_logistic(lg.Xn, lg.yn, solver, 1.0, setting * lg.target, True, 10**6)
-
-    return fn
-
-
-def lbfgs(lg: Logistic, setting: Any) -> tuple[Tensor, dict]:
-    watch = Watch(lg.target)
-    return torch_lbfgs(lg.fun, lg.zeros(), setting, 0.0, 10**6, 10**7, watch=watch)
-
-
-def hesse_min(method: str) -> Fn:
-    return lambda lg, setting: hesse_minimize(lg.fun, lg.zeros(), method, TARGET)
-
-
-def hesse_subsampled(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
-    p = lg.problem
-    model = p.make_model()
-    X, y = p.train
-    opt = hesse.optim.SubsampledNewton(
-        model.parameters(),
-        model=model,
-        loss_fn=p.loss_fn,
-        l2=p.l2,
-        curvature="ggn",
-        max_iter=10**4,
-        **setting,
-    )
-    watch = Watch(lg.target)
-
-    def flat() -> Tensor:
-        return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = p.loss_fn(model(X), y) + p.regularizer(model)
-        loss.backward()
-        watch.check(flat(), torch.cat([model.weight.grad.reshape(-1), model.bias.grad]))
-        return loss
-
-    try:
-        opt.step(closure, batch=(X, y))
-        x = flat()
-    except Reached:
-        x = watch.x
-    st = opt.global_state()
-    return x, {
-        "nfev": watch.nfev,
-        "nit": st.get("step"),
-        "final_subsample": st.get("subsample_size"),
-    }
-
-
-def hesse_finite_sum(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
-    """``hesse.minimize(FiniteSum, method="subsampled-newton")``: the problem's own
-    objective (:meth:`hesse.problems.Problem.objective`, closed-form subsampled Hessian),
-    hesse's own test is the target."""
-    p = lg.problem
-    fs, w0 = p.objective(p.make_model(), batch_size=setting.get("batch_size"))
-    options = {k: v for k, v in setting.items() if k != "batch_size"}
-    r = hesse.minimize(
-        fs,
-        torch.zeros_like(w0),
-        "subsampled-newton",
-        options={"gtol": 0.0, "grad_rtol": TARGET, "norm": 2, **options},
-    )
-    return r.x, {"nit": r.nit, "nfev": r.nfev, "nhev": r.nhev, "status": r.status}
-
-
-@dataclass(frozen=True)
-class Solver:
-    key: str
-    library: str
-    fn: Fn
-    settings: tuple = (None,)
-    setting_name: str = ""
-
-
-SN_SETTINGS = (  # the subsample at the start, its growth with the gradient, its cap
-    {"subsample": 0.01, "subsample_growth": 0.5, "subsample_max": 0.05},
-    {"subsample": 0.01, "subsample_growth": 0.5, "subsample_max": 0.1},
-    {"subsample": 0.02, "subsample_growth": 0.5, "subsample_max": 0.25},
-)
-FS_SETTINGS = tuple({**s, "batch_size": b} for s in SN_SETTINGS for b in (None, 8192))
-SOLVERS = [
-    Solver("scipy:L-BFGS-B", "scipy", scipy_lbfgsb, (10, 30), "maxcor"),
-    Solver("sklearn:lbfgs", "sklearn", sklearn_solver("lbfgs"), (1.0, 1 / 3, 0.1), "tol/target"),
-    Solver(
-        "sklearn:newton-cg",
-        "sklearn",
-        sklearn_solver("newton-cg"),
-        (1.0, 1 / 3, 0.1),
-        "tol/target",
-    ),
-    Solver("torch.optim:LBFGS", "torch", lbfgs, (10, 100), "history_size"),
-    Solver("hesse:l-bfgs", "hesse", hesse_min("l-bfgs")),
-    Solver("hesse:newton-cg", "hesse", hesse_min("newton-cg")),
-    Solver("hesse:trust-ncg", "hesse", hesse_min("trust-ncg")),
-    Solver("hesse:subsampled-newton", "hesse", hesse_subsampled, SN_SETTINGS, "setting"),
-    Solver("hesse:minimize-ssn", "hesse", hesse_finite_sum, FS_SETTINGS, "setting"),
-]
-SEQUENTIAL_LADDER = ("sklearn:lbfgs", "sklearn:newton-cg")  # loosest first: stop at success
+    return Logistic(name, X, y[:, 0].contiguous(), p.l2, intercept=True, problem=p)
 
 
 def run(s: Solver, lg: Logistic, setting: Any, limit: float) -> dict:
     """One run, timed end to end, then checked (outside the time) on our own f."""
-    x, rec = guarded_run(lambda: s.fn(lg, setting), limit)
-    if x is None:
-        return rec
-    f, g = lg.value_grad(x.to(torch.float64))
-    rel = float(g.norm()) / lg.g0
-    return {"ok": rel <= TARGET * (1 + 1e-9), "rel_grad": rel, "f": f, **rec}
+    return checked_run(lambda: s.fn(lg, setting), lg, limit, slack=1e-9)
 
 
 def run_problem(lg: Logistic, solvers: list[Solver], args: argparse.Namespace) -> dict:
@@ -311,16 +132,9 @@ def run_problem(lg: Logistic, solvers: list[Solver], args: argparse.Namespace) -
             f"  {s.key:<26} {fmt(rows[s.key]['seconds'], '8.3f')} s  setting {best['setting']}",
             flush=True,
         )
-    peers = [k for k, r in rows.items() if r["library"] != "hesse" and r["seconds"] is not None]
     mine = [k for k, r in rows.items() if r["library"] == "hesse" and r["seconds"] is not None]
-    best_peer = min(peers, key=lambda k: rows[k]["seconds"]) if peers else None
+    best_peer = rank_by_best_peer(rows)
     best_hesse = min(mine, key=lambda k: rows[k]["seconds"]) if mine else None
-    for r in rows.values():
-        r["ratio_to_best_peer"] = (
-            r["seconds"] / rows[best_peer]["seconds"]
-            if best_peer and r["seconds"] is not None
-            else None
-        )
     report(lg, rows, args.rounds)
     summary = {
         "best_peer": best_peer,

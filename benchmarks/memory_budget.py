@@ -31,7 +31,7 @@ oneDNN creates its kernels on first use, which costs seconds), collects garbage,
 heap memory back (``malloc_trim``), resets the peak, then runs the eigenvalue once: the
 seconds are its wall time (operator construction, linearisation and every product), the
 memory the growth of the peak resident set size over the resident size before it
-(``_harness.rss_peak_meter``: VmHWM reset through ``/proc/self/clear_refs``; glibc's
+(``_memory.rss_peak_meter``: VmHWM reset through ``/proc/self/clear_refs``; glibc's
 default allocator settings, i.e. what a user's process gets); on CUDA the growth of
 ``torch.cuda.max_memory_allocated``. With ``--repeats`` the figures are medians over repeats
 (the configurations in a rotating order).
@@ -53,169 +53,29 @@ The figures go to ``benchmarks/results/memory_budget.json`` (``_cuda`` appended 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
-import hesse
-from _harness import (
-    RESULTS,
-    finish,
-    fmt,
-    machine,
-    malloc_trim,
-    print_header,
-    print_table,
-    rotations,
-    rss_peak_meter,
-    run_worker,
-    write_json,
+from _harness import RESULTS, finish, machine, print_header, rotations, write_json
+from _memory import run_worker
+from _memory_budget_report import MiB, median_run, print_verdicts, report, verdicts
+from _memory_budget_runs import (
+    BATCH,
+    CONFIGS,
+    TOL,
+    check_product,
+    make_problem,
+    params_count,
+    worker,
 )
-from _peers import PYHESSIAN, patched, pyhessian_hessian
+from _peers import PYHESSIAN
 
-BATCH = 128
-TOL = 1e-3  # relative tolerance of the top eigenvalue, both libraries
-HVP_TOLERANCE = 1e-4  # hesse's product against PyHessian's
-AGREE_PEER = 1e-2  # hesse's eigenvalue against PyHessian's (relative)
-AGREE_BUDGETS = 1e-5  # hesse's eigenvalues under different budgets (relative)
-MiB = 2**20
-BUDGET_256M = 256 * MiB
-CONFIGS = {  # key -> (label, HESSE_MEMORY_BUDGET: None unset, "" for PyHessian)
-    "hesse_default": ("hesse default", None),
-    "hesse_256M": ("hesse 256M", "256M"),
-    "hesse_0": ("hesse 0", "0"),
-    "pyhessian": ("PyHessian", ""),
-}
-
-# -- problem ----------------------------------------------------------------------------
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
-
-
-def make_problem(n: int, device: torch.device) -> tuple[nn.Module, DataLoader]:
-    """The model in eval mode, its BatchNorm statistics averaged over the data, and the
-    loader (tensors on ``device``)."""
-    model = make_model().to(device)
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(n, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (n,), generator=g).to(device)
-    loader = DataLoader(TensorDataset(X, y), batch_size=BATCH, shuffle=False)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # a cumulative average over the batches
-    model.train()
-    with torch.no_grad():
-        for xb, _ in loader:
-            model(xb)
-    return model.eval(), loader
-
-
-def params_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# -- the two libraries ------------------------------------------------------------------
-
-
-def hesse_eigen(model: nn.Module, loader: Any) -> dict:
-    """Top eigenvalue with hesse; what ``linearize()`` kept is read as it is built."""
-    seen: list[dict] = []
-    init = hesse.LinearizedCurvature.__init__
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        seen.append(
-            {
-                "memory_budget": self.memory_budget,
-                "cached_batches": self.cached_batches,
-                "cached_bytes": self.cached_bytes,
-                "recomputed": self.recomputed,
-            }
-        )
-
-    with patched(hesse.LinearizedCurvature, "__init__", spy):
-        H = hesse.HessianOperator(model, nn.CrossEntropyLoss(), loader)
-        r = hesse.eigenvalues(H, k=1, tol=TOL, seed=0)
-    theta = float(r.eigenvalues[0])
-    return {
-        "eigenvalue": theta,
-        "products": r.matvecs,
-        "status": str(r.status),
-        "certified_rel_error": float(r.residuals[0]) / abs(theta),
-        **(seen[-1] if seen else {}),
-    }
-
-
-def pyhessian_eigen(model: nn.Module, loader: Any) -> dict:
-    torch.manual_seed(0)
-    hc = pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=loader)
-    count = [0]
-    fn = hc.dataloader_hv_product
-
-    def counted(v: Any) -> Any:
-        count[0] += 1
-        return fn(v)
-
-    hc.dataloader_hv_product = counted
-    values, _ = hc.eigenvalues(top_n=1, tol=TOL)
-    model.zero_grad(set_to_none=True)
-    return {"eigenvalue": float(values[0]), "products": count[0]}
-
-
-def one_batch_warmup(key: str, model: nn.Module, loader: DataLoader) -> None:
-    """One product of the configuration's library on one batch (kernels, lazy imports)."""
-    batch = [next(iter(loader))]
-    if key == "pyhessian":
-        hc = pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=batch)
-        hc.dataloader_hv_product([torch.randn_like(p) for p in hc.params])
-    else:
-        H = hesse.HessianOperator(model, nn.CrossEntropyLoss(), batch)
-        H.linearize() @ torch.randn(H.shape[0], device=H.device)
-    model.zero_grad(set_to_none=True)
-
-
-# -- one configuration in a fresh process -------------------------------------------------
-
-
-def peak_meter(device: torch.device) -> Callable[[], int]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        return lambda: torch.cuda.max_memory_allocated() - base
-    return rss_peak_meter()
-
-
-def worker(key: str, n: int, device: torch.device) -> dict:
-    model, loader = make_problem(n, device)
-    one_batch_warmup(key, model, loader)
-    run = pyhessian_eigen if key == "pyhessian" else hesse_eigen
-    gc.collect()
-    malloc_trim()
-    growth = peak_meter(device)
-    start = time.perf_counter()
-    out = run(model, loader)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "extra_peak_bytes": growth(), **out}
+# -- one configuration in a fresh process ----------------------------------------------
 
 
 def spawn(key: str, n: int, args: argparse.Namespace) -> dict | None:
@@ -228,149 +88,6 @@ def spawn(key: str, n: int, args: argparse.Namespace) -> dict | None:
     if budget:
         env["HESSE_MEMORY_BUDGET"] = budget
     return run_worker(cmd, env, f"worker {key} at {n}")
-
-
-# -- checks and summary -----------------------------------------------------------------
-
-
-def check_product(device: torch.device) -> float:
-    """hesse's product against PyHessian's over the 512-sample problem (same Hessian)."""
-    model, loader = make_problem(512, device)
-    H = hesse.HessianOperator(model, nn.CrossEntropyLoss(), loader)
-    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3)).to(device)
-    hv = H @ v
-    hc = pyhessian_hessian(model, nn.CrossEntropyLoss(), dataloader=loader)
-    vs = list(v.split([p.numel() for p in hc.params]))
-    _, ref = hc.dataloader_hv_product([t.view_as(p) for t, p in zip(vs, hc.params)])
-    model.zero_grad(set_to_none=True)
-    ref_flat: Tensor = torch.cat([t.reshape(-1) for t in ref])
-    err = float((hv - ref_flat).norm() / ref_flat.norm())
-    if not err < HVP_TOLERANCE:
-        raise RuntimeError(f"hesse's product differs from PyHessian's: rel. error {err:.1e}")
-    return err
-
-
-def median_run(runs: list[dict]) -> dict:
-    row = dict(runs[0])
-    for k in ("seconds", "extra_peak_bytes"):
-        row[k] = statistics.median(r[k] for r in runs)
-    row["seconds_all"] = [round(r["seconds"], 3) for r in runs]
-    row["extra_peak_bytes_all"] = [r["extra_peak_bytes"] for r in runs]
-    return row
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
-
-
-def verdicts(results: dict[int, dict[str, dict]]) -> dict:
-    sizes = sorted(results)
-    per_size: dict[int, dict] = {}
-    for n in sizes:
-        rows, v = results[n], {}
-        pyh = rows.get("pyhessian")
-        lams = [rows[k]["eigenvalue"] for k in CONFIGS if k != "pyhessian" and k in rows]
-        if lams:
-            v["hesse_budgets_spread"] = (max(lams) - min(lams)) / abs(lams[0])
-            v["hesse_budgets_agree"] = v["hesse_budgets_spread"] <= AGREE_BUDGETS
-        if pyh and lams:
-            v["vs_pyhessian_rel"] = max(rel(lam, pyh["eigenvalue"]) for lam in lams)
-            v["agree_with_pyhessian"] = v["vs_pyhessian_rel"] <= AGREE_PEER
-        mid = rows.get("hesse_256M")
-        if pyh and mid:
-            limit = 1.2 * (pyh["extra_peak_bytes"] + BUDGET_256M)
-            v["memory_256M_limit_bytes"] = limit
-            v["memory_256M_met"] = mid["extra_peak_bytes"] <= limit
-            v["time_256M_ratio"] = mid["seconds"] / pyh["seconds"]
-            v["time_256M_met"] = v["time_256M_ratio"] <= 1.0
-        full = rows.get("hesse_default")
-        if pyh and full:
-            v["time_default_ratio"] = full["seconds"] / pyh["seconds"]
-            v["default_all_cached"] = not full.get("recomputed", True)
-            v["time_default_met"] = v["time_default_ratio"] <= 0.6
-        per_size[n] = v
-    mids = [
-        results[n]["hesse_256M"]["extra_peak_bytes"] for n in sizes if "hesse_256M" in results[n]
-    ]
-
-    def every(flag: str, where: Callable[[dict], bool] = lambda v: True) -> bool | None:
-        """Whether ``flag`` holds at every size that has it (None: no size has it)."""
-        got = [v[flag] for v in per_size.values() if flag in v and where(v)]
-        return all(got) if got else None
-
-    agree = [every("hesse_budgets_agree"), every("agree_with_pyhessian")]
-    summary = {
-        "memory_256M_met_every_size": every("memory_256M_met"),
-        "memory_256M_growth_largest_over_smallest": mids[-1] / mids[0] if len(mids) > 1 else None,
-        "time_256M_met_every_size": every("time_256M_met"),
-        "time_default_met_every_size": every(
-            "time_default_met", lambda v: v.get("default_all_cached", False)
-        ),
-        "eigenvalues_agree": None if None in agree else all(agree),
-    }
-    return {"per_size": per_size, **summary}
-
-
-def report(results: dict[int, dict[str, dict]], device: torch.device) -> None:
-    columns = [
-        ("N", "5d"),
-        ("configuration", "<14"),
-        ("extra MiB", "9.1f"),
-        ("s", "7.2f"),
-        ("x PyH", "6.2f"),
-        ("products", "8d"),
-        ("cached", ">7"),
-        ("eigenvalue", "12.7g"),
-        ("certified", "9.1e"),
-    ]
-    rows = []
-    for n in sorted(results):
-        pyh = results[n].get("pyhessian")
-        for key, r in results[n].items():
-            rows.append(
-                [
-                    n,
-                    CONFIGS[key][0],
-                    r["extra_peak_bytes"] / MiB,
-                    r["seconds"],
-                    r["seconds"] / pyh["seconds"] if pyh else None,
-                    r["products"],
-                    f"{r['cached_batches']}/{n // BATCH}" if "cached_batches" in r else "-",
-                    r["eigenvalue"],
-                    r.get("certified_rel_error"),
-                ]
-            )
-    what = "CUDA allocator" if device.type == "cuda" else "RSS"
-    print_table(
-        f"Top eigenvalue (tol {TOL:g}), extra peak memory ({what}) and wall time", columns, rows
-    )
-
-
-def print_verdicts(v: dict) -> None:
-    print("\nTargets")
-    for n, t in v["per_size"].items():
-        parts = []
-        if "memory_256M_met" in t:
-            limit = t["memory_256M_limit_bytes"] / MiB
-            parts.append(f"256M memory <= {limit:.0f} MiB: {t['memory_256M_met']}")
-            parts.append(f"256M time x{t['time_256M_ratio']:.2f} <= 1.0: {t['time_256M_met']}")
-        if "time_default_ratio" in t:
-            parts.append(
-                f"default time x{t['time_default_ratio']:.2f} <= 0.6: {t['time_default_met']}"
-                + ("" if t["default_all_cached"] else " (not all cached)")
-            )
-        if "hesse_budgets_spread" in t:
-            parts.append(f"budgets spread {t['hesse_budgets_spread']:.1e}")
-        if "vs_pyhessian_rel" in t:
-            parts.append(f"vs PyHessian {t['vs_pyhessian_rel']:.1e}")
-        print(f"  N={n}: " + "; ".join(parts))
-    g = v["memory_256M_growth_largest_over_smallest"]
-    print(
-        f"  256M memory at every size: {v['memory_256M_met_every_size']} (largest / smallest N: "
-        f"{fmt(g, '.2f')}); 256M time at every size: {v['time_256M_met_every_size']}; default "
-        f"time where all cached: {v['time_default_met_every_size']}; eigenvalues agree: "
-        f"{v['eigenvalues_agree']}"
-    )
 
 
 # -- driver -----------------------------------------------------------------------------

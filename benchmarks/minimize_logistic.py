@@ -26,7 +26,8 @@ Run (from the repository root, after ``make bench-deps``)::
     .venv/bin/python benchmarks/minimize_logistic.py            # a few minutes
     .venv/bin/python benchmarks/minimize_logistic.py --quick    # 10,000 samples, one round
 
-The peers' runners are in ``_peers.py`` (meant to be shared with ``logistic.py``).
+The peers' runners are in ``_solvers.py``, the problem and the checked runs in ``_logistic.py``
+(both shared with ``logistic.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,9 @@ from _harness import (
     rotations,
     write_json,
 )
-from _peers import (
+from _logistic import TARGET, Logistic, checked_run, rank_by_best_peer
+from _solvers import (
     ScipyObjective,
-    guarded_run,
     hesse_minimize,
     scipy_minimize,
     sklearn_logistic,
@@ -72,40 +73,7 @@ from _peers import (
 
 DEFAULT_THREADS = torch.get_num_threads()  # before the profile of minimize.py sets 1
 PEER_DISTS = ("scipy", "pytorch-minimize", "scikit-learn")
-LOGISTIC_TARGET = 1e-6
 LAM = 1e-3
-
-
-@dataclass
-class Logistic:
-    X: Tensor
-    y: Tensor
-    Xn: np.ndarray
-    yn: np.ndarray
-    g0_norm: float = field(init=False)
-    f0: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        f, g = self.value_grad(torch.zeros(self.n, dtype=torch.float64))
-        self.f0, self.g0_norm = f, float(g.norm())
-
-    @property
-    def n(self) -> int:
-        return self.X.shape[1]
-
-    def fun(self, w: Tensor) -> Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            self.X @ w, self.y
-        ) + 0.5 * LAM * torch.dot(w, w)
-
-    def value_grad(self, w: Tensor) -> tuple[float, Tensor]:
-        w = w.detach().to(torch.float64).clone().requires_grad_()
-        f = self.fun(w)
-        (g,) = torch.autograd.grad(f, w)
-        return float(f.detach()), g
-
-    def zeros(self) -> Tensor:
-        return torch.zeros(self.n, dtype=torch.float64)
 
 
 def make_logistic(n_samples: int) -> Logistic:
@@ -114,7 +82,7 @@ def make_logistic(n_samples: int) -> Logistic:
     X, y = make_classification(n_samples=n_samples, n_features=100, random_state=0)
     X = np.ascontiguousarray(X, dtype=np.float64)
     y = y.astype(np.float64)
-    return Logistic(torch.from_numpy(X), torch.from_numpy(y), X, y)
+    return Logistic("logistic", torch.from_numpy(X), torch.from_numpy(y), LAM, intercept=False)
 
 
 # -- the solvers: (problem, setting) -> (w, info) --------------------------------------------
@@ -123,7 +91,7 @@ LogFn = Callable[[Logistic, Any], tuple[Tensor, dict]]
 
 
 def lg_hesse(method: str) -> LogFn:
-    return lambda p, setting: hesse_minimize(p.fun, p.zeros(), method, LOGISTIC_TARGET)
+    return lambda p, setting: hesse_minimize(p.fun, p.zeros(), method, TARGET)
 
 
 def lg_scipy(method: str) -> LogFn:
@@ -134,9 +102,9 @@ def lg_scipy(method: str) -> LogFn:
         if method == "Newton-CG":
             opts["xtol"] = setting
         elif method == "trust-ncg":
-            opts["gtol"] = LOGISTIC_TARGET * p.g0_norm  # the target itself (2-norm)
+            opts["gtol"] = TARGET * p.g0  # the target itself (2-norm)
         else:  # L-BFGS-B: projected gradient's inf-norm; no test on f
-            opts.update(gtol=setting * p.g0_norm, ftol=0.0, maxfun=100000)
+            opts.update(gtol=setting * p.g0, ftol=0.0, maxfun=100000)
         w, info = scipy_minimize(obj, p.zeros(), method, opts, hessp=second)
         return w, {"nit": info["nit"], "nfev": info["nfev"], "status": info["message"]}
 
@@ -145,7 +113,7 @@ def lg_scipy(method: str) -> LogFn:
 
 def lg_torch_lbfgs(p: Logistic, setting: Any) -> tuple[Tensor, dict]:
     # tolerance_grad: on the gradient's inf-norm
-    return torch_lbfgs(p.fun, p.zeros(), 10, setting * p.g0_norm, max_iter=20000, max_eval=25000)
+    return torch_lbfgs(p.fun, p.zeros(), 10, setting * p.g0, max_iter=20000, max_eval=25000)
 
 
 def lg_torchmin(method: str) -> LogFn:
@@ -154,7 +122,7 @@ def lg_torchmin(method: str) -> LogFn:
             opts = {"xtol": setting}  # mean |step| per coordinate
         else:
             # no absolute tests on the step, f's change or the slope (see _minimize_runs)
-            opts = {"gtol": setting * p.g0_norm, "xtol": 0.0, "gtd_tol": 0.0, "history_size": 10}
+            opts = {"gtol": setting * p.g0, "xtol": 0.0, "gtd_tol": 0.0, "history_size": 10}
         w, info = torchmin_minimize(p.fun, p.zeros(), method, opts)
         return w, {"nit": info["nit"], "nfev": info["nfev"]}
 
@@ -165,7 +133,7 @@ def lg_sklearn(solver: str) -> LogFn:
     def fn(p: Logistic, setting: Any) -> tuple[Tensor, dict]:
         # tol: on the gradient's inf-norm (of the same f)
         C = 1.0 / (p.X.shape[0] * LAM)
-        tol = setting * p.g0_norm
+        tol = setting * p.g0
         return sklearn_logistic(p.Xn, p.yn, solver, C, tol, fit_intercept=False, max_iter=100000)
 
     return fn
@@ -206,12 +174,7 @@ LOG_SOLVERS = [
 def lg_run(s: LogSolver, p: Logistic, setting: Any, limit: float) -> dict:
     """One run, timed end to end, then checked (outside the time) on our f. A run over
     ``limit`` seconds is stopped and reported as such."""
-    w, rec = guarded_run(lambda: s.fn(p, setting), limit)
-    if w is None:
-        return rec
-    f, g = p.value_grad(w)
-    rel = float(g.norm()) / p.g0_norm
-    return {"ok": rel <= LOGISTIC_TARGET, "rel_grad": rel, "f": f, **rec}
+    return checked_run(lambda: s.fn(p, setting), p, limit)
 
 
 def run_logistic(args: argparse.Namespace) -> int:
@@ -226,7 +189,7 @@ def run_logistic(args: argparse.Namespace) -> int:
         "n_samples": n_samples,
         "n_features": 100,
         "lambda": LAM,
-        "target_rel_grad_2norm": LOGISTIC_TARGET,
+        "target_rel_grad_2norm": TARGET,
         "rounds": rounds,
         "time_limit_s": args.time_limit_logistic,
     }
@@ -235,7 +198,7 @@ def run_logistic(args: argparse.Namespace) -> int:
     p = make_logistic(n_samples)
     print(
         f"logistic regression: {n_samples} x 100, float64, lambda {LAM:g}; f(0) = {p.f0:.6f}, "
-        f"||g(0)||_2 = {p.g0_norm:.4e}; target ||g||_2 <= {LOGISTIC_TARGET:g} ||g(0)||_2"
+        f"||g(0)||_2 = {p.g0:.4e}; target ||g||_2 <= {TARGET:g} ||g(0)||_2"
     )
 
     # Calibration (also the warm-up): the loosest setting of each ladder that reaches it.
@@ -288,14 +251,7 @@ def run_logistic(args: argparse.Namespace) -> int:
             nfev=rs[-1].get("nfev"),
             nhvp=rs[-1].get("nhvp"),
         )
-    peers = [k for k, r in rows.items() if r["library"] != "hesse" and r["seconds"] is not None]
-    best_peer = min(peers, key=lambda k: rows[k]["seconds"]) if peers else None
-    for r in rows.values():
-        r["ratio_to_best_peer"] = (
-            r["seconds"] / rows[best_peer]["seconds"]
-            if best_peer and r["seconds"] is not None
-            else None
-        )
+    best_peer = rank_by_best_peer(rows)
     columns = [("solver", "<20"), ("seconds", "8.3f"), ("x best peer", "11.2f")]
     columns += [("rel grad", "9.1e"), ("f", "18.12f"), ("nit", "5"), ("nfev", "5")]
     columns += [("setting", "9.0e"), ("status", "<")]
@@ -310,7 +266,7 @@ def run_logistic(args: argparse.Namespace) -> int:
     finish(meta, start)
     out = {
         "meta": meta,
-        "problem": {"f0": p.f0, "g0_norm_2": p.g0_norm},
+        "problem": {"f0": p.f0, "g0_norm_2": p.g0},
         "best_peer": best_peer,
         "solvers": rows,
         "notes": [

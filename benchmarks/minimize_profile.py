@@ -62,7 +62,7 @@ not depend on it, the run times do. ``--replot JSON`` redoes the tables, figures
 summaries from the runs stored in a profile JSON without running anything. ``--quick`` runs
 3 problems from 2 start scales with a budget of 1000 evaluations and 5 s per run; its files
 get ``_quick`` in their names. The solvers' runs are in ``_minimize_runs.py``, the tables
-and figures in ``_minimize_report.py``.
+in ``_minimize_report.py``, the figures in ``_minimize_figures.py``.
 """
 
 from __future__ import annotations
@@ -83,18 +83,17 @@ from typing import Any
 
 import torch
 
-from _harness import RESULTS, finish, fmt, machine, print_header, write_json
+from _harness import RESULTS, finish, machine, print_header, write_json
+from _minimize_cases import print_coverage, print_surprises
+from _minimize_figures import draw_profiles
 from _minimize_report import (
     best_of,
-    draw_profiles,
     pair_stats,
     print_pairs,
     print_rosenbrock100,
     print_solved,
     rosenbrock100,
     solved_table,
-    surprises,
-    unsolvable,
 )
 from _minimize_runs import (
     GRAD_RTOL,
@@ -245,58 +244,8 @@ def report_profile(
         out["rosenbrock100"] = rb
 
     if all(f"hesse:{a}" in have and f"scipy:{b}" in have for a, b in PAIRS):
-        sur = surprises(runs, keys)
-        out["hesse_failed_scipy_solved"] = sur
-        print(f"\nhesse failed where its scipy counterpart solved ({len(sur)} cases)")
-        for x in sur:
-            print(
-                f"  {x['hesse']:<12} {x['problem']:<28} (scipy {x['scipy']}: "
-                f"{x['scipy_evals']} evals) hesse: {x['end']}, {x['status']}: {x['message']} "
-                f"(best f {fmt(x['hesse_best_f'], '.6g')}, {x['nfev']} evals)"
-            )
-    hesse_keys = [s for s in skeys if s.startswith("hesse:")]
-    peer_keys = [s for s in skeys if not s.startswith("hesse:")]
-    if hesse_keys and peer_keys:
-        only_peers = {
-            k: [s for s in peer_keys if runs[(s, k)]["solved_at"]]
-            for k in keys
-            if not any(runs[(s, k)]["solved_at"] for s in hesse_keys)
-            and any(runs[(s, k)]["solved_at"] for s in peer_keys)
-        }
-        out["solved_by_a_peer_not_hesse"] = only_peers
-        print(f"\nsolved by some peer but by no hesse method ({len(only_peers)})")
-        for k, v in only_peers.items():
-            print(f"  {k:<28} {', '.join(v)}")
-        only_hesse = {
-            k: [s for s in hesse_keys if runs[(s, k)]["solved_at"]]
-            for k in keys
-            if not any(runs[(s, k)]["solved_at"] for s in peer_keys)
-            and any(runs[(s, k)]["solved_at"] for s in hesse_keys)
-        }
-        out["solved_by_hesse_not_a_peer"] = only_hesse
-        print(f"solved by some hesse method but by no peer ({len(only_hesse)})")
-        for k, v in only_hesse.items():
-            print(f"  {k:<28} {', '.join(v)}")
-    # hesse counts its own evaluations; they must agree with the counter's
-    mismatched = [
-        (r["solver"], f"{r['problem']}@{r['scale']:g}", r["nfev"], r["nfev_reported"])
-        for r in runs.values()
-        if r["solver"].startswith("hesse:") and r["end"] == "solver"
-        if r["nfev"] != r["nfev_reported"]
-    ]
-    out["hesse_nfev_mismatches"] = mismatched
-    print(
-        f"\nhesse's own nfev differs from the counter's in {len(mismatched)} runs {mismatched[:5]}"
-    )
-    nobody = [k for k in keys if not any(runs[(s, k)]["solved_at"] for s in skeys)]
-    out["solved_by_none"] = {k: unsolvable(runs, skeys, k) for k in nobody}
-    if nobody:
-        print(f"\nsolved by no solver ({len(nobody)}):")
-        for k, v in out["solved_by_none"].items():
-            print(
-                f"  {k:<28} target f <= {v['target']:.12g}, best f of any solver "
-                f"{fmt(v['best_f_any'], '.12g')}{'; ' + v['why'] if v['why'] else ''}"
-            )
+        out["hesse_failed_scipy_solved"] = print_surprises(runs, keys)
+    out.update(print_coverage(runs, keys, skeys))
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     if len(best) > 1 and "hesse" in best and "scipy" in best:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from _harness import RESULTS, finish, machine, print_header, write_json
+from _train_report import plot, thin
 from hesse.optim import LBFGS, AdaHessian, HessianFree, NewtonCG, Sophia, SubsampledNewton, compare
 
 LAM = 1e-3
@@ -284,60 +285,6 @@ def part_b(args) -> dict:
     return out
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6))
-    colors = plt.get_cmap("tab20").colors
-
-    def style(i: int, name: str) -> dict:
-        hesse_run = name.startswith("hesse")
-        return {"color": colors[(2 * i) % 20 + (i // 10) % 2], "lw": 1.6 if hesse_run else 1.2,
-                "ls": "-" if hesse_run else "--"}  # fmt: skip
-
-    a = result["a"]
-    for i, (name, r) in enumerate(a["runs"].items()):
-        pts = [
-            (t, max((v - a["f_star"]) / a["f_star"], 1e-16)) for t, v in zip(r["time"], r["loss"])
-        ]
-        pts = [(t, g) for t, g in pts if t > 0]
-        axes[0].loglog(*zip(*pts), label=name, **style(i, name))
-    axes[0].axhline(TARGET, color="k", ls=":", lw=1)
-    axes[0].set(
-        xlabel="wall-clock time (s, log)",
-        ylabel="(f - f*) / f*  (log)",
-        title="(a) digits logistic regression, full batch\n(dotted: the 1e-6 target)",
-    )
-    b = result["b"]["curves"]
-    for i, (name, r) in enumerate(b.items()):
-        axes[1].semilogy(r["time"], r["loss"], label=name, alpha=0.7, **style(i, name))
-        axes[2].plot(r["time"], r["test"], label=name, alpha=0.7, **style(i, name))
-    axes[1].set(xlabel="wall-clock time (s)", ylabel="training loss, all training data (log)",
-                title="(b) MLP 64-128-10 on digits, batches of 128")  # fmt: skip
-    axes[2].set(xlabel="wall-clock time (s)", ylabel="test accuracy", ylim=(0.9, 1.0),
-                title="(b) test accuracy (held-out 25%)")  # fmt: skip
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
-    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.1, -0.13), ncol=3)
-    fig.subplots_adjust(left=0.05, right=0.98, top=0.9, bottom=0.33, wspace=0.28)
-    fig.savefig(path, dpi=120)
-
-
-def _thin(obj, keep: int = 300):
-    """The result with each curve (a list of numbers) cut to at most ``keep`` points, the
-    last one kept, for a JSON file of reasonable size (the figure uses every point)."""
-    if isinstance(obj, dict):
-        return {k: _thin(v, keep) for k, v in obj.items()}
-    if isinstance(obj, list) and len(obj) > keep and all(isinstance(v, (int, float)) for v in obj):
-        step = -(-len(obj) // keep)
-        return obj[::step] + ([obj[-1]] if (len(obj) - 1) % step else [])
-    return obj
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -354,8 +301,8 @@ def main() -> None:
     result = {"meta": meta, "a": part_a(args), "b": part_b(args)}
     finish(meta, t0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(result, out.with_suffix(".png"))
-    write_json(out, _thin(result))
+    plot(result, out.with_suffix(".png"), TARGET)
+    write_json(out, thin(result))
     print(f"done in {meta['total_seconds']:.0f} s")
 
 

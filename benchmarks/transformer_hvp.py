@@ -51,172 +51,40 @@ on CUDA, ``_quick`` appended for ``--quick``). ``--help`` lists the options.
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
-import json
-import os
 import statistics
 import sys
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import hesse
 from _harness import (
     RESULTS,
-    cuda_extra_peak,
+    Call,
     finish,
     machine,
     print_header,
     print_table,
-    rss_peak_meter,
-    run_worker,
+    quartiles,
     time_calls,
     version,
     write_json,
 )
-from _models import flat
-
-TOLERANCE = 1e-4
-BATCH = 8
-TARGET = 1.05
-CPU_MEMORY_NOTE = (
-    "CPU memory is RSS-based and coarse: the growth of the peak resident set size of a fresh "
-    "process per measurement over 3 calls after its set-up and one warm-up call (peak reset "
-    "through /proc/self/clear_refs on Linux, else ru_maxrss); it counts whole pages."
+from _memory import cpu_memory_note, cuda_extra_peak, fresh_process_peak, print_worker_peak
+from _models import rel_error
+from _transformer_hvp_methods import (
+    BATCH,
+    BY_KEY,
+    MEMORY_KEYS,
+    METHODS,
+    PAIRS,
+    Problem,
+    make_problem,
+    reference,
 )
 
-warnings.filterwarnings("ignore", message=".*token_id must be.*")
-
-
-# -- the problem ----------------------------------------------------------------------------
-
-
-def make_model(n_positions: int, device: torch.device) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    cfg = GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        vocab_size=256,
-        n_positions=n_positions,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg).to(device).eval()
-
-
-def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (the labels are the inputs shifted by one)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-@dataclass
-class Problem:
-    model: nn.Module
-    batch: dict[str, Tensor]  # {"input_ids", "labels"}: what hesse gets
-    params: list[Tensor]
-    v: Tensor
-    v_list: list[Tensor]
-
-    def loss(self) -> Tensor:
-        return loss_fn(self.model(input_ids=self.batch["input_ids"]).logits, self.batch["labels"])
-
-
-def make_problem(seq: int, device: torch.device, n_positions: int = 128, seed: int = 0) -> Problem:
-    torch.manual_seed(seed)
-    model = make_model(max(n_positions, seq), device)
-    tokens = torch.randint(0, 256, (BATCH, seq + 1), device=device)
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
-    v = torch.randn(sum(p.numel() for p in params), device=device)
-    return Problem(model, batch, params, v, list(hesse.ParamSpace(params).unflatten(v)))
-
-
-def reference(pb: Problem) -> Tensor:
-    """H v in float64 by plain double backward (math kernel) on a copy of the model."""
-    model = copy.deepcopy(pb.model).double()
-    ps = [p for p in model.parameters() if p.requires_grad]
-    with sdpa_kernel(SDPBackend.MATH):
-        logits = model(input_ids=pb.batch["input_ids"]).logits
-        g = torch.autograd.grad(loss_fn(logits, pb.batch["labels"]), ps, create_graph=True)
-        return flat(torch.autograd.grad(g, ps, [t.double() for t in pb.v_list]))
-
-
-# -- methods: each factory does the set-up and returns the call to time ----------------------
-
-Call = Callable[[], Any]
-
-
-def first_order(pb: Problem) -> Call:
-    return lambda: torch.autograd.grad(pb.loss(), pb.params)
-
-
-def first_order_math(pb: Problem) -> Call:
-    def call() -> Any:
-        with sdpa_kernel(SDPBackend.MATH):
-            return torch.autograd.grad(pb.loss(), pb.params)
-
-    return call
-
-
-def plain_hvp(pb: Problem) -> Call:
-    def call() -> Any:
-        with sdpa_kernel(SDPBackend.MATH):
-            g = torch.autograd.grad(pb.loss(), pb.params, create_graph=True)
-            return torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list)
-
-    return call
-
-
-def plain_hvp_cached(pb: Problem) -> Call:
-    with sdpa_kernel(SDPBackend.MATH):
-        g = torch.autograd.grad(pb.loss(), pb.params, create_graph=True)
-    return lambda: torch.autograd.grad(g, pb.params, grad_outputs=pb.v_list, retain_graph=True)
-
-
-def hesse_hvp(pb: Problem) -> Call:
-    H = hesse.HessianOperator(pb.model, loss_fn, pb.batch)
-    return lambda: H @ pb.v
-
-
-def hesse_linearized(pb: Problem) -> Call:
-    Hl = hesse.HessianOperator(pb.model, loss_fn, pb.batch).linearize()
-    return lambda: Hl @ pb.v
-
-
-@dataclass(frozen=True)
-class Method:
-    key: str
-    label: str
-    factory: Callable[[Problem], Call]
-    hvp: bool = False  # checked against the float64 product
-
-
-METHODS = [
-    Method("grad", "first order (forward + backward), default", first_order),
-    Method("grad-math", "first order, math kernel", first_order_math),
-    Method("hesse", "hesse H @ v", hesse_hvp, True),
-    Method("plain", "double backward by hand, math kernel", plain_hvp, True),
-    Method("hesse-lin", "hesse H.linearize() @ v", hesse_linearized, True),
-    Method("plain-cached", "by hand, cached gradient graph", plain_hvp_cached, True),
-]
-BY_KEY = {m.key: m for m in METHODS}
-PAIRS = {"hesse": "plain", "hesse-lin": "plain-cached"}  # hesse method -> its hand-written twin
-MEMORY_KEYS = ("grad", "grad-math", "hesse", "plain")
+TOLERANCE = 1e-4
+TARGET = 1.05
+CPU_MEMORY_NOTE = cpu_memory_note("measurement")
 
 
 # -- (a) time -----------------------------------------------------------------------------------
@@ -244,7 +112,7 @@ def run_time(args: argparse.Namespace, device: torch.device) -> dict:
         out = call()
         row = {"key": m.key, "label": m.label, "rel_error": None}
         if m.hvp:
-            row["rel_error"] = err = float((flat(out).double() - ref).norm() / ref.norm())
+            row["rel_error"] = err = rel_error(out, ref)
             if not err < TOLERANCE:
                 raise RuntimeError(f"{m.label}: relative error {err:.1e} > {TOLERANCE:g}")
         rows[m.key], calls[m.key] = row, call
@@ -256,8 +124,8 @@ def run_time(args: argparse.Namespace, device: torch.device) -> dict:
         row["times_ms"] = [round(1e3 * t, 4) for t in ts]
         if key in PAIRS:
             ratios = [t / p for t, p in zip(ts, times[PAIRS[key]])]
-            q1, _, q3 = statistics.quantiles(ratios, n=4)
-            row.update(vs=PAIRS[key], ratio=statistics.median(ratios), ratio_quartiles=[q1, q3])
+            q = quartiles(ratios)
+            row.update(vs=PAIRS[key], ratio=statistics.median(ratios), ratio_quartiles=q)
     return {
         "seq": args.time_seq,
         "batch": BATCH,
@@ -295,24 +163,9 @@ def print_time(res: dict, args: argparse.Namespace, device: torch.device) -> Non
 def memory_worker(key: str, seq: int) -> int:
     """In a fresh process (CPU): set one method up, call it once, then print the growth of
     the peak RSS over 3 more calls as JSON."""
-    pb = make_problem(seq, torch.device("cpu"))
-    call = BY_KEY[key].factory(pb)
+    call = BY_KEY[key].factory(make_problem(seq, torch.device("cpu")))
     call()
-    gc.collect()
-    growth = rss_peak_meter()
-    for _ in range(3):
-        out = call()
-        del out
-    print(json.dumps({"bytes": growth()}))
-    return 0
-
-
-def cpu_extra_peak(key: str, seq: int, threads: int) -> int | None:
-    cmd = [sys.executable, __file__, "--memory-worker", key, "--seqs", str(seq)]
-    cmd += ["--device", "cpu", "--threads", str(threads)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    out = run_worker(cmd, env, f"memory worker {key}")
-    return None if out is None else int(out["bytes"])
+    return print_worker_peak(call)
 
 
 def run_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -323,7 +176,10 @@ def run_memory(args: argparse.Namespace, device: torch.device) -> list[dict]:
             mem = {k: cuda_extra_peak(BY_KEY[k].factory(pb)) for k in MEMORY_KEYS}
             del pb
         else:
-            mem = {k: cpu_extra_peak(k, seq, args.threads) for k in MEMORY_KEYS}
+            mem = {
+                k: fresh_process_peak(__file__, k, ["--seqs", str(seq)], args.threads)
+                for k in MEMORY_KEYS
+            }
         # The math kernel's attention probabilities: batch * heads * T^2 floats per layer.
         attn = BATCH * 4 * seq * seq * 4 * 2
         out.append({"seq": seq, "bytes": mem, "attention_matrices_bytes": attn})

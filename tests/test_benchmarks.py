@@ -1,5 +1,5 @@
-"""The benchmarks' shared harness and peer runners (``benchmarks/_harness.py``,
-``benchmarks/_peers.py``): what every benchmark's figures rest on, checked in seconds."""
+"""The benchmarks' shared harness and solver runners (``benchmarks/_harness.py``,
+``benchmarks/_solvers.py``): what every benchmark's figures rest on, checked in seconds."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _harness
-import _peers
+import _solvers
 
 
 def test_time_calls_interleaves_rounds_after_warmup():
@@ -40,7 +40,7 @@ def test_rotations_put_each_key_first_once():
 
 
 def test_time_limit_stops_a_long_run():
-    with pytest.raises(_harness.RunTimeout), _harness.time_limit(0.05):
+    with pytest.raises(_solvers.RunTimeout), _solvers.time_limit(0.05):
         time.sleep(1.0)
 
 
@@ -84,12 +84,12 @@ def test_a_watch_ends_a_run_at_the_first_point_meeting_the_target(runner):
     _, _, fun = logistic()
     x0 = torch.zeros(4, dtype=torch.float64)
     target = 1e-3 * gradient_norm(fun, x0)
-    watch = _peers.Watch(target)
+    watch = _solvers.Watch(target)
     if runner == "scipy":
-        obj = _peers.ScipyObjective(fun, watch=watch)
-        x, info = _peers.scipy_minimize(obj, x0, "L-BFGS-B", {"gtol": 0.0, "ftol": 0.0})
+        obj = _solvers.ScipyObjective(fun, watch=watch)
+        x, info = _solvers.scipy_minimize(obj, x0, "L-BFGS-B", {"gtol": 0.0, "ftol": 0.0})
     else:
-        x, info = _peers.torch_lbfgs(fun, x0, 10, 0.0, max_iter=1000, max_eval=1000, watch=watch)
+        x, info = _solvers.torch_lbfgs(fun, x0, 10, 0.0, max_iter=1000, max_eval=1000, watch=watch)
     assert gradient_norm(fun, x) <= target
     assert info["nfev"] == watch.nfev > 1
 
@@ -97,13 +97,14 @@ def test_a_watch_ends_a_run_at_the_first_point_meeting_the_target(runner):
 def test_runners_agree_on_the_minimiser():
     X, y, fun = logistic()
     x0 = torch.zeros(4, dtype=torch.float64)
+    obj = _solvers.ScipyObjective(fun)
     xs = {
-        "hesse": _peers.hesse_minimize(fun, x0, "newton-cg", 1e-10)[0],
-        "scipy": _peers.scipy_minimize(_peers.ScipyObjective(fun), x0, "BFGS", {"gtol": 1e-10})[0],
-        "torch": _peers.torch_lbfgs(fun, x0, 10, 1e-12, max_iter=500, max_eval=600)[0],
+        "hesse": _solvers.hesse_minimize(fun, x0, "newton-cg", 1e-10)[0],
+        "scipy": _solvers.scipy_minimize(obj, x0, "BFGS", {"gtol": 1e-10})[0],
+        "torch": _solvers.torch_lbfgs(fun, x0, 10, 1e-12, max_iter=500, max_eval=600)[0],
     }
     # scikit-learn's C is 1 / (n * lambda) for the mean loss + lambda/2 |w|^2
-    w, info = _peers.sklearn_logistic(
+    w, info = _solvers.sklearn_logistic(
         X.numpy(), y.numpy(), "lbfgs", C=1 / (200 * 1e-2), tol=1e-10, fit_intercept=False,
         max_iter=1000,
     )  # fmt: skip
@@ -111,7 +112,7 @@ def test_runners_agree_on_the_minimiser():
     assert info["nit"] > 0
     for name, x in xs.items():
         np.testing.assert_allclose(x.numpy(), xs["hesse"].numpy(), atol=1e-6, err_msg=name)
-    w1, _ = _peers.sklearn_logistic(X.numpy(), y.numpy(), "lbfgs", 1.0, 1e-6, True, 100)
+    w1, _ = _solvers.sklearn_logistic(X.numpy(), y.numpy(), "lbfgs", 1.0, 1e-6, True, 100)
     assert w1.shape == (5,)  # the intercept last
 
 
@@ -123,9 +124,9 @@ def test_guarded_run_reports_failures_and_time_limits():
         time.sleep(1.0)
         return torch.zeros(1), {}
 
-    x, rec = _peers.guarded_run(fails, 5.0)
+    x, rec = _solvers.guarded_run(fails, 5.0)
     assert x is None and rec["ok"] is False and rec["error"] == "ValueError: no"
-    x, rec = _peers.guarded_run(slow, 0.05)
+    x, rec = _solvers.guarded_run(slow, 0.05)
     assert x is None and "limit" in rec["error"]
-    x, rec = _peers.guarded_run(lambda: (torch.ones(1), {"nit": 3}), 5.0)
+    x, rec = _solvers.guarded_run(lambda: (torch.ones(1), {"nit": 3}), 5.0)
     assert x is not None and rec["nit"] == 3 and rec["seconds"] >= 0
