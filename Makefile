@@ -46,7 +46,7 @@ bench: bench-deps
 BENCH_ENV := OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=1
 bench-quick: bench-deps
 	for b in hvp_cost transformer_hvp memory_budget eigen distributed minimize logistic \
-			train kfac kfac_train prune; do \
+			train kfac kfac_train prune dense_curvature; do \
 		$(BENCH_ENV) $(PY) benchmarks/$$b.py --quick || exit 1; done
 
 # On a machine with a CUDA GPU and a CUDA build of torch (GPU_PY): the CUDA tests (fused

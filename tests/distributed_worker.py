@@ -123,6 +123,11 @@ OPTIMIZERS = {
     "subsampled": lambda cls, m: cls(
         m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss(), subsample=1.0
     ),
+    # the GGN is formed in one pass on each shard and the matrices averaged (the
+    # Hessian of this MLP comes from the reduced operator's products)
+    "subsampled-ggn": lambda cls, m: cls(
+        m.parameters(), model=m, loss_fn=nn.CrossEntropyLoss(), subsample=1.0, curvature="ggn"
+    ),
     "adahessian": lambda cls, m: cls(m.parameters(), lr=0.1),
     "sophia": lambda cls, m: cls(m.parameters(), lr=0.05, update_each=2),
     "sophia-gnb": lambda cls, m: cls(m.parameters(), lr=0.05, update_each=2, estimator="gnb"),
@@ -133,6 +138,7 @@ CLASSES = {
     "hf-hessian": "HessianFree",
     "hf-ggn": "HessianFree",
     "subsampled": "SubsampledNewton",
+    "subsampled-ggn": "SubsampledNewton",
     "adahessian": "AdaHessian",
     "sophia": "Sophia",
     "sophia-gnb": "Sophia",
@@ -160,7 +166,11 @@ def _train(opt, model, loss_fn, x, y, steps, batch):
 def optimizers(rank, world, out):
     lo, hi = shard_bounds(rank, world)
     for name, make in OPTIMIZERS.items():
-        batch = "outputs" if name == "sophia-gnb" else name in ("hf-ggn", "subsampled")
+        batch = (
+            "outputs"
+            if name == "sophia-gnb"
+            else name in ("hf-ggn", "subsampled", "subsampled-ggn")
+        )
         model, loss_fn, x, y = problem()
         if rank == 1:  # a different start: the optimizer must give rank 1 rank 0's weights
             with torch.no_grad():

@@ -140,7 +140,7 @@ def test_optimizer_trajectories_match_one_process(tmp_path, world):
     _ok(results, logs)
     ref = results[0]
     names = [k[: -len("_losses")] for k in ref if k.endswith("_losses") and "ref_" not in k]
-    assert len(names) == 8
+    assert len(names) == 9
     for name in names:
         for r, res in enumerate(results):
             # every rank takes the same steps (rank 1 started elsewhere and was synced)

@@ -208,6 +208,21 @@ def test_spectral_density_matches_the_histogram_of_exact_eigenvalues():
     assert r.moments(2) == pytest.approx(float((lam**2).mean()), rel=0.05)
     torch.testing.assert_close(r.weights.sum(1), torch.ones(20, dtype=torch.float64))
     assert r.matvecs == 20 * 40
+    assert r.success and r.raise_for_status() is r
+    assert "20 probes of 40 Lanczos steps (800 products)" in r.message
+
+
+def test_spectral_density_reports_a_non_finite_operator():
+    from hesse.linalg import NotConvergedError
+    from hesse.operators import PointHessian
+
+    # finite products whose Lanczos recurrence overflows (squares of 1e300)
+    A = PointHessian(lambda V: V * 1e300, 6, torch.float64, torch.device("cpu"))
+    r = spectral_density(A, num_probes=2, steps=4, seed=0)
+    assert r.status == "non_finite" and not r.success
+    assert "not finite" in r.message and "the data and the dtype" in r.message
+    with pytest.raises(NotConvergedError, match="not finite"):
+        r.raise_for_status()
 
 
 @pytest.mark.parametrize("method", ["eigen", "nystrom"])

@@ -370,6 +370,7 @@ SUBSAMPLE = "drawing the curvature's subsample"
                 ("batch",),
                 ("attempt", SUBSAMPLE),
                 ("shard_seed", 2),
+                ("operator", "HessianOperator"),  # the MLP's Hessian: from products
                 ("evaluate", f"SubsampledNewton: {SEARCH}"),
             ],
         ),
@@ -454,22 +455,38 @@ def test_the_reducer_is_the_local_one_by_default_and_the_identity():
         LOCAL.check("c", KeyError("bad"))
 
 
-def test_a_sharded_reducer_forms_the_dense_curvature_from_the_operators_products():
-    """Where each process holds a shard, SubsampledNewton's dense curvature comes from the
-    reduced operator's products, not from one batched pass over this process's batch:
-    the same matrix, so the same iterates (to rounding) as the local shortcut."""
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_a_sharded_reducer_averages_the_shards_dense_curvature(curvature):
+    """SubsampledNewton's dense curvature: the GGN in one batched pass, across processes
+    each shard's matrix averaged by the reducer (``mean``); the Hessian of this MLP (not
+    linear in its parameters: the one pass would cost more) from the operator's products,
+    locally and across processes. The same matrix either way, so the same iterates (to
+    rounding)."""
     X, y = _data()
     runs = []
     for sharded in (False, True):
         model = _mlp()
-        opt = SubsampledNewton(model.parameters(), model=model, loss_fn=CE, subsample=0.5, l2=0.1)
+        opt = SubsampledNewton(
+            model.parameters(), model=model, loss_fn=CE, subsample=0.5, l2=0.1, curvature=curvature
+        )
         rec = Recording(sharded=sharded)
         opt._reducer = rec
         _, x = _run("SubsampledNewton", model, opt, 3, X, y)
         assert opt.global_state()["dense_solves"] == 3
-        runs.append((x, [c for c in rec.calls if c[0] == "operator"]))
-    (x_local, ops_local), (x_sharded, ops_sharded) = runs
-    assert ops_local == [] and ops_sharded == [("operator", "HessianOperator")] * 3
+        calls = [c for c in rec.calls if c[0] in ("operator", "mean")]
+        # one draw per step through attempt (across processes the shard's one-pass draw
+        # is inside the reducer's mean, whose collective carries a failure)
+        draws = 0 if sharded and curvature == "ggn" else 3
+        assert [c for c in rec.calls if c[0] == "attempt"] == [("attempt", SUBSAMPLE)] * draws
+        runs.append((x, calls))
+    (x_local, calls_local), (x_sharded, calls_sharded) = runs
+    if curvature == "ggn":
+        assert calls_local == []
+        assert calls_sharded == [("mean", "the dense curvature of a shard")] * 3
+    else:
+        assert calls_local == [("operator", "HessianOperator")] * 3
+        shard = [("mean", "the dense curvature of a shard"), ("operator", "HessianOperator")]
+        assert calls_sharded == shard * 3  # asked, refused (the second term), products
     torch.testing.assert_close(x_sharded, x_local, rtol=1e-10, atol=1e-12)
 
 

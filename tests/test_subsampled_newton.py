@@ -171,6 +171,31 @@ def test_dense_curvature_equals_operator(name, curvature, chunked, monkeypatch):
     torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_dense_curvature_without_the_second_term(name):
+    """second_term=False: the matrix where the Hessian is the GGN (a model linear in its
+    parameters: the closed form, or a Sequential of one Linear), None where it is not."""
+    model, loss_fn, X, y = _case(name)
+    fn = ModelLoss(model, loss_fn)
+    curv = OutputCurvature(loss_fn)
+    H = dense_model_curvature(fn, curv, (X, y), hessian=True, second_term=False)
+    G = dense_model_curvature(fn, curv, (X, y), hessian=False, second_term=False)
+    ref = hesse.GGNOperator(model, loss_fn, (X, y)).to_dense()
+    torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
+    if name.startswith("mlp"):
+        assert H is None
+    else:
+        torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
+    seq = nn.Sequential(nn.Linear(6, 2)).to(D)  # linear, but not the closed form's nn.Linear
+    fn = ModelLoss(seq, nn.MSELoss())
+    Xs, ys = torch.randn(9, 6, dtype=D), torch.randn(9, 2, dtype=D)
+    H = dense_model_curvature(
+        fn, OutputCurvature(nn.MSELoss()), (Xs, ys), hessian=True, second_term=False
+    )
+    ref = hesse.HessianOperator(seq, nn.MSELoss(), (Xs, ys)).to_dense()
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_optimizer_dense_curvature_is_the_operators_on_its_subsample():
     """The hook the step uses: the operator's dense matrix on the very subsample drawn,
     plus the penalty's l2 I."""

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hesse._core import check_scalar
 from hesse._core._checks import check_int, check_seed
+from hesse._core._status import Status
 from hesse._minimize._loops import _stationary
 from hesse._minimize._objective import Objective
 from hesse._minimize._run import Run, Stop
@@ -327,7 +328,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         if run.converged(pt):
             nxt = _stationary(run, pt, False)
             if nxt is None:
-                raise Stop("converged", "the gradient norm is below the tolerance")
+                raise Stop(Status.CONVERGED, "the gradient norm is below the tolerance")
             pt = nxt
             continue
         g = pt.g
@@ -358,11 +359,11 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         run.check_budget()
         if not math.isfinite(damping) or damping > 1e30:
             raise Stop(
-                "no_progress",
+                Status.NO_PROGRESS,
                 f"the line search failed and the damping grew without bound: {it.search.message}",
             )
         if damping == 0:
-            raise Stop("no_progress", f"the line search failed: {it.search.message}")
+            raise Stop(Status.NO_PROGRESS, f"the line search failed: {it.search.message}")
 
 
 def _subsample_hessian(obj: Objective, fs: FiniteSum, x: Tensor, batch: Any, scale: float):

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from hesse._core._status import Status
 from hesse._minimize._directions import TRUST_MODELS, Direction, InverseUpdate, Newton
 from hesse._minimize._run import Run, Stop
 from hesse.solvers import armijo, initial_step, search_iteration
@@ -36,7 +37,7 @@ def line_search_loop(run: Run, direction: Direction, x0, options: dict):
             H = run.obj.hessian(pt) if isinstance(direction, Newton) and run.saddle_check else None
             nxt = _stationary(run, pt, graph, H)
             if nxt is None:
-                raise Stop("converged", "the gradient norm is below the tolerance")
+                raise Stop(Status.CONVERGED, "the gradient norm is below the tolerance")
             pt = nxt
             direction.reset()
             continue
@@ -44,7 +45,7 @@ def line_search_loop(run: Run, direction: Direction, x0, options: dict):
             pt, direction, evaluate, options["line_search"], c1=options["c1"], c2=options["c2"]
         )
         if not it.accepted:
-            raise Stop("no_progress", f"the line search failed: {it.search.message}")
+            raise Stop(Status.NO_PROGRESS, f"the line search failed: {it.search.message}")
         if isinstance(direction, InverseUpdate):
             run.hess_inv = direction.H
         old, pt = pt, it.point
@@ -65,7 +66,7 @@ def trust_region_loop(run: Run, method: str, x0, options: dict):
         if run.converged(pt):
             nxt = _stationary(run, pt, model.graph, H)
             if nxt is None:
-                raise Stop("converged", "the gradient norm is below the tolerance")
+                raise Stop(Status.CONVERGED, "the gradient norm is below the tolerance")
             pt = nxt
             continue
         sub = model.subproblem(pt)  # the same object after a rejected step (trust-ncg)
@@ -76,7 +77,7 @@ def trust_region_loop(run: Run, method: str, x0, options: dict):
         p = step.step
         step_norm = float(torch.linalg.vector_norm(p))
         if step_norm == 0.0:
-            raise Stop("no_progress", "the model's step is zero: no decrease is possible")
+            raise Stop(Status.NO_PROGRESS, "the model's step is zero: no decrease is possible")
         trial, rho = None, -math.inf
         if step.predicted > 0:  # else rounding swamped the model's decrease: shrink
             trial = run.evaluate(pt.x + p, model.trial_graph)
@@ -92,7 +93,7 @@ def trust_region_loop(run: Run, method: str, x0, options: dict):
         run.check_budget()
         why = region.exhausted(float(torch.linalg.vector_norm(pt.x)), run.tol.xtol)
         if why is not None:
-            raise Stop("no_progress", why)
+            raise Stop(Status.NO_PROGRESS, why)
 
 
 def nag_loop(run: Run, x0, options: dict):
@@ -110,7 +111,7 @@ def nag_loop(run: Run, x0, options: dict):
         if run.converged(pt):
             nxt = _stationary(run, pt, False)
             if nxt is None:
-                raise Stop("converged", "the gradient norm is below the tolerance")
+                raise Stop(Status.CONVERGED, "the gradient norm is below the tolerance")
             pt, x_prev, t = nxt, nxt.x, 1.0
             continue
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
@@ -132,7 +133,7 @@ def nag_loop(run: Run, x0, options: dict):
             if base is not pt:  # drop the momentum and try a plain gradient step
                 t, x_prev = 1.0, pt.x
                 continue
-            raise Stop("no_progress", f"the step search failed: {ls.message}")
+            raise Stop(Status.NO_PROGRESS, f"the step search failed: {ls.message}")
         new = ls.payload
         alpha = ls.alpha
         if new.f > pt.f:  # momentum overshot: restart from pt with a plain gradient step

@@ -11,17 +11,19 @@ import torch
 from torch import Tensor
 
 from hesse._core import NonFiniteError
+from hesse._core._status import Status
 from hesse._minimize._objective import Objective, Point
 from hesse._minimize._result import STATUSES, OptimizeResult
 from hesse.solvers import Tolerances, escape_saddle, negative_curvature
 
 
 class Stop(Exception):
-    """Raised inside a loop to end the run with a status and a message."""
+    """Raised inside a loop to end the run with a :class:`~hesse.linalg.Status` and a
+    message (a string is checked against the vocabulary)."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: Status | str, message: str):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message = Status(status), message
 
 
 class Run:
@@ -52,7 +54,7 @@ class Run:
     # -- points ------------------------------------------------------------------------
     def evaluate(self, x: Tensor, graph: bool = False) -> Point:
         if self.obj.counts.nfev >= self.max_fev:
-            raise Stop("max_evaluations", f"stopped after max_fev={self.max_fev} evaluations")
+            raise Stop(Status.MAX_EVALUATIONS, f"stopped after max_fev={self.max_fev} evaluations")
         pt = self.obj.evaluate(x, graph)
         if pt.finite and (self.best is None or pt.f < self.best.f):
             self.best = pt
@@ -62,7 +64,7 @@ class Run:
         pt = self.evaluate(x0, graph)
         if not pt.finite:
             what = "fun(x0)" if not math.isfinite(pt.f) else "the gradient at x0"
-            raise Stop("non_finite", f"{what} is not finite; start from a point where it is")
+            raise Stop(Status.NON_FINITE, f"{what} is not finite; start from a point where it is")
         self.g0_norm = pt.g_norm(self.tol.norm)
         self.current = pt
         return pt
@@ -82,25 +84,31 @@ class Run:
             except StopIteration:
                 stop = True
             if stop:
-                raise Stop("callback", "stopped by the callback")
+                raise Stop(Status.CALLBACK, "stopped by the callback")
         if self.converged(new):  # the loop ends it, after the saddle check
             self.check_budget()
             return
-        if abs(old.f - new.f) <= self.tol.ftol * max(abs(old.f), abs(new.f), 1.0):
+        if abs(old.f - new.f) <= self.tol.ftol * max(abs(old.f), abs(new.f), 1.0) and not (
+            # ftol=0: f's change is no test. An iteration that leaves f exactly unchanged
+            # (its rounding reached, the search's sufficient decrease lost in it) goes on
+            # while the gradient still falls: near a minimum x is resolved by the gradient
+            # far better than by f (sqrt(eps) relative)
+            self.tol.ftol == 0 and new.g_norm(self.tol.norm) < old.g_norm(self.tol.norm)
+        ):
             raise Stop(
-                "ftol",
+                Status.FTOL,
                 f"the last iteration changed f by at most ftol={self.tol.ftol:.1e} (relative)",
             )
         x_norm = float(torch.linalg.vector_norm(new.x))
         if step_norm <= self.tol.xtol * (1.0 + x_norm):
             raise Stop(
-                "xtol", f"the last step was shorter than xtol={self.tol.xtol:.1e} (relative)"
+                Status.XTOL, f"the last step was shorter than xtol={self.tol.xtol:.1e} (relative)"
             )
         self.check_budget()
 
     def check_budget(self) -> None:
         if self.nit >= self.max_iter:
-            raise Stop("max_iterations", f"stopped after max_iter={self.max_iter} iterations")
+            raise Stop(Status.MAX_ITERATIONS, f"stopped after max_iter={self.max_iter} iterations")
 
     def record(self, pt: Point) -> None:
         if self.history is None:
@@ -157,7 +165,7 @@ class Run:
         out = escape_saddle(phi, pt.x, pt.f, pt.g, lam, v)
         if out is None:
             raise Stop(
-                "no_progress",
+                Status.NO_PROGRESS,
                 f"a stationary point with negative curvature ({lam:.3e}) that no step along "
                 "its direction could leave: a saddle point, not a minimum",
             )
@@ -165,7 +173,7 @@ class Run:
         return out.payload
 
     # -- the result --------------------------------------------------------------------
-    def result(self, pt: Point, status: str, message: str) -> OptimizeResult:
+    def result(self, pt: Point, status: Status | str, message: str) -> OptimizeResult:
         good = STATUSES.get(status, False) and pt.finite
         if good and status in ("ftol", "xtol"):
             # f or x stopped changing. That is a solution at this precision only if the

@@ -12,7 +12,9 @@ from hesse._core._checks import check_finite, check_int, check_real
 from hesse._core._progress import report
 from hesse._core._random import rademacher
 from hesse.linalg._common import (
+    Result,
     Status,
+    advice,
     as_operator,
     make_generator,
     product_dtype,
@@ -21,7 +23,7 @@ from hesse.linalg._common import (
 
 
 @dataclass(frozen=True)
-class DensityResult:
+class DensityResult(Result):
     """A spectral density estimate.
 
     Attributes:
@@ -32,7 +34,8 @@ class DensityResult:
         weights: ``(num_probes, steps)`` their weights; each row sums to one.
         sigma: the width of the Gaussian kernel that smooths the nodes.
         matvecs: products with the operator (``num_probes * steps``, done in batches).
-        status: ``"budget"``, or ``"non_finite"``.
+        status: ``"budget"`` (the estimate of the budget asked for: more probes or steps for
+            a finer one), or ``"non_finite"``; ``message`` says which, and what to change.
         dtype: the dtype the products were computed in (the operator's). For float16 and
             bfloat16 the Lanczos recurrences and quadrature run in float32, and ``grid``,
             ``density``, ``nodes`` and ``weights`` are float32.
@@ -46,6 +49,20 @@ class DensityResult:
     matvecs: int
     status: Status
     dtype: torch.dtype
+
+    OK = (Status.BUDGET,)
+
+    @property
+    def message(self) -> str:
+        if self.success:
+            return (
+                f"spectral density from {self.nodes.shape[0]} probes of {self.nodes.shape[1]} "
+                f"Lanczos steps ({self.matvecs} products), smoothed with sigma {self.sigma:.3g}"
+            )
+        return (
+            f"a product with the operator or a Lanczos step was not finite after "
+            f"{self.matvecs} products; {advice(self.status)}"
+        )
 
     def moments(self, power: int) -> float:
         r"""The quadrature estimate of :math:`\frac1P \operatorname{tr}(A^p)`."""

@@ -249,8 +249,8 @@ class Reducer:
     - :meth:`shard_seed`: the seed of draws from data only this process holds (a
       subsample, sampled labels) [another seed on each process];
     - :attr:`sharded`: whether the data is split between processes [then a batch's
-      curvature comes from the reduced operator's products, never from this process's
-      batch alone].
+      curvature is the reduced operator's, or the weighted :meth:`mean` of every
+      process's dense matrix, never this process's batch alone].
     """
 
     #: Whether each process holds only a shard of the data.

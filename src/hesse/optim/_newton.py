@@ -247,9 +247,10 @@ class _TruncatedNewton(FlatOptimizer):
         return state
 
     # -- curvature ---------------------------------------------------------------------
-    def _operator(self, ev, batch):
+    def _operator(self, ev, batch, data=None):
         """The curvature operator: the Hessian through the closure's graph, or with a
-        model and a batch, the batch curvature on its subsample (plus ``l2 I``)."""
+        model and a batch, the batch curvature on its subsample (``data`` where it is
+        drawn already; plus ``l2 I``)."""
         flat = self.flat
         if self.model is None or batch is None:
             if self.model is not None and self.curvature == "ggn":
@@ -257,7 +258,8 @@ class _TruncatedNewton(FlatOptimizer):
                     "curvature='ggn': pass the batch, step(closure, batch=(inputs, targets))"
                 )
             return ev.hessian()
-        data = self._reducer.attempt("drawing the curvature's subsample", self._subsample, batch)
+        if data is None:
+            data = self._draw(batch)
         op = self._batch_curvature(data).linearize()
         if self.l2 > 0:  # the penalty in the closure's loss, which loss_fn does not see
             op = op + IdentityOperator(flat.size, flat.dtype, flat.device) * self.l2
@@ -269,6 +271,10 @@ class _TruncatedNewton(FlatOptimizer):
         return self._reducer.operator(
             cls, self.model, self.loss_fn, data, params=self.flat.params, io=self.io
         )
+
+    def _draw(self, batch):
+        """The curvature's subsample of ``batch`` (a failure stops every process)."""
+        return self._reducer.attempt("drawing the curvature's subsample", self._subsample, batch)
 
     def _subsample(self, batch):
         subsample = self.subsample
@@ -306,28 +312,63 @@ class _TruncatedNewton(FlatOptimizer):
     def _dense_curvature(self, ev, batch) -> Tensor:
         """The curvature as a dense ``(P, P)`` matrix, penalty ``l2 I`` included: on the
         subsample of ``batch`` in one batched pass (``dense_model_curvature``) where the
-        model allows it and the batch is all the data (not one process's shard), else
+        model allows it and that is cheaper, across processes each on its own shard's
+        subsample and then averaged by the shards' weights (a mean-reduced loss); else
         from :meth:`_operator`'s products, :data:`DENSE_COLUMNS` columns at a time."""
-        if not self._reducer.sharded and self.model is not None and batch is not None:
-            data = self._reducer.attempt(
-                "drawing the curvature's subsample", self._subsample, batch
-            )
-            try:
-                fn, curvature = self._model_loss()
-                H = dense_model_curvature(fn, curvature, data, hessian=self.curvature == "hessian")
-            except (RuntimeError, NotImplementedError, ValueError):
-                # a model vmap cannot take one sample at a time (BatchNorm in train mode,
-                # inputs without a batch dimension): the operator's products below, which
-                # raise any error that is the data's
-                H = None
+        data = None
+        if self.model is not None and batch is not None:
+            if not self._reducer.sharded:
+                data = self._draw(batch)
+            H = self._one_pass_curvature(batch, data)
             if H is not None:
                 if self.l2 > 0:
                     H.diagonal().add_(self.l2)
                 return 0.5 * (H + H.T)
-        op = self._operator(ev, batch)
+        op = self._operator(ev, batch, data)
         op.chunk_size = min(self.flat.size, DENSE_COLUMNS)  # the same on every process
         H = op.to_dense()
         return 0.5 * (H + H.T)
+
+    def _one_pass_curvature(self, batch, data=None) -> Tensor | None:
+        """``dense_model_curvature`` on the subsample of ``batch``, or ``None`` where the
+        model does not allow it (vmap cannot take one sample at a time: BatchNorm in train
+        mode, inputs without a batch dimension; the operator's products then raise any
+        error that is the data's) or it costs more than the operator's products (the
+        Hessian of a model whose outputs are not linear in its parameters). Across
+        processes, the weighted mean of every shard's matrix (one collective of ``P^2``
+        numbers), which is the curvature of the union of the subsamples, as the reduced
+        operator's; ``None`` on every process where any could not form it, or where the
+        loss sums (the reduced operator's sum is kept)."""
+        fn, curvature = self._model_loss()
+        hessian = self.curvature == "hessian"
+        reducer = self._reducer
+        if not reducer.sharded:  # on the subsample drawn (``data``)
+            try:
+                return dense_model_curvature(
+                    fn, curvature, data, hessian=hessian, second_term=False
+                )
+            except (RuntimeError, NotImplementedError, ValueError):
+                return None
+        if getattr(self.loss_fn, "reduction", "mean") != "mean":
+            return None
+        P = self.flat.size
+        like = [torch.empty(P, P, dtype=self.flat.dtype, device=self.flat.device)]
+        like.append(like[0].new_empty(1))
+
+        def compute() -> tuple[list[Tensor | None], float]:
+            data = self._subsample(batch)
+            if not self.io.is_batch(data) or self.io.samples(data) == 0:
+                return [None, None], 0.0  # an empty shard: the others carry it
+            try:
+                H = dense_model_curvature(fn, curvature, data, hessian=hessian, second_term=False)
+            except (RuntimeError, NotImplementedError, ValueError):
+                H = None
+            if H is None:
+                return [None, like[1].new_ones(1)], 1.0  # tell the others: fall back
+            return [H, None], fn.weight(data)
+
+        (H, failed), _ = reducer.mean("the dense curvature of a shard", compute, like)
+        return None if failed is not None or H is None else H
 
     _loss_cache: tuple | None = None
 
@@ -412,10 +453,9 @@ class _TruncatedNewton(FlatOptimizer):
         state.setdefault("g0_norm", g_norm)
         damping = state["damping"]
         dense = self._uses_dense(batch)
-        found = self._direction(closure, batch, ev, state, damping, dense)
-        if found is None:
+        descent = self._direction(closure, batch, ev, state, damping, dense)
+        if descent is None:
             return self._skip(state, damping)
-        descent = found
         state["direction"] = descent.d.clone()
         name = type(self).__name__
 
