@@ -53,6 +53,10 @@ def hesse_min(method: str) -> Fn:
     return lambda lg, setting: hesse_minimize(lg.fun, lg.zeros(), method, TARGET)
 
 
+def hesse_lbfgs(lg: Logistic, setting: int) -> tuple[Tensor, dict]:
+    return hesse_minimize(lg.fun, lg.zeros(), "l-bfgs", TARGET, memory=setting)
+
+
 def hesse_subsampled(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
     p = lg.problem
     model = p.make_model()
@@ -133,7 +137,7 @@ SOLVERS = [
         "tol/target",
     ),
     Solver("torch.optim:LBFGS", "torch", lbfgs, (10, 100), "history_size"),
-    Solver("hesse:l-bfgs", "hesse", hesse_min("l-bfgs")),
+    Solver("hesse:l-bfgs", "hesse", hesse_lbfgs, (10, 30, 100), "memory"),
     Solver("hesse:newton-cg", "hesse", hesse_min("newton-cg")),
     Solver("hesse:trust-ncg", "hesse", hesse_min("trust-ncg")),
     Solver("hesse:subsampled-newton", "hesse", hesse_subsampled, SN_SETTINGS, "setting"),

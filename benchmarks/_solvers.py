@@ -237,10 +237,13 @@ def sklearn_logistic(
     return torch.from_numpy(x), {"nit": int(m.n_iter_[0])}
 
 
-def hesse_minimize(fun: Fun, x0: Tensor, method: str, grad_rtol: float) -> tuple[Tensor, dict]:
+def hesse_minimize(
+    fun: Fun, x0: Tensor, method: str, grad_rtol: float, **options: Any
+) -> tuple[Tensor, dict]:
     """``hesse.minimize`` stopping at ``||g||_2 <= grad_rtol ||g(x0)||_2`` and on nothing
-    else. ``info``: ``nit``, ``nfev``, ``nhvp``, ``status``."""
-    r = hesse.minimize(fun, x0, method, options={"gtol": 0.0, "grad_rtol": grad_rtol, "norm": 2})
+    else, with the method's ``options``. ``info``: ``nit``, ``nfev``, ``nhvp``, ``status``."""
+    stop = {"gtol": 0.0, "grad_rtol": grad_rtol, "norm": 2}
+    r = hesse.minimize(fun, x0, method, options={**stop, **options})
     return r.x, {"nit": r.nit, "nfev": r.nfev, "nhvp": r.nhvp, "status": r.status}
 
 

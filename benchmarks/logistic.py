@@ -20,8 +20,9 @@ fastest that reaches the target is kept), then timed twice, best of the two:
   target is kept (``||g||_2 <= sqrt(P) ||g||_inf``: the last always does, unless its own
   test on the change of ``f`` stops it first);
 * ``torch.optim.LBFGS`` (strong Wolfe; history 10 or 100);
-* ``hesse.minimize`` with ``l-bfgs``, ``newton-cg`` and ``trust-ncg`` (its own test is the
-  target: ``options={"gtol": 0, "grad_rtol": 1e-6, "norm": 2}``);
+* ``hesse.minimize`` with ``l-bfgs`` (memory 10, 30 or 100), ``newton-cg`` and
+  ``trust-ncg`` (its own test is the target: ``options={"gtol": 0, "grad_rtol": 1e-6,
+  "norm": 2}``);
 * ``hesse.optim.SubsampledNewton`` on ``nn.Linear(d, 1)`` (``curvature="ggn"``, the
   Hessian of a logistic regression; dense subsampled curvature solved by Cholesky; a few
   subsample sizes and growth rates);
