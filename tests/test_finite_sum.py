@@ -152,6 +152,41 @@ def test_problem_objective_is_a_finite_sum_with_a_closed_form_hessian():
     assert r.success and r2.success and _rel(r.x, r2.x) <= 1e-8 and r.nit == r2.nit
 
 
+def test_problem_objective_closed_form_only_for_linear_models():
+    """The closed-form dense Hessian is the GLM's Xᵀ diag(h) X; a network's objective has
+    none (its second term under vmap needs over 20 GB for the digits CNN), so minimize
+    forms it by autograd in blocks of columns and the saddle check uses Lanczos."""
+    for name, closed in (("logistic-digits", True), ("mlp-digits", False), ("cnn-digits", False)):
+        p = problem(name)
+        fun, _ = p.objective(p.make_model())
+        assert (fun.hessian is not None) is closed, name
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D)
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(30, 3, generator=gen, dtype=D), torch.randint(0, 2, (30,), generator=gen)
+    penalty = lambda w: 0.005 * (w**2).sum()  # noqa: E731  (a minimiser exists)
+    fs = FiniteSum(lambda w, b: _mlp_loss(model, w, b), (X, y), regularizer=penalty)
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    r = minimize(fs, w0, "newton", options={"gtol": 1e-10})
+    H = torch.func.hessian(lambda w: fs(w))(r.x)
+    assert r.success and bool(torch.linalg.eigvalsh(H)[0] > -1e-8)
+
+
+def _mlp_loss(model, w, batch):
+    X, y = batch
+    params = dict(zip((n for n, _ in model.named_parameters()), _split(model, w)))
+    out = torch.func.functional_call(model, params, (X,))
+    return nn.functional.cross_entropy(out, y)
+
+
+def _split(model, w):
+    out, i = [], 0
+    for p in model.parameters():
+        out.append(w[i : i + p.numel()].view_as(p))
+        i += p.numel()
+    return out
+
+
 def test_same_iterates_as_optim_subsampled_newton():
     """One method, two front ends: minimize('subsampled-newton') on the problem's
     FiniteSum and optim.SubsampledNewton on its model draw the same subsamples and take the

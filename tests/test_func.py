@@ -209,3 +209,32 @@ def test_dense_hessian_through_layer_norm_matches_double_backward():
     H = hesse.hessian(f, th)
     torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(H, H.T, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_products_through_a_graph_go_in_blocks_of_columns(monkeypatch):
+    """flat_graph_hvp sends at most MAX_BATCHED_COLUMNS columns through the graph at once
+    (a batched backward holds the graph once per column); the blocks make the same
+    matrix."""
+    from hesse.func import _engine
+
+    def f(x):
+        return (x.sin() * x.roll(1)).sum() + (x**4).sum()
+
+    x = torch.linspace(-1, 1, 10, dtype=torch.float64).requires_grad_()
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    eye = torch.eye(10, dtype=torch.float64)
+    whole = _engine.flat_graph_hvp(g, x, eye)
+    calls = []
+    batched = _engine.graph_hvp
+
+    def counting(*args, **kw):
+        calls.append(args[2][0].shape[0] if kw.get("batched") else 1)
+        return batched(*args, **kw)
+
+    monkeypatch.setattr(_engine, "MAX_BATCHED_COLUMNS", 4)
+    monkeypatch.setattr(_engine, "graph_hvp", counting)
+    blocks = _engine.flat_graph_hvp(g, x, eye)
+    assert calls == [4, 4, 2]
+    ref = torch.func.hessian(f)(x.detach())
+    torch.testing.assert_close(whole, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocks, ref, rtol=1e-12, atol=1e-12)

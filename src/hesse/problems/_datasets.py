@@ -153,20 +153,25 @@ class Problem:
             self.train,
             regularizer=penalty if self.l2 else None,
             reduction="sum" if reduction == "sum" else "mean",
-            hessian=_dense_hessian(model, loss_fn),
+            hessian=_dense_hessian(model, loss_fn, self.train),
             batch_size=batch_size,
         )
         return fun, torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def _dense_hessian(model: nn.Module, loss_fn: Any) -> Callable[[Tensor, Data], Tensor] | None:
+def _dense_hessian(
+    model: nn.Module, loss_fn: Any, data: Data
+) -> Callable[[Tensor, Data], Tensor] | None:
     """The loss's Hessian on a batch as a dense matrix, by
     :func:`hesse.optim.SubsampledNewton`'s dense curvature (closed form for a linear
     model), on a private copy of the model that takes the flat point; ``None`` where the
-    loss has no closed-form output curvature."""
+    loss has no closed-form output curvature, or the model's outputs are not linear in its
+    parameters (the Hessian's second term, ``P`` forward-over-reverse passes under
+    ``vmap``, costs more time and far more memory than autograd's products: over 20 GB for
+    the CNN on the digits)."""
     from hesse.func._model import ModelLoss
     from hesse.func._output import OutputCurvature
-    from hesse.operators._dense import dense_model_curvature
+    from hesse.operators._dense import _has_second_term, dense_model_curvature
 
     try:
         curvature = OutputCurvature(loss_fn)
@@ -174,6 +179,8 @@ def _dense_hessian(model: nn.Module, loss_fn: Any) -> Callable[[Tensor, Data], T
         return None
     twin = copy.deepcopy(model)
     fn = ModelLoss(twin, loss_fn)
+    if _has_second_term(fn, fn.params(), data, fn.io.samples(data)):
+        return None
 
     def hessian(w: Tensor, batch: Data) -> Tensor:
         load_into(twin, w.detach())
