@@ -34,7 +34,7 @@ def dense_model_curvature(
     closed form :math:`X^\top \operatorname{diag}(h) X` per block of outputs, without
     Jacobians (:func:`_linear_model_curvature`). The Hessian's second term is formed (by
     forward-over-reverse under ``vmap``) only when the model's outputs are not linear in the
-    parameters; for a linear model autograd shows it is zero.
+    parameters, which autograd is asked once, on two samples (:func:`_has_second_term`).
 
     A batch whose Jacobian has more than :data:`DENSE_ENTRIES` entries is formed in chunks
     of samples, each weighted as :class:`~hesse.operators.GGNOperator` weights the batches
@@ -53,10 +53,11 @@ def dense_model_curvature(
     if glm is not None:
         return glm
     params = fn.params()
-    if hessian and not second_term and _has_second_term(fn, params, batch, n):
+    second = hessian and _has_second_term(fn, params, batch, n)
+    if second and not second_term:
         return None
     eye = torch.eye(P, dtype=fn.space.dtype, device=fn.space.device)
-    cols = fn.space.unflatten_columns(eye) if hessian else None  # tangents of the 2nd term
+    cols = fn.space.unflatten_columns(eye) if second else None  # tangents of the 2nd term
     head = min(n, 2)  # the outputs of a sample or two give their size per sample
     out = fn.outputs(params, fn.split(take_samples(batch, n, slice(0, head)))[0])
     per_sample = max(1, out.numel() // max(head, 1))
@@ -64,7 +65,7 @@ def dense_model_curvature(
     parts = []
     for a in range(0, n, chunk):
         part = batch if chunk >= n else take_samples(batch, n, slice(a, min(a + chunk, n)))
-        parts.append((_dense_part(fn, curvature, part, params, cols, hessian), fn.weight(part)))
+        parts.append((_dense_part(fn, curvature, part, params, cols), fn.weight(part)))
     if len(parts) == 1:
         return parts[0][0]
     if getattr(fn.loss_fn, "reduction", "mean") == "sum":
@@ -134,7 +135,9 @@ def _linear_model_curvature(fn: ModelLoss, curvature: OutputCurvature, batch: An
     return H
 
 
-def _dense_part(fn: ModelLoss, curvature: OutputCurvature, batch, params, cols, hessian):
+def _dense_part(fn: ModelLoss, curvature: OutputCurvature, batch, params, cols):
+    """The GGN on ``batch``, plus the Hessian's second term along the tangents ``cols``
+    where given (the outputs are not linear in the parameters)."""
     P = fn.size
     inputs, targets = fn.split(batch)
     out = fn.outputs(params, inputs).detach()
@@ -151,19 +154,14 @@ def _dense_part(fn: ModelLoss, curvature: OutputCurvature, batch, params, cols, 
     Jt = Jt.permute(2, 0, 1).reshape(P, *out.shape)  # row j: J e_j
     MJ = curvature.hessian_mm(out, targets, Jt)
     H = Jt.reshape(P, -1) @ MJ.reshape(P, -1).T
-    if hessian:
+    if cols is not None:
         with torch.enable_grad():
             o = out.detach().requires_grad_()
             r = torch.autograd.grad(fn.loss_fn(o, targets), o)[0].detach()  # d loss / d o
-            leaves = tuple(p.detach().requires_grad_() for p in params)
-            got = torch.autograd.grad(
-                (r * fn.outputs(leaves, inputs)).sum(), leaves, create_graph=True, allow_unused=True
-            )
-        if any(t is not None and t.requires_grad for t in got):  # outputs not linear in theta
-            g_r = grad(
-                lambda *ps: (r * fn.outputs(ps, inputs)).sum(),
-                argnums=tuple(range(len(params))),
-            )
-            R = vmap(lambda *t: jvp(g_r, params, t)[1])(*cols)
-            H = H + fn.space.flatten_columns(R)
+        g_r = grad(
+            lambda *ps: (r * fn.outputs(ps, inputs)).sum(),
+            argnums=tuple(range(len(params))),
+        )
+        R = vmap(lambda *t: jvp(g_r, params, t)[1])(*cols)
+        H = H + fn.space.flatten_columns(R)
     return H
