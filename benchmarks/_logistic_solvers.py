@@ -98,15 +98,19 @@ def hesse_subsampled(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
 def hesse_finite_sum(lg: Logistic, setting: dict) -> tuple[Tensor, dict]:
     """``hesse.minimize(FiniteSum, method="subsampled-newton")``: the problem's own
     objective (:meth:`hesse.problems.Problem.objective`, closed-form subsampled Hessian),
-    hesse's own test is the target."""
+    stopped by hesse's own test at the benchmark's absolute target ``||g||_2 <=
+    lg.target`` (computed outside the time, as scikit-learn's ``tol`` and the ``Watch``
+    of the others are: with a relative ``grad_rtol`` it would first evaluate the gradient
+    at zero over all the data, which its phases on growing samples do not need), without
+    the saddle check (the problem is convex; the check forms the exact Hessian over all
+    the data, about 0.17 s at n = 200,000)."""
     p = lg.problem
-    fs, w0 = p.objective(p.make_model(), batch_size=setting.get("batch_size"))
-    options = {k: v for k, v in setting.items() if k != "batch_size"}
+    fs, w0 = p.objective(p.make_model())
     r = hesse.minimize(
         fs,
         torch.zeros_like(w0),
         "subsampled-newton",
-        options={"gtol": 0.0, "grad_rtol": TARGET, "norm": 2, **options},
+        options={"gtol": lg.target, "norm": 2, "saddle_check": False, **setting},
     )
     return r.x, {"nit": r.nit, "nfev": r.nfev, "nhev": r.nhev, "status": r.status}
 
@@ -125,7 +129,11 @@ SN_SETTINGS = (  # the subsample at the start, its growth with the gradient, its
     {"subsample": 0.01, "subsample_growth": 0.5, "subsample_max": 0.1},
     {"subsample": 0.02, "subsample_growth": 0.5, "subsample_max": 0.25},
 )
-FS_SETTINGS = tuple({**s, "batch_size": b} for s in SN_SETTINGS for b in (None, 8192))
+FS_SETTINGS = tuple(  # the same, and the phases on growing samples or none
+    {**s, "gradient_sample": g}
+    for s in (*SN_SETTINGS[1:], {"subsample": 0.1, "subsample_growth": 0.0})
+    for g in ("auto", None)
+)
 SOLVERS = [
     Solver("scipy:L-BFGS-B", "scipy", scipy_lbfgsb, (10, 30), "maxcor"),
     Solver("sklearn:lbfgs", "sklearn", sklearn_solver("lbfgs"), (1.0, 1 / 3, 0.1), "tol/target"),

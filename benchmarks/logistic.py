@@ -27,8 +27,10 @@ fastest that reaches the target is kept), then timed twice, best of the two:
   Hessian of a logistic regression; dense subsampled curvature solved by Cholesky; a few
   subsample sizes and growth rates);
 * ``hesse.minimize(FiniteSum, method="subsampled-newton")`` (``minimize-ssn``) on the
-  problem's own objective, :meth:`hesse.problems.Problem.objective` (the same settings,
-  each with the data evaluated whole or in chunks of 8192 samples, ``batch_size``).
+  problem's own objective, :meth:`hesse.problems.Problem.objective` (two of the same
+  settings and a fixed 10% subsample, each with its phases on growing samples,
+  ``gradient_sample="auto"``, or without, ``None``; the target as an absolute ``gtol``
+  and no saddle check: ``_logistic_solvers.hesse_finite_sum`` says why).
 
 Same target, measured the same way: where the benchmark calls the objective (scipy,
 torch.optim, SubsampledNewton), the run ends at the first evaluation whose gradient meets

@@ -220,7 +220,8 @@ def minimize(
     ``"subsampled-newton"`` for a :class:`FiniteSum` (data plus a per-batch loss): the full
                         gradient, the dense Hessian of a growing subsample, a damped
                         Cholesky solve, a backtracking search on the full objective (the
-                        mathematics of :class:`hesse.optim.SubsampledNewton`)
+                        mathematics of :class:`hesse.optim.SubsampledNewton`), after a
+                        warm start on nested samples of growing size (tall data)
     ==================  =====================================================================
 
     ``fun`` may be a :class:`FiniteSum` for any method (it is a callable whose value is
@@ -262,7 +263,12 @@ def minimize(
             first curvature; default 0.1; a fraction gives at least 4 samples per
             unknown), ``subsample_growth`` (:math:`\gamma` of
             :func:`hesse.solvers.subsample_size`, default 0.5), ``subsample_max`` (a cap,
-            samples or fraction), ``damping`` (the initial :math:`\mu`, default 1e-3),
+            samples or fraction), ``gradient_sample`` (the first of the warm start's
+            phases on nested samples growing tenfold, each minimised until its gradient
+            is within its sampling noise, while the sample is at most half the data:
+            samples, a fraction, ``"auto"``, 10 per unknown, the default, or ``None`` for
+            the full gradient from the start), ``damping`` (the initial :math:`\mu`,
+            default 1e-3),
             ``dense_max`` (the most unknowns it forms a Hessian for, default 4096),
             ``seed``. An option
             of another method warns (:class:`OptimizeWarning`); an unknown one raises, and so

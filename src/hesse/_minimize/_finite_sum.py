@@ -45,7 +45,11 @@ class FiniteSum:
     What it adds is access to the samples: ``method="subsampled-newton"`` forms the
     curvature of :math:`\ell(\cdot, S) + r` on a subsample :math:`S` (rescaled by
     :math:`n/|S|` for a sum) while the value, the gradient and the stopping tests are the
-    full objective's, so the run reaches the full-data minimiser, not a subsample's.
+    full objective's, so the run reaches the full-data minimiser, not a subsample's. On
+    tall data it starts from a warm start on nested samples growing tenfold (option
+    ``gradient_sample``), each minimised only until its gradient is within its sampling
+    noise, which the loop over all the data then refines (the samples' evaluations are not
+    counted in ``nfev``).
 
     Args:
         loss: ``loss(x, batch) -> scalar tensor``: the loss on a batch of samples, shaped
@@ -160,17 +164,18 @@ class FiniteSum:
         value = check_scalar(self.loss(x, batch), "loss(x, batch)")
         return value * weight if weight != 1.0 else value
 
-    def _value_and_grad(self, x: Tensor, shape) -> tuple[Tensor, Tensor | None, bool]:
+    def _value_and_grad(self, x: Tensor, shape, parts=None) -> tuple[Tensor, Tensor | None, bool]:
         """``f`` and its flat gradient at the flat ``x`` (``shape``: the user's), chunk by
         chunk with no graph kept, and whether any chunk's value depends on ``x`` through
         autograd; the gradient is ``None`` where the value is not finite (the rest of the
-        data is then not evaluated)."""
+        data is then not evaluated). ``parts``: ``(batch, weight)`` pairs to sum instead of
+        :meth:`_parts` (a ``None`` batch is the regulariser)."""
         total = torch.zeros((), dtype=x.dtype, device=x.device)
         g = torch.zeros_like(x)
         reached = False
         with torch.enable_grad():
             xl = x.detach().requires_grad_()
-            for batch, weight in self._parts():
+            for batch, weight in self._parts() if parts is None else parts:
                 value = self._part_value(xl.view(shape), batch, weight)
                 total = total + value.detach()
                 if not bool(torch.isfinite(value.detach())):
@@ -261,6 +266,7 @@ SUBSAMPLED_OPTIONS: dict[str, Any] = {
     "subsample": 0.1,
     "subsample_growth": 0.5,
     "subsample_max": None,
+    "gradient_sample": "auto",
     "damping": 1e-3,
     "dense_max": 4096,
     "seed": 0,
@@ -298,6 +304,9 @@ def check_subsampled_options(out: dict[str, Any], n: int) -> None:
             "hesse.optim.SubsampledNewton (CG on subsampled products) for a model"
         )
     out["seed"] = check_seed(out["seed"], allow_none=False)
+    from hesse._minimize._growing_sample import check_gradient_sample
+
+    check_gradient_sample(out["gradient_sample"])
 
 
 def _count(v: int | float, n: int) -> int:
@@ -312,16 +321,22 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
     :math:`\mu` adapted by the reduction ratio (Nielsen), and a subsample that grows as
     the gradient shrinks. Iteration ``k`` draws its subsample with the seed
     ``derive_seed(seed, "subsample", k)``, as :class:`hesse.optim.SubsampledNewton`'s
-    ``k``-th step does."""
+    ``k``-th step does. On tall data it starts from the phases on growing samples of
+    :mod:`hesse._minimize._growing_sample` (``gradient_sample``), each this same loop on
+    a :class:`~hesse._minimize._growing_sample.SampleSum`."""
+    from hesse._minimize._growing_sample import sample_phases  # it builds on this module
+
     obj = run.obj
     n = fs.samples
     base = dense_subsample_count(options["subsample"], n, x0.numel())
     cap = n if options["subsample_max"] is None else min(n, _count(options["subsample_max"], n))
     growth, seed = options["subsample_growth"], options["seed"]
-    damping, nu = options["damping"], 2.0
     scale = 1.0
-    pt = run.first(x0, False)
-    run.record(pt)
+    run.damping = options["damping"]
+    pt = _first_point(
+        run, x0, lambda x: sample_phases(run, fs, x, options, subsampled_newton_loop, base, cap)
+    )
+    damping, nu = run.damping, 2.0  # the phases' last damping, where they ran
     g0 = pt.g_norm(2)
     step = 0
     while True:
@@ -342,6 +357,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         step += 1
         if H is None:  # not finite on this subsample: stay, damp harder, draw again
             damping = max(damping, 1e-8) * 10.0  # as optim.SubsampledNewton skips
+            run.damping = damping
             run.nit += 1
             run.check_budget()
             continue
@@ -351,6 +367,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         rho = descent.ratio(pt, it)
         if damping > 0:
             damping, nu = lm_damping(damping, nu, rho)
+            run.damping = damping
         if it.accepted:
             old, pt = pt, it.point
             run.after_step(old, pt, it.step_norm)
@@ -364,6 +381,31 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
             )
         if damping == 0:
             raise Stop(Status.NO_PROGRESS, f"the line search failed: {it.search.message}")
+
+
+def _first_point(run: Run, x0: Tensor, warm_start):
+    """The loop's first point over all the data: ``warm_start(x0)`` (the phases on growing
+    samples), or ``x0`` where that is not finite. ``x0`` is evaluated over all the data
+    first only where a test needs it: a ``grad_rtol`` (relative to the gradient there);
+    a start that passes the gradient test then stays."""
+    start = None
+    if run.tol.grad_rtol > 0:
+        start = run.first(x0, False)
+        run.record(start)
+        if run.converged(start):
+            return start
+    x = warm_start(x0)
+    pt = run.evaluate(x) if x is not x0 else None
+    if pt is None or not pt.finite:
+        if start is not None:
+            return start
+        pt = run.first(x0, False)
+    elif start is None:
+        run.first_point(pt)
+    else:
+        run.current = pt
+    run.record(pt)
+    return pt
 
 
 def _subsample_hessian(obj: Objective, fs: FiniteSum, x: Tensor, batch: Any, scale: float):

@@ -50,6 +50,8 @@ class Run:
         self.current: Point | None = None  # the point the method stands at
         self.start = time.perf_counter()
         self.hess_inv: Tensor | None = None
+        # subsampled Newton's damping, carried from its phases on samples to all the data
+        self.damping: float | None = None
 
     # -- points ------------------------------------------------------------------------
     def evaluate(self, x: Tensor, graph: bool = False) -> Point:
@@ -65,9 +67,15 @@ class Run:
         if not pt.finite:
             what = "fun(x0)" if not math.isfinite(pt.f) else "the gradient at x0"
             raise Stop(Status.NON_FINITE, f"{what} is not finite; start from a point where it is")
+        self.first_point(pt)
+        return pt
+
+    def first_point(self, pt: Point) -> None:
+        """Start the run at the finite ``pt`` (the start's gradient norm: ``grad_rtol``'s
+        reference; a warm start's point where the method skips ``x0``, which it may only
+        without a ``grad_rtol``)."""
         self.g0_norm = pt.g_norm(self.tol.norm)
         self.current = pt
-        return pt
 
     # -- stopping ----------------------------------------------------------------------
     def converged(self, pt: Point) -> bool:

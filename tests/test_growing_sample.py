@@ -1,0 +1,249 @@
+"""The warm start of minimize(FiniteSum, "subsampled-newton") on growing samples: the
+sampling noise it measures (against per-sample gradients and its expectation over many
+draws), the objective on a sample (mean and sum), and runs that still end at the full
+data's minimiser (scikit-learn's), count only evaluations over all the data in ``nfev``,
+and start from ``x0`` where a relative test needs its gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hesse import FiniteSum, minimize
+from hesse._minimize._growing_sample import SampleSum, first_sample
+from hesse.problems import synthetic_logistic
+
+pytest.importorskip("sklearn.linear_model")
+from conftest import sklearn_logistic as _sklearn_logistic
+
+D = torch.float64
+TIGHT = {"gtol": 1e-13, "ftol": 0.0, "xtol": 0.0}
+
+
+def _data(n=4000, d=4, seed=0):
+    X, y = synthetic_logistic(n, d, seed=seed).train
+    return X, y[:, 0].contiguous()
+
+
+def _per_sample_grads(X, y, x):
+    """Brute force: the gradient of each sample's BCE at ``x = [w; b]``."""
+    r = torch.sigmoid(X @ x[:-1] + x[-1]) - y
+    return torch.cat([X * r[:, None], r[:, None]], 1)
+
+
+def _bce(x, batch):
+    Xb, yb = batch
+    return nn.functional.binary_cross_entropy_with_logits(Xb @ x[:-1] + x[-1], yb)
+
+
+def _bce_sum(x, batch):
+    Xb, yb = batch
+    z = Xb @ x[:-1] + x[-1]
+    return nn.functional.binary_cross_entropy_with_logits(z, yb, reduction="sum")
+
+
+def _eval(sample, x):
+    value, g, _ = sample._value_and_grad(x, x.shape)
+    return float(value), g
+
+
+# ------------------------------------------------------------ the sampling noise
+def test_noise_is_half_the_spread_of_the_halves_means():
+    """Against the per-sample gradients of the two halves: 0.5 |mean_A - mean_B| times
+    sqrt(1 - m/n); the gradient is the whole sample's mean plus the regulariser's."""
+    X, y = _data()
+    l2 = 1e-2
+    fs = FiniteSum(_bce, (X, y), regularizer=lambda x: 0.5 * l2 * (x[:-1] ** 2).sum())
+    x = torch.linspace(-0.5, 0.5, 5, dtype=D)
+    idx = torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:600]
+    sample = SampleSum(fs, idx)
+    f, g = _eval(sample, x)
+    G = _per_sample_grads(X[idx], y[idx], x)
+    reg = torch.cat([l2 * x[:-1], torch.zeros(1, dtype=D)])
+    torch.testing.assert_close(g, G.mean(0) + reg, rtol=1e-12, atol=1e-14)
+    want = 0.5 * float((G[:300].mean(0) - G[300:].mean(0)).norm()) * math.sqrt(1 - 600 / 4000)
+    assert sample.noise == pytest.approx(want, rel=1e-10)
+    assert f == pytest.approx(float(fs.batch_value(x, (X[idx], y[idx]))), rel=1e-12)
+
+
+@pytest.mark.parametrize("m", [200, 2000])
+def test_noise_squared_is_the_expected_sampling_error(m):
+    """Over 400 draws without replacement, the mean of noise^2 equals the mean of
+    |g_S - g|^2 (both estimate tr(Sigma) (1/m - 1/n)); with m = n/2 a dropped finite
+    population correction would read 2x, a missing 1/2 4x."""
+    X, y = _data()
+    fs = FiniteSum(_bce, (X, y))
+    x = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.1], dtype=D)
+    G = _per_sample_grads(X, y, x)
+    g = G.mean(0)
+    gen = torch.Generator().manual_seed(2)
+    noise2, err2 = [], []
+    for _ in range(400):
+        idx = torch.randperm(4000, generator=gen)[:m]
+        sample = SampleSum(fs, idx)
+        _, gs = _eval(sample, x)
+        noise2.append(sample.noise**2)
+        err2.append(float((gs - g).norm()) ** 2)
+    exact = float(((G - g) ** 2).sum(1).sum()) / (4000 - 1) * (1 / m - 1 / 4000)
+    assert sum(err2) / 400 == pytest.approx(exact, rel=0.15)
+    assert sum(noise2) / 400 == pytest.approx(exact, rel=0.15)
+
+
+def test_a_sum_is_scaled_to_the_whole_data():
+    """reduction="sum": the sample's sum times n/m, an estimate of the full sum; its
+    dense Hessian (closed form or autograd) is scaled alike."""
+    X, y = _data()
+    fs = FiniteSum(_bce_sum, (X, y), reduction="sum")
+    x = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.1], dtype=D)
+    idx = torch.arange(0, 4000, 8)
+    sample = SampleSum(fs, idx)
+    f, g = _eval(sample, x)
+    G = _per_sample_grads(X[idx], y[idx], x)
+    assert f == pytest.approx(8 * float(_bce_sum(x, (X[idx], y[idx]))), rel=1e-12)
+    torch.testing.assert_close(g, 8 * G.sum(0), rtol=1e-12, atol=1e-12)
+    want = 0.5 * 4000 * float((G[:250].mean(0) - G[250:].mean(0)).norm()) * math.sqrt(1 - 1 / 8)
+    assert sample.noise == pytest.approx(want, rel=1e-10)
+    H = sample._dense_hessian(x, x.shape)
+    ref = 8 * torch.func.hessian(lambda z: _bce_sum(z, (X[idx], y[idx])))(x)
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------- the runs
+def _tall_logistic(n=20000, d=10, reduction="mean"):
+    X, y = _data(n, d, seed=3)
+    l2 = 1.0 / n
+    loss = _bce if reduction == "mean" else _bce_sum
+    scale = 1.0 if reduction == "mean" else n
+    fs = FiniteSum(
+        loss, (X, y), regularizer=lambda x: scale * 0.5 * l2 * (x[:-1] ** 2).sum(),
+        reduction=reduction,
+    )  # fmt: skip
+    return fs, X, y[:, None]
+
+
+class _Counting:
+    """A loss that counts its calls on all the data and on fewer samples."""
+
+    def __init__(self, loss, n):
+        self.loss, self.n, self.full, self.part = loss, n, 0, 0
+
+    def __call__(self, x, batch):
+        if len(batch[0]) == self.n:
+            self.full += 1
+        else:
+            self.part += 1
+        return self.loss(x, batch)
+
+
+@pytest.mark.parametrize("gradient_sample", ["auto", 300, 0.05])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_phases_end_at_the_full_data_minimiser(gradient_sample, reduction):
+    fs, X, y = _tall_logistic(reduction=reduction)
+    counting = _Counting(fs.loss, fs.samples)
+    fs = FiniteSum(counting, fs.data, regularizer=fs.regularizer, reduction=reduction)
+    x0 = torch.zeros(11, dtype=D)
+    opts = {**TIGHT, "gtol": 1e-13 * (fs.samples if reduction == "sum" else 1)}
+    # no dense Hessian over all the data (the saddle check's, the curvature's cap)
+    opts.update(saddle_check=False, subsample_max=0.5)
+    r = minimize(fs, x0, "subsampled-newton", options={**opts, "gradient_sample": gradient_sample})
+    assert r.success, r.message
+    assert float((r.x - _sklearn_logistic(X, y)).norm() / r.x.norm()) <= 1e-8
+    assert counting.part > 0  # the phases ran ...
+    assert r.nfev == counting.full  # ... and nfev counts the evaluations over all the data
+
+
+def test_phases_save_evaluations_over_all_the_data():
+    """The point of the phases, on a tall problem: fewer evaluations over all the data
+    (9 without them, 6 with, from this seed) for the same test."""
+    fs, _, _ = _tall_logistic(n=40000)
+    x0 = torch.zeros(11, dtype=D)
+    runs = {
+        gs: minimize(fs, x0, "subsampled-newton", options={**TIGHT, "gradient_sample": gs})
+        for gs in (None, "auto")
+    }
+    assert all(r.success for r in runs.values())
+    assert runs["auto"].nfev + 2 <= runs[None].nfev
+    torch.testing.assert_close(runs["auto"].x, runs[None].x, rtol=1e-9, atol=1e-12)
+
+
+def test_a_relative_test_starts_from_x0():
+    """grad_rtol is relative to the gradient at x0 over all the data: x0 is evaluated
+    first, and a start that already passes stays, with no phase run."""
+    fs, _, _ = _tall_logistic()
+    x0 = torch.zeros(11, dtype=D)
+    opts = {"gtol": 0.0, "grad_rtol": 1e-8, "norm": 2}
+    r = minimize(fs, x0, "subsampled-newton", options=opts)
+    assert r.success
+    g0 = torch.func.grad(fs)(x0).norm()
+    assert float(torch.func.grad(fs)(r.x).norm()) <= 1e-8 * float(g0)
+    again_opts = {**opts, "gtol": 1e-6, "saddle_check": False}
+    again = minimize(fs, r.x, "subsampled-newton", options=again_opts)
+    assert again.nit == 0 and again.nfev == 1 and torch.equal(again.x, r.x)
+
+
+def test_the_same_seed_draws_the_same_samples():
+    fs, _, _ = _tall_logistic()
+    x0 = torch.zeros(11, dtype=D)
+    opts = {"gtol": 1e-6, "gradient_sample": 200}
+    a = minimize(fs, x0, "subsampled-newton", max_iter=2, options=opts)
+    b = minimize(fs, x0, "subsampled-newton", max_iter=2, options=opts)
+    c = minimize(fs, x0, "subsampled-newton", max_iter=2, options={**opts, "seed": 1})
+    assert torch.equal(a.x, b.x)
+    assert not torch.equal(a.x, c.x)
+
+
+def test_a_start_not_finite_on_the_sample_is_reported_at_x0():
+    X, y = _data(2000)
+
+    def loss(x, batch):
+        return _bce(x, batch) + torch.log(x[0])  # log(0) at x0
+
+    fs = FiniteSum(loss, (X, y))
+    r = minimize(fs, torch.zeros(5, dtype=D), "subsampled-newton")
+    assert r.status == "non_finite" and "fun(x0)" in r.message
+
+
+def test_first_sample_sizes():
+    assert first_sample("auto", 200000, 101) == 1010
+    assert first_sample("auto", 2019, 101) is None  # the first phase would be over half
+    assert first_sample(300, 600, 5) == 300 and first_sample(301, 600, 5) is None
+    assert first_sample(0.01, 200000, 101) == 2000
+    assert first_sample(None, 10**6, 5) is None
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3, 0.0, 0.6, 1.0, "all", True, float("nan")])
+def test_bad_gradient_sample_raises(bad):
+    fs, _, _ = _tall_logistic(n=1000)
+    with pytest.raises(ValueError, match="gradient_sample"):
+        opts = {"gradient_sample": bad}
+        minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options=opts)
+
+
+def test_a_network_reaches_a_minimum_through_the_phases():
+    """A non-convex FiniteSum (an MLP's cross-entropy, exact subsampled Hessians that may
+    be indefinite): the phases ran, and the run ends where the full gradient is small and
+    the full Hessian (torch.func, float64) is positive semi-definite."""
+    torch.manual_seed(0)
+    X = torch.randn(3000, 3, dtype=D)
+    y = (X[:, 0] * X[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def loss(w, batch):
+        params = {n: t.view(s) for n, t, s in zip(names, w.split(sizes), shapes)}
+        out = torch.func.functional_call(model, params, (batch[0],))
+        return nn.functional.cross_entropy(out, batch[1])
+
+    counting = _Counting(loss, 3000)
+    fs = FiniteSum(counting, (X, y), regularizer=lambda w: 1e-3 * (w**2).sum())
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    r = minimize(fs, w0, "subsampled-newton", options={"gtol": 1e-9})
+    assert r.success, r.message
+    assert counting.part > 0  # first phase: 10 per unknown = 260 samples
+    assert float(torch.func.grad(fs)(r.x).abs().max()) <= 1e-9
+    assert float(torch.linalg.eigvalsh(torch.func.hessian(fs)(r.x))[0]) > -1e-8
