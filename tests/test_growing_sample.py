@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from hesse import FiniteSum, minimize
+from hesse import FiniteSum, OptimizeWarning, minimize
 from hesse._minimize._growing_sample import SampleSum, first_sample
 from hesse.problems import synthetic_logistic
 
@@ -247,3 +247,20 @@ def test_a_network_reaches_a_minimum_through_the_phases():
     assert counting.part > 0  # first phase: 10 per unknown = 260 samples
     assert float(torch.func.grad(fs)(r.x).abs().max()) <= 1e-9
     assert float(torch.linalg.eigvalsh(torch.func.hessian(fs)(r.x))[0]) > -1e-8
+
+
+# ------------------------------------------------------------- the default method
+def test_the_default_for_a_finite_sum_is_subsampled_newton():
+    """method=None: subsampled Newton (with its warm start) for a FiniteSum autograd
+    differentiates and whose Hessian fits dense_max; trust-ncg otherwise, and for a plain
+    function. The default run still ends at scikit-learn's solution."""
+    fs, X, y = _tall_logistic()
+    x0 = torch.zeros(11, dtype=D)
+    r = minimize(fs, x0, options=TIGHT)
+    assert r.method == "subsampled-newton" and r.success
+    assert float((r.x - _sklearn_logistic(X, y)).norm() / r.x.norm()) <= 1e-8
+    with pytest.warns(OptimizeWarning, match="dense_max"):  # not an option of trust-ncg
+        assert minimize(fs, x0, max_iter=1, options={"dense_max": 10}).method == "trust-ncg"
+    g = torch.func.grad(fs)
+    assert minimize(fs, x0, grad=g, max_iter=1).method == "trust-ncg"
+    assert minimize(lambda x: (x**2).sum(), x0).method == "trust-ncg"

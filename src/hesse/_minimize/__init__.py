@@ -106,6 +106,17 @@ def _method(method: object) -> str:
     return name
 
 
+def _default_method(fun, x0: Tensor, grad, hvp, options) -> str:
+    """``method=None``: subsampled Newton for a FiniteSum it can take (differentiated by
+    autograd, a Hessian of at most ``dense_max`` unknowns), else trust-ncg."""
+    given = options if isinstance(options, dict) else {}
+    dense_max = given.get("dense_max", SUBSAMPLED_OPTIONS["dense_max"])
+    if isinstance(fun, FiniteSum) and grad is None and hvp is None:
+        if isinstance(dense_max, int) and x0.numel() <= dense_max:
+            return "subsampled-newton"
+    return "trust-ncg"
+
+
 def _options(method: str, options: dict | None) -> dict[str, Any]:
     if options is None:
         options = {}
@@ -189,7 +200,7 @@ def _tolerances(dtype: torch.dtype, tol: float | None, opts: dict) -> Tolerances
 def minimize(
     fun: Callable[[Tensor], Tensor],
     x0: Tensor,
-    method: str = "trust-ncg",
+    method: str | None = None,
     *,
     grad: Callable[[Tensor], Tensor] | None = None,
     hvp: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -210,7 +221,7 @@ def minimize(
                         ``"lm"`` (Levenberg-Marquardt damping adapted by the reduction ratio)
     ``"newton-cg"``     truncated CG on Hessian-vector products (Hessian-free), line search,
                         negative curvature handled
-    ``"trust-ncg"``     Steihaug-Toint CG in a trust region (the default)
+    ``"trust-ncg"``     Steihaug-Toint CG in a trust region (the default for a function)
     ``"trust-exact"``   the exact trust-region subproblem on the dense Hessian (Moré-Sorensen)
     ``"bfgs"``/``"dfp"`` rank-2 updates of a dense inverse Hessian, Powell-damped
     ``"sr1"``           rank-1 updates of the Hessian, in a trust region
@@ -241,7 +252,11 @@ def minimize(
             (a value with no autograd path back to ``x`` at ``x0``, e.g. from ``x.detach()``
             or numpy, raises a ``ValueError`` rather than reading as a zero gradient).
         x0: the start (any shape; floating point; never modified).
-        method: one of the names above (case and ``_``/``-`` do not matter).
+        method: one of the names above (case and ``_``/``-`` do not matter). ``None``
+            (default): ``"subsampled-newton"`` for a :class:`FiniteSum` without ``grad``
+            or ``hvp`` and with at most ``dense_max`` unknowns (4096 unless
+            ``options`` says otherwise; tall data: ``benchmarks/logistic.py``), else
+            ``"trust-ncg"``.
         grad: ``x -> gradient`` instead of autograd.
         hvp: ``(x, v) -> Hessian @ v`` instead of autograd (with ``grad`` but no ``hvp``,
             products are central differences of ``grad``).
@@ -291,7 +306,7 @@ def minimize(
         raise ValueError(
             f"x0 must hold at least one unknown, got an empty tensor of shape {tuple(x0.shape)}"
         )
-    name = _method(method)
+    name = _method(_default_method(fun, x0, grad, hvp, options) if method is None else method)
     opts = _options(name, options)
     if name in FINITE_SUM_METHODS:
         if not isinstance(fun, FiniteSum):
