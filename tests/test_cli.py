@@ -183,7 +183,9 @@ def test_compare_minimise_matches_hesse_minimize(capsys, tmp_path):
     p, model = fixed_model("logistic-breast-cancer")
     fun, w0 = p.objective(model)
     for m, d in res["methods"].items():
-        r = hesse.minimize(fun, w0, m, tol=1e-8, max_iter=2000)
+        # a convex problem: the CLI asks no method for a saddle check
+        opts = {"saddle_check": False}
+        r = hesse.minimize(fun, w0, m, tol=1e-8, max_iter=2000, options=opts)
         assert (d["nit"], d["nfev"], d["njev"], d["nhvp"], d["nhev"]) == (
             r.nit, r.nfev, r.njev, r.nhvp, r.nhev)  # fmt: skip
         assert d["fun"] == pytest.approx(float(r.fun), rel=1e-12)

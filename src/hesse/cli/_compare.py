@@ -231,7 +231,8 @@ def run_compare(args: argparse.Namespace, ui: Output) -> dict[str, Any]:
         else:
             f = classic_function(name)
             fun, x0, f_star = f.fun, f.x0(dtype=dtype or torch.float64, device=device), f.f_star
-        runs = minimize_all(fun, x0, methods, args.tol, args.max_iter, ui, limit)
+        convex = p is not None and p.convex
+        runs = minimize_all(fun, x0, methods, args.tol, args.max_iter, ui, limit, convex)
         results = {"command": "compare", "mode": "minimize", "problem": name}
         results.update(minimize_summary(runs, f_star))
         print_minimize(results, ui, f"{name}: hesse.minimize from the same start")
@@ -295,11 +296,13 @@ def _refuse(args: argparse.Namespace, options: tuple[str, ...], what: str, name:
 
 def minimize_all(
     fun: Callable, x0: torch.Tensor, methods: list[str], tol: float | None, max_iter: int | None,
-    ui: Output, time_limit: float | None = None,
+    ui: Output, time_limit: float | None = None, convex: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Run :func:`hesse.minimize` with each method from ``x0``; ``{method: (result,
     seconds)}``. With ``time_limit``, a run still going after that many seconds stops
-    (through the callback) with the status :attr:`hesse.linalg.Status.TIME_LIMIT`."""
+    (through the callback) with the status :attr:`hesse.linalg.Status.TIME_LIMIT`. A
+    ``convex`` objective has no saddle points: no method checks for one (the check forms
+    the dense Hessian, or runs Lanczos, over all the data at the end)."""
     if tol is None:
         tol = 1e-8 if x0.dtype == torch.float64 else None
     if tol is not None and not tol > 0:
@@ -318,8 +321,9 @@ def minimize_all(
             def over(_, t0=t0):
                 return time_limit is not None and time.perf_counter() - t0 > time_limit
 
+            options = {"history": True, **({"saddle_check": False} if convex else {})}
             r = hesse.minimize(fun, x0, m, tol=tol, max_iter=max_iter or 2000, callback=over,
-                               options={"history": True})  # fmt: skip
+                               options=options)  # fmt: skip
             if r.status is Status.CALLBACK:
                 advice = Status.TIME_LIMIT.advice(time_limit="--time-limit")
                 message = f"stopped after the time limit of {time_limit:g} s; {advice}"

@@ -116,7 +116,7 @@ def _part_one(args, ui: Output, budget, device, dtype) -> dict[str, Any]:
     ui.print(f"\n[bold]1. {p.description}[/bold]")
     torch.manual_seed(args.seed)
     fun, w0 = p.objective(p.make_model())
-    runs = minimize_all(fun, w0, list(DEMO_MINIMIZE), None, budget["max_iter"], ui)
+    runs = minimize_all(fun, w0, list(DEMO_MINIMIZE), None, budget["max_iter"], ui, None, p.convex)
     out: dict[str, Any] = {
         "problem": CONVEX,
         "samples": p.train[0].shape[0],
