@@ -69,6 +69,79 @@ def test_noise_is_half_the_spread_of_the_halves_means():
     assert f == pytest.approx(float(fs.batch_value(x, (X[idx], y[idx]))), rel=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("batch_size", [None, 37])
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_noise_with_odd_samples_chunks_dicts_and_sums(reduction, batch_size, as_dict):
+    """m = 601 (halves of 300 and 301: each half's mean, not its sum times 2), evaluated in
+    chunks of 37, data as a dict, a sum scaled by n/m, and a regulariser."""
+    X, y = _data()
+    n, m = 4000, 601
+
+    def loss(x, batch):
+        Xb, yb = (batch["X"], batch["y"]) if as_dict else batch
+        return (_bce if reduction == "mean" else _bce_sum)(x, (Xb, yb))
+
+    data = {"X": X, "y": y} if as_dict else (X, y)
+    reg = lambda x: 0.01 * (x**2).sum()  # noqa: E731
+    fs = FiniteSum(loss, data, regularizer=reg, reduction=reduction, batch_size=batch_size)
+    x = torch.linspace(-0.5, 0.5, 5, dtype=D)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:m]
+    sample = SampleSum(fs, idx)
+    f, g = _eval(sample, x)
+    G = _per_sample_grads(X[idx], y[idx], x)
+    scale = 1.0 if reduction == "mean" else float(n)  # the sum's estimate is n times the mean
+    torch.testing.assert_close(g, scale * G.mean(0) + 0.02 * x, rtol=1e-11, atol=1e-12)
+    spread = (G[:300].mean(0) - G[300:].mean(0)).norm()
+    want = 0.5 * scale * float(spread) * math.sqrt(1 - m / n)
+    assert sample.noise == pytest.approx(want, rel=1e-10)
+    value = float(_bce(x, (X[idx], y[idx])))
+    assert f == pytest.approx(scale * value + float(reg(x)), rel=1e-12)
+
+
+@pytest.mark.parametrize("closed_form", [False, True])
+def test_a_sum_samples_hessian_on_a_subsample_estimates_the_whole(closed_form):
+    """Inside a phase of m samples, the curvature on k of them with the loop's scale m/k is
+    (n/k) times their summed Hessian, from a closed-form hessian= as from autograd."""
+    X, y = _data()
+    x = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.1], dtype=D)
+
+    def closed(x, batch):  # the Hessian of the summed BCE of a linear model with intercept
+        Xb, _ = batch
+        A = torch.cat([Xb, torch.ones(len(Xb), 1, dtype=D)], 1)
+        s = torch.sigmoid(A @ x)
+        return A.T @ (A * (s * (1 - s))[:, None])
+
+    fs = FiniteSum(_bce_sum, (X, y), reduction="sum", hessian=closed if closed_form else None)
+    idx = torch.arange(0, 4000, 5)  # m = 800 of n = 4000
+    sample = SampleSum(fs, idx)
+    j = torch.arange(0, 800, 4)  # k = 200 of them
+    H = sample._dense_hessian(x, x.shape, sample.subsample(j), 800 / 200)
+    rows = idx[j]
+    ref = (4000 / 200) * torch.func.hessian(lambda z: _bce_sum(z, (X[rows], y[rows])))(x)
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_a_tensor_passed_as_it_is_is_never_subsampled():
+    """data's tensors with another first dimension than n are passed whole, even where it
+    equals a phase's sample (m = 110 for P = 11) or one of its halves (55)."""
+    fs, _, _ = _tall_logistic(n=4000)
+    X, y = fs.data
+    E = torch.ones(110, 3, dtype=D)
+    F = torch.ones(55, 2, dtype=D)
+    seen = set()
+
+    def loss(x, batch):
+        Xb, yb, Eb, Fb = batch
+        seen.add(len(Xb))
+        assert Eb.shape == (110, 3) and Fb.shape == (55, 2)
+        return _bce(x, (Xb, yb))
+
+    fs2 = FiniteSum(loss, (X, y, E, F), regularizer=fs.regularizer)
+    r = minimize(fs2, torch.zeros(11, dtype=D), "subsampled-newton", options={"gtol": 1e-8})
+    assert r.success and 55 in seen
+
+
 @pytest.mark.parametrize("m", [200, 2000])
 def test_noise_squared_is_the_expected_sampling_error(m):
     """Over 400 draws without replacement, the mean of noise^2 equals the mean of
@@ -264,3 +337,56 @@ def test_the_default_for_a_finite_sum_is_subsampled_newton():
     g = torch.func.grad(fs)
     assert minimize(fs, x0, grad=g, max_iter=1).method == "trust-ncg"
     assert minimize(lambda x: (x**2).sum(), x0).method == "trust-ncg"
+
+
+# ------------------------------------------------------------ budgets and restarts
+@pytest.mark.parametrize("max_iter", [1, 3])
+def test_the_phases_keep_within_max_iter(max_iter):
+    fs, _, _ = _tall_logistic()
+    r = minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", max_iter=max_iter)
+    assert r.nit == max_iter and r.status == "max_iterations"
+
+
+def test_a_restart_at_a_solution_stays_there():
+    """Without grad_rtol x0 is not evaluated over all the data before the phases; at a
+    minimiser every sample's gradient is within twice its noise, so no phase moves it."""
+    fs, _, _ = _tall_logistic()
+    opts = {**TIGHT, "saddle_check": False}
+    x = minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options=opts).x
+    again = minimize(fs, x, "subsampled-newton", options={**opts, "gtol": 1e-6})
+    assert again.nit == 0 and again.nfev == 1 and torch.equal(again.x, x)
+
+
+def test_a_relative_test_is_relative_to_x0_not_to_the_warm_start():
+    """grad_rtol=0.5: the phases' point (its gradient about a tenth of the start's) passes
+    at once, so the run is x0's evaluation and the warm point's."""
+    fs, _, _ = _tall_logistic()
+    opts = {"gtol": 0.0, "grad_rtol": 0.5, "norm": 2, "saddle_check": False}
+    r = minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options=opts)
+    assert r.success and r.nfev == 2 and r.nit > 0  # the phases' iterations
+
+
+def test_the_full_loop_starts_with_the_phases_damping(monkeypatch):
+    """The damping that the last phase reached (LM: shrunk after its good steps) is the
+    full loop's first, not options["damping"] again."""
+    import hesse._minimize._finite_sum as fsm
+
+    seen = []
+    direction = fsm.dense_newton_direction
+    hessian = fsm._subsample_hessian
+
+    def spy_hessian(obj, fs, *args):
+        seen.append(["phase" if isinstance(fs, SampleSum) else "full"])
+        return hessian(obj, fs, *args)
+
+    def spy_direction(H, g, damping):
+        seen[-1].append(damping)
+        return direction(H, g, damping)
+
+    monkeypatch.setattr(fsm, "_subsample_hessian", spy_hessian)
+    monkeypatch.setattr(fsm, "dense_newton_direction", spy_direction)
+    fs, _, _ = _tall_logistic()
+    minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options={"gtol": 1e-8})
+    first_full = next(i for i, (where, _) in enumerate(seen) if where == "full")
+    assert first_full > 1 and seen[0][1] == 1e-3
+    assert seen[first_full][1] < 1e-3 / 2  # shrunk in the phases, carried over

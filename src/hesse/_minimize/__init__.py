@@ -373,7 +373,7 @@ def _no_point(run: Run, x: Tensor, end: Stop) -> OptimizeResult:
         x=x.view(run.obj.shape),
         fun=torch.tensor(math.nan, dtype=x.dtype, device=x.device),
         jac=nan.view(run.obj.shape),
-        nit=0,
+        nit=run.nit,  # 0, or the iterations of subsampled Newton's phases on samples
         nfev=c.nfev,
         njev=c.njev,
         nhev=c.nhev,

@@ -19,7 +19,7 @@ from hesse._minimize._loops import _stationary
 from hesse._minimize._objective import Objective
 from hesse._minimize._run import Run, Stop
 from hesse.func._engine import flat_graph_hvp
-from hesse.func._io import first_tensor, take_samples
+from hesse.func._io import first_tensor, map_tensors
 from hesse.solvers import NewtonDescent, lm_damping, search_iteration, subsample_size
 from hesse.solvers._subsample import (
     ARMIJO_C1,
@@ -133,6 +133,10 @@ class FiniteSum:
         self.reduction, self.hessian = reduction, hessian
         self.samples = int(first.shape[0])
         self.batch_size = batch_size
+        # which tensors of data hold one sample per row: decided once, here, so that a
+        # tensor passed as it is never gets indexed where its first dimension happens to
+        # equal a chunk's or a subsample's size
+        self._per_sample = _per_sample_leaves(data, self.samples)
 
     @property
     def chunked(self) -> bool:
@@ -149,7 +153,7 @@ class FiniteSum:
         b = self.batch_size or n
         for start in range(0, n, b):
             stop = min(n, start + b)
-            chunk = take_samples(batch, n, slice(start, stop))
+            chunk = self._take(batch, slice(start, stop))
             yield chunk, scale * ((stop - start) / n if self.reduction == "mean" else 1.0)
 
     def _parts(self, batch: Any = None, scale: float = 1.0):
@@ -252,12 +256,37 @@ class FiniteSum:
     def subsample(self, idx: Tensor) -> Any:
         """The samples at positions ``idx`` (every tensor with the samples along its first
         dimension is indexed alike)."""
-        return take_samples(self.data, self.samples, idx)
+        return self._take(self.data, idx)
+
+    def _take(self, batch: Any, rows: slice | Tensor) -> Any:
+        """``rows`` of ``batch`` (``data`` or a part of it, shaped alike) in every tensor
+        that holds the samples in ``data``; the others as they are."""
+        flags = iter(self._per_sample)
+
+        def take(t: Tensor) -> Tensor:
+            if not next(flags):
+                return t
+            return t[rows] if isinstance(rows, slice) else t[rows.to(t.device)]
+
+        return map_tensors(batch, take)
 
     def __repr__(self) -> str:
         reg = ", regularizer" if self.regularizer is not None else ""
         bs = f", batch_size={self.batch_size}" if self.batch_size is not None else ""
         return f"FiniteSum({self.samples} samples, reduction={self.reduction!r}{reg}{bs})"
+
+
+def _per_sample_leaves(data: Any, n: int) -> tuple[bool, ...]:
+    """For each tensor of ``data`` (in :func:`map_tensors`' order), whether it holds ``n``
+    samples along its first dimension."""
+    flags: list[bool] = []
+
+    def mark(t: Tensor) -> Tensor:
+        flags.append(t.dim() > 0 and t.shape[0] == n)
+        return t
+
+    map_tensors(data, mark)
+    return tuple(flags)
 
 
 #: Options of ``method="subsampled-newton"`` and their defaults (those of
@@ -333,10 +362,10 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
     growth, seed = options["subsample_growth"], options["seed"]
     scale = 1.0
     run.damping = options["damping"]
-    pt = _first_point(
+    pt, warm = _first_point(
         run, x0, lambda x: sample_phases(run, fs, x, options, subsampled_newton_loop, base, cap)
     )
-    damping, nu = run.damping, 2.0  # the phases' last damping, where they ran
+    damping, nu = (run.damping if warm else options["damping"]), 2.0  # the phases' last
     g0 = pt.g_norm(2)
     step = 0
     while True:
@@ -384,28 +413,32 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
 
 
 def _first_point(run: Run, x0: Tensor, warm_start):
-    """The loop's first point over all the data: ``warm_start(x0)`` (the phases on growing
-    samples), or ``x0`` where that is not finite. ``x0`` is evaluated over all the data
-    first only where a test needs it: a ``grad_rtol`` (relative to the gradient there);
-    a start that passes the gradient test then stays."""
+    """The loop's first point over all the data and whether it is the warm start's:
+    ``warm_start(x0)`` (the phases on growing samples), or ``x0`` where that is not finite.
+    ``x0`` is evaluated over all the data first only where a test needs it: a
+    ``grad_rtol`` (relative to the gradient there); a start that passes the gradient test
+    then stays, and so does one where ``f`` is lower than at the warm start's point."""
     start = None
     if run.tol.grad_rtol > 0:
         start = run.first(x0, False)
         run.record(start)
         if run.converged(start):
-            return start
+            return start, False
     x = warm_start(x0)
     pt = run.evaluate(x) if x is not x0 else None
-    if pt is None or not pt.finite:
+    if pt is None or not pt.finite or (start is not None and start.f <= pt.f):
         if start is not None:
-            return start
+            run.current = start
+            return start, False
         pt = run.first(x0, False)
-    elif start is None:
+        run.record(pt)
+        return pt, False
+    if start is None:
         run.first_point(pt)
     else:
         run.current = pt
     run.record(pt)
-    return pt
+    return pt, True
 
 
 def _subsample_hessian(obj: Objective, fs: FiniteSum, x: Tensor, batch: Any, scale: float):

@@ -39,13 +39,19 @@ from hesse._core._status import Status
 from hesse._minimize._finite_sum import FiniteSum
 from hesse._minimize._objective import Objective
 from hesse._minimize._run import Run, Stop
-from hesse.func._io import first_tensor, take_samples
+from hesse.func._io import first_tensor
 from hesse.solvers import Tolerances
 
 #: Each phase's sample is this many times the last one's.
 GROWTH = 10
 #: A phase ends when its gradient's 2-norm is at most this many times its sampling noise.
 THETA = 1.0
+#: A phase whose start's gradient is within this many times its noise takes no step: at a
+#: minimiser ``|g_S|`` is about the noise itself, so the test of :data:`THETA` would move
+#: a start that is already a solution (a restart, the last point of a path) half the time;
+#: the ratio of the two estimates is F-distributed, with as few degrees of freedom as the
+#: gradient's covariance has dominant directions, so 2 would still move one now and then.
+START_THETA = 3.0
 #: ``gradient_sample="auto"``: the first phase's samples per unknown.
 AUTO_SAMPLES_PER_UNKNOWN = 10
 #: The most iterations of one phase (Newton on a sample takes a few; a phase that has not
@@ -74,9 +80,10 @@ class SampleSum(FiniteSum):
             hessian=hessian,
             batch_size=fs.batch_size,
         )
+        self._per_sample = fs._per_sample  # fs's tensors of samples, not by size here
         self.population = n
         half = m // 2
-        self.halves = tuple(take_samples(self.data, m, s) for s in (slice(0, half), slice(half, m)))
+        self.halves = (self._take(self.data, slice(0, half)), self._take(self.data, slice(half, m)))
         self.noise = math.nan
 
     @property
@@ -121,14 +128,15 @@ class _PhaseRun(Run):
     """A phase's run: no callback, history or saddle check; its gradient test, set at its
     first evaluation, is the norm test against that evaluation's sampling noise (or the
     whole run's ``gtol``, if that is larger: a sample's gradient need not be smaller than
-    the one asked of all the data's)."""
+    the one asked of all the data's); a start within :data:`START_THETA` times the noise
+    passes it at once."""
 
-    def __init__(self, parent: Run, obj: Objective, sample: SampleSum):
+    def __init__(self, parent: Run, obj: Objective, sample: SampleSum, max_iter: int):
         super().__init__(
             parent.method,
             obj,
             Tolerances(gtol=0.0, norm=2),
-            max(1, min(PHASE_MAX_ITER, parent.max_iter - parent.nit)),
+            max_iter,
             parent.max_fev,
             None,
             False,
@@ -139,7 +147,9 @@ class _PhaseRun(Run):
 
     def first(self, x0: Tensor, graph: bool):
         pt = super().first(x0, graph)
-        self.tol = Tolerances(gtol=max(THETA * self.sample.noise, self.floor), norm=2)
+        noise = self.sample.noise
+        at_start = START_THETA if pt.g_norm(2) <= START_THETA * noise else THETA
+        self.tol = Tolerances(gtol=max(at_start * noise, self.floor), norm=2)
         return pt
 
 
@@ -186,33 +196,41 @@ def sample_phases(run: Run, fs: FiniteSum, x: Tensor, options: dict, loop, base:
     """The point the loop over all the data starts from: ``x`` after the phases on nested
     samples (``loop``, subsampled Newton, on each :class:`SampleSum`; its curvature on at
     most ``base`` samples at first and ``cap`` at most, like the full loop's), or ``x``
-    itself where there are none. The phases' iterations count in ``run.nit``, their dense
-    Hessians in ``nhev``; their evaluations, on at most half the data, are not counted in
-    ``nfev``."""
+    itself where there are none. The phases leave at least one of ``run``'s iterations to
+    the full loop; their iterations count in ``run.nit``, their dense Hessians in
+    ``nhev``; their evaluations, on at most half the data, are not counted in ``nfev``.
+    ``run.damping`` becomes the damping of the last phase that passed its test (where one
+    fails, the next starts again from ``options["damping"]``)."""
     n = fs.samples
     m = first_sample(options["gradient_sample"], n, x.numel())
     if m is None:
         return x
     gen = torch.Generator().manual_seed(derive_seed(options["seed"], "gradient-sample"))
-    perm = torch.randperm(n, generator=gen)  # nested samples: prefixes of one permutation
+    index = torch.int32 if n < 2**31 else torch.int64  # 4 bytes a sample for the draw
+    perm = torch.randperm(n, generator=gen, dtype=index)  # nested: prefixes of one draw
     phase_options = {**options, "gradient_sample": None}
-    while 2 * m <= n and run.nit < run.max_iter:
+    while 2 * m <= n:
+        budget = min(PHASE_MAX_ITER, run.max_iter - run.nit - 1)
+        if budget < 1:
+            break
         half = m // 2
-        idx = torch.cat([perm[:half].sort().values, perm[half:m].sort().values])
+        idx = torch.cat([perm[:half].sort().values, perm[half:m].sort().values]).long()
         sample = SampleSum(fs, idx)
-        sub = _PhaseRun(run, Objective(sample, x.view(run.obj.shape)), sample)
+        sub = _PhaseRun(run, Objective(sample, x.view(run.obj.shape)), sample, budget)
         phase_options["subsample"] = min(base, m)
         phase_options["subsample_max"] = min(cap, m)
-        phase_options["damping"] = run.damping  # where the last phase left it
+        phase_options["damping"] = run.damping
+        status = Status.CONVERGED
         try:
             loop(sub, sample, x, phase_options)
         except Stop as stop:
-            if stop.status == Status.NON_FINITE and sub.current is None:
-                return x  # not finite on this sample at x: leave it to the full loop
+            status = stop.status
         run.nit += sub.nit
         run.obj.counts.nhev += sub.obj.counts.nhev
-        if sub.current is not None and sub.current.finite:
+        if sub.current is None:  # not finite on this sample at x: leave x to the full loop
+            break
+        if sub.current.finite:
             x = sub.current.x
-            run.damping = sub.damping
+        run.damping = sub.damping if status == Status.CONVERGED else options["damping"]
         m *= GROWTH
     return x
