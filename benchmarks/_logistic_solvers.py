@@ -134,6 +134,8 @@ FS_SETTINGS = tuple(  # the same, and the phases on growing samples or none
     for s in (*SN_SETTINGS[1:], {"subsample": 0.1, "subsample_growth": 0.0})
     for g in ("auto", None)
 )
+# the same with the whole method first on a float32 copy of the data, then float64
+MIXED_SETTINGS = tuple({**s, "precision": "mixed"} for s in FS_SETTINGS if s["gradient_sample"])
 SOLVERS = [
     Solver("scipy:L-BFGS-B", "scipy", scipy_lbfgsb, (10, 30), "maxcor"),
     Solver("sklearn:lbfgs", "sklearn", sklearn_solver("lbfgs"), (1.0, 1 / 3, 0.1), "tol/target"),
@@ -150,5 +152,6 @@ SOLVERS = [
     Solver("hesse:trust-ncg", "hesse", hesse_min("trust-ncg")),
     Solver("hesse:subsampled-newton", "hesse", hesse_subsampled, SN_SETTINGS, "setting"),
     Solver("hesse:minimize-ssn", "hesse", hesse_finite_sum, FS_SETTINGS, "setting"),
+    Solver("hesse:minimize-ssn-mixed", "hesse", hesse_finite_sum, MIXED_SETTINGS, "setting"),
 ]
 SEQUENTIAL_LADDER = ("sklearn:lbfgs", "sklearn:newton-cg")  # loosest first: stop at success

@@ -30,7 +30,10 @@ fastest that reaches the target is kept), then timed twice, best of the two:
   problem's own objective, :meth:`hesse.problems.Problem.objective` (two of the same
   settings and a fixed 10% subsample, each with its phases on growing samples,
   ``gradient_sample="auto"``, or without, ``None``; the target as an absolute ``gtol``
-  and no saddle check: ``_logistic_solvers.hesse_finite_sum`` says why).
+  and no saddle check: ``_logistic_solvers.hesse_finite_sum`` says why); and the same
+  with ``precision="mixed"`` (``minimize-ssn-mixed``: the whole method first on a float32
+  copy of the data, then float64 from its point; the float32 copy is made inside the
+  timed call).
 
 Same target, measured the same way: where the benchmark calls the objective (scipy,
 torch.optim, SubsampledNewton), the run ends at the first evaluation whose gradient meets

@@ -390,3 +390,83 @@ def test_the_full_loop_starts_with_the_phases_damping(monkeypatch):
     first_full = next(i for i, (where, _) in enumerate(seen) if where == "full")
     assert first_full > 1 and seen[0][1] == 1e-3
     assert seen[first_full][1] < 1e-3 / 2  # shrunk in the phases, carried over
+
+
+# ------------------------------------------------------------------ mixed precision
+class _DtypeCounting:
+    """A loss that counts its calls on all the data, by dtype."""
+
+    def __init__(self, loss, n):
+        self.loss, self.n, self.full = loss, n, {torch.float32: 0, torch.float64: 0}
+
+    def __call__(self, x, batch):
+        if len(batch[0]) == self.n:
+            self.full[batch[0].dtype] += 1
+        assert batch[0].dtype == x.dtype
+        return self.loss(x, batch)
+
+
+def test_mixed_precision_ends_at_the_float64_minimiser():
+    """precision='mixed': the method first on a float32 copy of the data, then float64
+    from its point. The result is float64's (scikit-learn's solution to 1e-8, at a
+    gradient of 1e-13), most evaluations over all the data are float32's and nfev counts
+    both; the user's data stays as it was."""
+    fs, X, y = _tall_logistic()
+    counting = _DtypeCounting(fs.loss, fs.samples)
+    data = fs.data
+    kept = [t.clone() for t in data]
+    fs = FiniteSum(counting, data, regularizer=fs.regularizer)
+    opts = {**TIGHT, "precision": "mixed", "saddle_check": False, "subsample_max": 0.5}
+    r = minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options=opts)
+    assert r.success, r.message
+    assert r.x.dtype == D and r.jac.dtype == D and float(r.jac.abs().max()) <= 1e-13
+    assert float((r.x - _sklearn_logistic(X, y)).norm() / r.x.norm()) <= 1e-8
+    assert counting.full[torch.float32] > counting.full[torch.float64] >= 1
+    assert r.nfev == counting.full[torch.float32] + counting.full[torch.float64]
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(data, kept))
+
+
+def test_mixed_precision_on_a_problem_with_a_closed_form_hessian():
+    """Problem.objective's closed-form Hessian follows the point's dtype (its private model
+    copy is cast): the same solution as in full precision."""
+    p = synthetic_logistic(20000, 10, seed=4)
+    fs, w0 = p.objective(p.make_model())
+    x0 = torch.zeros_like(w0)
+    runs = [
+        minimize(fs, x0, "subsampled-newton", options={**TIGHT, "precision": prec})
+        for prec in ("full", "mixed")
+    ]
+    assert all(r.success for r in runs)
+    torch.testing.assert_close(runs[1].x, runs[0].x, rtol=1e-9, atol=1e-12)
+
+
+def test_mixed_precision_with_a_loss_that_cannot_run_in_float32():
+    X, y = _data(4000)
+    W = torch.eye(4, dtype=D)  # a float64 constant: float32 inputs meet it in a matmul
+
+    def loss(x, batch):
+        return _bce(x, ((batch[0] @ W), batch[1]))
+
+    fs = FiniteSum(loss, (X, y))
+    with pytest.raises(ValueError, match="precision='mixed'"):
+        minimize(fs, torch.zeros(5, dtype=D), "subsampled-newton", options={"precision": "mixed"})
+    r = minimize(fs, torch.zeros(5, dtype=D), "subsampled-newton")  # full precision works
+    assert r.success
+
+
+def test_mixed_precision_from_float32_is_float32():
+    """No dtype below float32 here: precision='mixed' from a float32 start runs as 'full'."""
+    fs, _, _ = _tall_logistic()
+    fs32 = FiniteSum(fs.loss, tuple(t.float() for t in fs.data), regularizer=fs.regularizer)
+    x0 = torch.zeros(11)
+    a = minimize(fs32, x0, "subsampled-newton", options={"precision": "mixed"})
+    b = minimize(fs32, x0, "subsampled-newton")
+    assert a.success and torch.equal(a.x, b.x) and a.nfev == b.nfev
+
+
+@pytest.mark.parametrize("bad", ["half", "float32", None, 32])
+def test_bad_precision_raises(bad):
+    fs, _, _ = _tall_logistic(n=1000)
+    with pytest.raises(ValueError, match="precision"):
+        opts = {"precision": bad}
+        minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options=opts)

@@ -282,8 +282,11 @@ def minimize(
             phases on nested samples growing tenfold, each minimised until its gradient
             is within its sampling noise, while the sample is at most half the data:
             samples, a fraction, ``"auto"``, 10 per unknown, the default, or ``None`` for
-            the full gradient from the start), ``damping`` (the initial :math:`\mu`,
-            default 1e-3),
+            the full gradient from the start), ``precision`` (``"full"``, the default, or
+            ``"mixed"``: from a float64 ``x0``, the whole method first on a float32 copy of
+            the data's float64 tensors, to the same tolerances, then float64 from its
+            point; its float32 evaluations count in ``nfev``), ``damping`` (the initial
+            :math:`\mu`, default 1e-3),
             ``dense_max`` (the most unknowns it forms a Hessian for, default 4096),
             ``seed``. An option
             of another method warns (:class:`OptimizeWarning`); an unknown one raises, and so

@@ -296,6 +296,7 @@ SUBSAMPLED_OPTIONS: dict[str, Any] = {
     "subsample_growth": 0.5,
     "subsample_max": None,
     "gradient_sample": "auto",
+    "precision": "full",
     "damping": 1e-3,
     "dense_max": 4096,
     "seed": 0,
@@ -334,8 +335,10 @@ def check_subsampled_options(out: dict[str, Any], n: int) -> None:
         )
     out["seed"] = check_seed(out["seed"], allow_none=False)
     from hesse._minimize._growing_sample import check_gradient_sample
+    from hesse._minimize._precision import check_precision
 
     check_gradient_sample(out["gradient_sample"])
+    check_precision(out["precision"])
 
 
 def _count(v: int | float, n: int) -> int:
@@ -353,7 +356,8 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
     ``k``-th step does. On tall data it starts from the phases on growing samples of
     :mod:`hesse._minimize._growing_sample` (``gradient_sample``), each this same loop on
     a :class:`~hesse._minimize._growing_sample.SampleSum`."""
-    from hesse._minimize._growing_sample import sample_phases  # it builds on this module
+    from hesse._minimize._growing_sample import sample_phases  # they build on this module
+    from hesse._minimize._precision import LOWER, lower_precision_start
 
     obj = run.obj
     n = fs.samples
@@ -362,9 +366,13 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
     growth, seed = options["subsample_growth"], options["seed"]
     scale = 1.0
     run.damping = options["damping"]
-    pt, warm = _first_point(
-        run, x0, lambda x: sample_phases(run, fs, x, options, subsampled_newton_loop, base, cap)
-    )
+
+    def warm_start(x: Tensor) -> Tensor:
+        if options["precision"] == "mixed" and x.dtype in LOWER:  # all of it in float32 first
+            return lower_precision_start(run, fs, x, options, subsampled_newton_loop)
+        return sample_phases(run, fs, x, options, subsampled_newton_loop, base, cap)
+
+    pt, warm = _first_point(run, x0, warm_start)
     damping, nu = (run.damping if warm else options["damping"]), 2.0  # the phases' last
     g0 = pt.g_norm(2)
     step = 0
@@ -403,6 +411,8 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
             continue
         run.nit += 1
         run.check_budget()
+        if not run.retry_rejected:
+            raise Stop(Status.NO_PROGRESS, f"a step was rejected: {it.search.message}")
         if not math.isfinite(damping) or damping > 1e30:
             raise Stop(
                 Status.NO_PROGRESS,

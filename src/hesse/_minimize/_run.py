@@ -52,6 +52,9 @@ class Run:
         self.hess_inv: Tensor | None = None
         # subsampled Newton's damping, carried from its phases on samples to all the data
         self.damping: float | None = None
+        # subsampled Newton: after a rejected step, damp harder and try again (a float32
+        # stage of precision="mixed" stops instead, and float64 takes over)
+        self.retry_rejected = True
 
     # -- points ------------------------------------------------------------------------
     def evaluate(self, x: Tensor, graph: bool = False) -> Point:

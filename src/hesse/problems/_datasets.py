@@ -183,6 +183,8 @@ def _dense_hessian(
         return None
 
     def hessian(w: Tensor, batch: Data) -> Tensor:
+        if any(p.dtype != w.dtype for p in twin.parameters()):
+            twin.to(w.dtype)  # a float32 stage of hesse.minimize(precision="mixed")
         load_into(twin, w.detach())
         return dense_model_curvature(fn, curvature, batch, hessian=True)
 
