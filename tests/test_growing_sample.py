@@ -426,6 +426,19 @@ def test_mixed_precision_ends_at_the_float64_minimiser():
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(data, kept))
 
 
+def test_mixed_precision_leaves_float64_one_evaluation_where_float32_can_finish():
+    """gtol 1e-7 is within what float32 resolves of this gradient (not of f: the stage has
+    no test on f's changes, and its Armijo search allows for float32's rounding of f), so
+    the float32 stage gets there in a handful of evaluations and float64 only checks."""
+    fs, _, _ = _tall_logistic()
+    counting = _DtypeCounting(fs.loss, fs.samples)
+    fs = FiniteSum(counting, fs.data, regularizer=fs.regularizer)
+    opts = {"gtol": 1e-7, "precision": "mixed", "saddle_check": False, "subsample_max": 0.5}
+    r = minimize(fs, torch.zeros(11, dtype=D), "subsampled-newton", options=opts)
+    assert r.success and float(r.jac.abs().max()) <= 1e-7
+    assert counting.full[torch.float64] == 1 and counting.full[torch.float32] <= 7
+
+
 def test_mixed_precision_on_a_problem_with_a_closed_form_hessian():
     """Problem.objective's closed-form Hessian follows the point's dtype (its private model
     copy is cast): the same solution as in full precision."""

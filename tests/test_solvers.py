@@ -590,6 +590,33 @@ def test_armijo_judges_a_step_at_f_rounding_by_its_slope():
     # beyond f's rounding the value decides, whatever the slope
     r = armijo(phi_at(1.0 + 200 * ulp, 0.0), 1.0, df0, 1.0, c1=c1)
     assert r.alpha != 1.0
+    # a float32 function's rounding is float32's: 50 of its roundings are within, 200 not
+    ulp32 = 2.0**-23
+    r = armijo(phi_at(1.0 + 50 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1, eps=ulp32)
+    assert r.accepted and r.alpha == 1.0
+    assert armijo(phi_at(1.0 + 50 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1).alpha != 1.0
+    assert armijo(phi_at(1.0 + 200 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1, eps=ulp32).alpha != 1.0
+
+
+def test_search_iteration_allows_for_the_rounding_of_the_points_dtype():
+    """A float32 point's Armijo search judges values within float32's rounding of f by
+    their slopes (a float64 point's by float64's)."""
+    from hesse.solvers import NewtonDescent, Point, search_iteration
+
+    for dtype, accepted in ((torch.float32, True), (torch.float64, False)):
+        x0 = torch.zeros(1, dtype=dtype)
+        g0 = torch.tensor([-1e-3], dtype=dtype)
+
+        def evaluate(x, dtype=dtype):  # f up by 50 float32 roundings, slope now +0.5e-3
+            return Point(x, 1.0 + 50 * 2.0**-23, g=torch.tensor([0.5e-3], dtype=dtype))
+
+        pt = Point(x0, 1.0, g=g0)
+        d = torch.ones(1, dtype=dtype)
+        it = search_iteration(
+            pt, NewtonDescent(d, -5e-4, lambda v: v * 1e-3), evaluate, "armijo", c1=1e-2,
+            retry=False,
+        )  # fmt: skip
+        assert (it.accepted and it.alpha == 1.0) == accepted, dtype
 
 
 # ------------------------------------------------------------------ one iteration

@@ -374,6 +374,7 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
 
     pt, warm = _first_point(run, x0, warm_start)
     damping, nu = (run.damping if warm else options["damping"]), 2.0  # the phases' last
+    carried = run.curvature if warm else None  # the float32 stage's last curvature
     g0 = pt.g_norm(2)
     step = 0
     while True:
@@ -384,13 +385,16 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
             pt = nxt
             continue
         g = pt.g
-        k = min(max(base, subsample_size(base, cap, pt.g_norm(2), g0, growth)), n)
-        if k >= n:
-            batch, scale = None, 1.0  # all the data (in chunks where fs has a batch_size)
+        if carried is not None:  # formed a step before this point, on the same data
+            H, carried = carried, None
         else:
-            batch = fs.subsample(subsample_indices(n, k, seed, step))
-            scale = n / k if fs.reduction == "sum" else 1.0
-        H = _subsample_hessian(obj, fs, pt.x, batch, scale)
+            k = min(max(base, subsample_size(base, cap, pt.g_norm(2), g0, growth)), n)
+            if k >= n:
+                batch, scale = None, 1.0  # all the data (in chunks where fs has a batch_size)
+            else:
+                batch = fs.subsample(subsample_indices(n, k, seed, step))
+                scale = n / k if fs.reduction == "sum" else 1.0
+            H = run.curvature = _subsample_hessian(obj, fs, pt.x, batch, scale)
         step += 1
         if H is None:  # not finite on this subsample: stay, damp harder, draw again
             damping = max(damping, 1e-8) * 10.0  # as optim.SubsampledNewton skips

@@ -16,6 +16,8 @@ float32: half their size again in memory.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -56,14 +58,18 @@ def lowered(fs: FiniteSum, dtype: torch.dtype) -> FiniteSum:
 
 
 class _StageRun(Run):
-    """The float32 stage's run: the whole run's tolerances, no callback, history or saddle
-    check, and no second try after a rejected step."""
+    """The float32 stage's run: the whole run's gradient tolerances, no callback, history
+    or saddle check, and no second try after a rejected step. No test on f or x changes
+    either (``ftol = xtol = 0``): float32 resolves f to 6e-8 of its size long before it
+    stops resolving the gradient (logistic regression: f the same to the last bit across
+    a step that cut the gradient from 1e-5 to 1e-6), so with ``ftol = 0`` the stage ends
+    only where f stays the same and the gradient no longer falls."""
 
     def __init__(self, parent: Run, obj: Objective, max_iter: int):
         super().__init__(
             parent.method,
             obj,
-            parent.tol,
+            dataclasses.replace(parent.tol, ftol=0.0, xtol=0.0),
             max_iter,
             max(1, parent.max_fev - parent.obj.counts.nfev),
             None,
@@ -78,8 +84,10 @@ def lower_precision_start(run: Run, fs: FiniteSum, x: Tensor, options: dict, loo
     """The point the float64 loop starts from: ``x`` after ``loop`` (subsampled Newton,
     phases included) on :func:`lowered` data in :data:`LOWER`'s dtype for ``x``'s, or
     ``x`` where no iteration is left. Its iterations, evaluations
-    (over all the data, in float32) and Hessians count in ``run``'s; ``run.damping``
-    becomes the stage's where it passed its test."""
+    (over all the data, in float32) and Hessians count in ``run``'s; where it ended well
+    (its gradient test, or f or x at float32's resolution), ``run.damping`` becomes its
+    damping and ``run.curvature`` its last dense curvature (cast), for the float64 loop's
+    first step."""
     low = LOWER[x.dtype]
     budget = run.max_iter - run.nit - 1  # one iteration at least for float64
     if budget < 1:
@@ -108,5 +116,10 @@ def lower_precision_start(run: Run, fs: FiniteSum, x: Tensor, options: dict, loo
     )
     if sub.current is None or not sub.current.finite:
         return x
-    run.damping = sub.damping if status == Status.CONVERGED else options["damping"]
+    # its gradient test passed, or f or x stopped changing at float32's resolution (the
+    # usual end where the tolerance is below what float32 resolves)
+    done = status in (Status.CONVERGED, Status.FTOL, Status.XTOL)
+    run.damping = sub.damping if done else options["damping"]
+    H = sub.curvature  # its last curvature, formed one step before its end point
+    run.curvature = H.to(x.dtype) if done and H is not None else None
     return sub.current.x.to(x.dtype)

@@ -55,6 +55,9 @@ class Run:
         # subsampled Newton: after a rejected step, damp harder and try again (a float32
         # stage of precision="mixed" stops instead, and float64 takes over)
         self.retry_rejected = True
+        # subsampled Newton: the last dense curvature it formed, and the one a warm start
+        # hands to the loop's first step (the float32 stage's, cast)
+        self.curvature: Tensor | None = None
 
     # -- points ------------------------------------------------------------------------
     def evaluate(self, x: Tensor, graph: bool = False) -> Point:

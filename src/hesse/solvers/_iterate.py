@@ -106,6 +106,12 @@ class Iteration:
         return self.search.alpha * float(torch.linalg.vector_norm(self.d))
 
 
+def _eps(x: Tensor) -> float:
+    """The machine epsilon of the values of a function of ``x`` (its dtype's, float64's
+    for a non-float ``x``): the rounding the Armijo search allows for."""
+    return torch.finfo(x.dtype).eps if x.is_floating_point() else 2.0**-52
+
+
 def search_iteration(
     pt: Point,
     descent: Descent,
@@ -124,7 +130,8 @@ def search_iteration(
     on :math:`\phi(\alpha) = f(x + \alpha d)`, evaluated by ``evaluate(x)``, from the
     first trial step ``scale * descent.first_step(pt, d)``; with ``retry``, a failed
     search along the descent's own direction resets the descent and searches once more
-    along the steepest direction. An accepted step is passed to ``descent.update``.
+    along the steepest direction. An accepted step is passed to ``descent.update``. The
+    Armijo search allows for the rounding of ``f`` in ``pt.x``'s dtype.
 
     Example:
         >>> import torch
@@ -156,7 +163,7 @@ def search_iteration(
             return trial.f, float(torch.dot(trial.g, d)) if trial.finite else math.nan, trial
 
         first = scale * descent.first_step(pt, d)
-        ls = line_search(search, phi, pt.f, slope, first, c1=c1, c2=c2)
+        ls = line_search(search, phi, pt.f, slope, first, c1=c1, c2=c2, eps=_eps(pt.x))
         if ls.accepted or restarted or not retry:
             break
         steepest = descent.steepest(pt)
