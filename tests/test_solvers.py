@@ -600,10 +600,12 @@ def test_armijo_judges_a_step_at_f_rounding_by_its_slope():
 
 def test_search_iteration_allows_for_the_rounding_of_the_points_dtype():
     """A float32 point's Armijo search judges values within float32's rounding of f by
-    their slopes (a float64 point's by float64's)."""
+    their slopes (a float64 point's by float64's; a bfloat16 point's too: 100 of its own
+    roundings would be 78% of f)."""
     from hesse.solvers import NewtonDescent, Point, search_iteration
 
-    for dtype, accepted in ((torch.float32, True), (torch.float64, False)):
+    cases = ((torch.float32, True), (torch.float64, False), (torch.bfloat16, False))
+    for dtype, accepted in cases:
         x0 = torch.zeros(1, dtype=dtype)
         g0 = torch.tensor([-1e-3], dtype=dtype)
 
