@@ -590,12 +590,14 @@ def test_armijo_judges_a_step_at_f_rounding_by_its_slope():
     # beyond f's rounding the value decides, whatever the slope
     r = armijo(phi_at(1.0 + 200 * ulp, 0.0), 1.0, df0, 1.0, c1=c1)
     assert r.alpha != 1.0
-    # a float32 function's rounding is float32's: 50 of its roundings are within, 200 not
-    ulp32 = 2.0**-23
-    r = armijo(phi_at(1.0 + 50 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1, eps=ulp32)
+    # a float32 function's band is 10 of float32's roundings: 5 are within, 20 not
+    from hesse.solvers._linesearch import FLOAT32_ROUNDING
+
+    ulp32, band = 2.0**-23, FLOAT32_ROUNDING
+    r = armijo(phi_at(1.0 + 5 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1, rounding=band)
     assert r.accepted and r.alpha == 1.0
-    assert armijo(phi_at(1.0 + 50 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1).alpha != 1.0
-    assert armijo(phi_at(1.0 + 200 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1, eps=ulp32).alpha != 1.0
+    assert armijo(phi_at(1.0 + 5 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1).alpha != 1.0
+    assert armijo(phi_at(1.0 + 20 * ulp32, 0.0), 1.0, df0, 1.0, c1=c1, rounding=band).alpha != 1.0
 
 
 def test_search_iteration_allows_for_the_rounding_of_the_points_dtype():
@@ -609,8 +611,8 @@ def test_search_iteration_allows_for_the_rounding_of_the_points_dtype():
         x0 = torch.zeros(1, dtype=dtype)
         g0 = torch.tensor([-1e-3], dtype=dtype)
 
-        def evaluate(x, dtype=dtype):  # f up by 50 float32 roundings, slope now +0.5e-3
-            return Point(x, 1.0 + 50 * 2.0**-23, g=torch.tensor([0.5e-3], dtype=dtype))
+        def evaluate(x, dtype=dtype):  # f up by 5 float32 roundings, slope now +0.5e-3
+            return Point(x, 1.0 + 5 * 2.0**-23, g=torch.tensor([0.5e-3], dtype=dtype))
 
         pt = Point(x0, 1.0, g=g0)
         d = torch.ones(1, dtype=dtype)

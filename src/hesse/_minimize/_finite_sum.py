@@ -21,6 +21,8 @@ from hesse._minimize._run import Run, Stop
 from hesse.func._engine import flat_graph_hvp
 from hesse.func._io import first_tensor, map_tensors
 from hesse.solvers import NewtonDescent, lm_damping, search_iteration, subsample_size
+from hesse.solvers._iterate import f_rounding
+from hesse.solvers._linesearch import within_rounding
 from hesse.solvers._subsample import (
     ARMIJO_C1,
     dense_newton_direction,
@@ -369,13 +371,17 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
 
     def warm_start(x: Tensor) -> Tensor:
         if options["precision"] == "mixed" and x.dtype in LOWER:  # all of it in float32 first
-            return lower_precision_start(run, fs, x, options, subsampled_newton_loop)
+            out = lower_precision_start(run, fs, x, options, subsampled_newton_loop)
+            if out is not x:
+                return out
         return sample_phases(run, fs, x, options, subsampled_newton_loop, base, cap)
 
     pt, warm = _first_point(run, x0, warm_start)
     damping, nu = (run.damping if warm else options["damping"]), 2.0  # the phases' last
     carried = run.curvature if warm else None  # the float32 stage's last curvature
-    g0 = pt.g_norm(2)
+    # the subsample's growth goes on from where the float32 stage had it
+    g0 = run.schedule_g0 if warm and run.schedule_g0 is not None else pt.g_norm(2)
+    run.schedule_g0 = g0
     step = 0
     while True:
         if run.converged(pt):
@@ -406,7 +412,11 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         descent = NewtonDescent(d, q, lambda v, H=H: H @ v)
         it = search_iteration(pt, descent, run.evaluate, "armijo", c1=ARMIJO_C1, retry=False)
         rho = descent.ratio(pt, it)
-        if damping > 0:
+        # where the step's change of f is within f's rounding the ratio is noise: an
+        # accepted step there leaves the damping as it is (grown at each such step, it
+        # reached 3.2 from 2e-10 in 8 steps of a float32 run near its minimum)
+        at_rounding = it.accepted and within_rounding(it.point.f, pt.f, f_rounding(pt))
+        if damping > 0 and not at_rounding:
             damping, nu = lm_damping(damping, nu, rho)
             run.damping = damping
         if it.accepted:

@@ -58,6 +58,11 @@ class Run:
         # subsampled Newton: the last dense curvature it formed, and the one a warm start
         # hands to the loop's first step (the float32 stage's, cast)
         self.curvature: Tensor | None = None
+        # ... and the gradient norm its subsample's growth is measured from
+        self.schedule_g0: float | None = None
+        # a run that starts where f is resolved only to its rounding (after the float32
+        # stage of precision="mixed"): a stop on ftol waits while the gradient falls
+        self.ftol_waits_for_gradient = False
 
     # -- points ------------------------------------------------------------------------
     def evaluate(self, x: Tensor, graph: bool = False) -> Point:
@@ -107,7 +112,8 @@ class Run:
             # (its rounding reached, the search's sufficient decrease lost in it) goes on
             # while the gradient still falls: near a minimum x is resolved by the gradient
             # far better than by f (sqrt(eps) relative)
-            self.tol.ftol == 0 and new.g_norm(self.tol.norm) < old.g_norm(self.tol.norm)
+            (self.tol.ftol == 0 or self.ftol_waits_for_gradient)
+            and new.g_norm(self.tol.norm) < old.g_norm(self.tol.norm)
         ):
             raise Stop(
                 Status.FTOL,

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hesse.solvers._linesearch import LineSearchResult, line_search, repeat_decrease_step
+from hesse.solvers._linesearch import (
+    FLOAT32_ROUNDING,
+    FLOAT64_ROUNDING,
+    LineSearchResult,
+    line_search,
+    repeat_decrease_step,
+)
 from hesse.solvers._point import Point
 from hesse.solvers._quasi_newton import LBFGSMemory
 from hesse.solvers._subsample import reduction_ratio
@@ -106,12 +112,14 @@ class Iteration:
         return self.search.alpha * float(torch.linalg.vector_norm(self.d))
 
 
-def _eps(x: Tensor) -> float:
-    """The rounding the Armijo search allows for in a function of ``x``: float32's
-    machine epsilon for a float32 ``x``, float64's otherwise (a 16-bit point's loss is
-    usually computed in float32 or wider, and 100 of bfloat16's roundings would be 78% of
-    ``f``: the band must not be that wide)."""
-    return torch.finfo(torch.float32).eps if x.dtype == torch.float32 else 2.0**-52
+def f_rounding(pt: Point) -> float:
+    """The relative rounding of ``f`` the Armijo search allows for at ``pt``: float32's
+    (:data:`~hesse.solvers._linesearch.FLOAT32_ROUNDING`) where ``f`` was computed in
+    float32 (its ``value``'s dtype, else ``x``'s), float64's otherwise (a 16-bit point's
+    loss is usually computed in float32 or wider, and 100 of bfloat16's roundings would be
+    78% of ``f``)."""
+    value = pt.value if isinstance(pt.value, Tensor) else pt.x
+    return FLOAT32_ROUNDING if value.dtype == torch.float32 else FLOAT64_ROUNDING
 
 
 def search_iteration(
@@ -133,7 +141,7 @@ def search_iteration(
     first trial step ``scale * descent.first_step(pt, d)``; with ``retry``, a failed
     search along the descent's own direction resets the descent and searches once more
     along the steepest direction. An accepted step is passed to ``descent.update``. The
-    Armijo search allows for the rounding of ``f`` in ``pt.x``'s dtype.
+    Armijo search allows for the rounding of ``f`` in its dtype (:func:`f_rounding`).
 
     Example:
         >>> import torch
@@ -165,7 +173,7 @@ def search_iteration(
             return trial.f, float(torch.dot(trial.g, d)) if trial.finite else math.nan, trial
 
         first = scale * descent.first_step(pt, d)
-        ls = line_search(search, phi, pt.f, slope, first, c1=c1, c2=c2, eps=_eps(pt.x))
+        ls = line_search(search, phi, pt.f, slope, first, c1=c1, c2=c2, rounding=f_rounding(pt))
         if ls.accepted or restarted or not retry:
             break
         steepest = descent.steepest(pt)

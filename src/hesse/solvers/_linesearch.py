@@ -162,6 +162,19 @@ def initial_step(g: Tensor) -> float:
     return min(1.0, 1.0 / max(norm, 1e-300))
 
 
+#: How many roundings of :math:`\phi(0)` a trial value may differ by and still be judged
+#: by its slope in :func:`armijo`: 100 of float64's (the default ``rounding``); a float32
+#: function's are counted by :data:`FLOAT32_ROUNDING_ULPS`.
+ROUNDING_ULPS = 100
+#: The same for a float32 function: 10 of its roundings (a sum over many samples in
+#: blocked float32 arithmetic is good to about that; 100 would let a step up by 1e-5 of
+#: ``|f|`` pass where ``f`` is a constant plus a small changing part).
+FLOAT32_ROUNDING_ULPS = 10
+#: ``armijo``'s default band: :data:`ROUNDING_ULPS` float64 roundings, relative.
+FLOAT64_ROUNDING = ROUNDING_ULPS * 2.0**-52
+FLOAT32_ROUNDING = FLOAT32_ROUNDING_ULPS * 2.0**-23
+
+
 def line_search(
     kind: str | None,
     phi: Phi,
@@ -171,7 +184,7 @@ def line_search(
     *,
     c1: float = 1e-4,
     c2: float = 0.9,
-    eps: float = 2.0**-52,
+    rounding: float = FLOAT64_ROUNDING,
 ) -> LineSearchResult:
     """The line search named ``kind`` (one of :data:`LINE_SEARCHES`): ``"strong-wolfe"``
     and ``"wolfe"`` are :func:`strong_wolfe` with the strong or the weak curvature
@@ -186,7 +199,7 @@ def line_search(
     if kind is None:
         return fixed_step(phi, f0, df0, alpha0)
     if kind == "armijo":
-        return armijo(phi, f0, df0, alpha0, c1=c1, eps=eps)
+        return armijo(phi, f0, df0, alpha0, c1=c1, rounding=rounding)
     if kind in ("strong-wolfe", "wolfe"):
         return strong_wolfe(phi, f0, df0, alpha0, c1=c1, c2=c2, strong=kind == "strong-wolfe")
     raise ValueError(f"line search must be one of {LINE_SEARCHES}, got {kind!r}")
@@ -212,13 +225,9 @@ def fixed_step(phi: Phi, f0: float, df0: float, alpha0: float = 1.0) -> LineSear
     return _accept(t, 1, "fixed", "a fixed step")
 
 
-#: How many roundings of :math:`\phi(0)` (in the function's own precision, ``eps``) a
-#: trial value may differ by and still be judged by its slope in :func:`armijo`.
-ROUNDING_ULPS = 100
-
-
-def _within_rounding(f: float, f0: float, eps: float = 2.0**-52) -> bool:
-    return abs(f - f0) <= ROUNDING_ULPS * eps * abs(f0)
+def within_rounding(f: float, f0: float, rounding: float = FLOAT64_ROUNDING) -> bool:
+    """Whether ``f`` is within ``rounding`` (relative) of ``f0``."""
+    return abs(f - f0) <= rounding * abs(f0)
 
 
 def armijo(
@@ -229,7 +238,7 @@ def armijo(
     *,
     c1: float = 1e-4,
     max_evals: int = 30,
-    eps: float = 2.0**-52,
+    rounding: float = FLOAT64_ROUNDING,
 ) -> LineSearchResult:
     r"""Backtracking until :math:`\phi(\alpha) \le \phi(0) + c_1 \alpha \phi'(0)`.
 
@@ -237,11 +246,10 @@ def armijo(
     :math:`\phi'(0)` and :math:`\phi(\alpha)`, kept within :math:`[0.1\alpha, 0.5\alpha]`;
     a non-finite value cuts the step to a quarter.
 
-    Where :math:`\phi(\alpha)` is within :data:`ROUNDING_ULPS` roundings of
-    :math:`\phi(0)` (``eps``: the machine epsilon of :math:`\phi`'s precision, float64's
-    by default; float32's for a float32 function, whose values over many samples carry
-    errors of that order) (the decrease asked for is lost in :math:`f`'s rounding, near a
-    minimum), the step is judged by its slope instead, the approximate Armijo condition of
+    Where :math:`\phi(\alpha)` is within ``rounding`` (relative) of :math:`\phi(0)`
+    (:data:`FLOAT64_ROUNDING` by default, :data:`FLOAT32_ROUNDING` for a float32
+    function; the decrease asked for is lost in :math:`f`'s rounding, near a minimum),
+    the step is judged by its slope instead, the approximate Armijo condition of
     Hager & Zhang (2005): the quadratic through the two slopes decreases enough,
     :math:`\alpha (\phi'(0) + \phi'(\alpha)) / 2 \le c_1 \alpha \phi'(0)`, that is
     :math:`\phi'(\alpha) \le (2 c_1 - 1) \phi'(0)`. Without it a Newton step there is
@@ -262,7 +270,7 @@ def armijo(
         f, df, payload = phi(alpha)
         if math.isfinite(f) and f <= f0 + c1 * alpha * df0:
             return _accept(Trial(alpha, f, df, payload), n, "armijo", "sufficient decrease")
-        if _within_rounding(f, f0, eps) and math.isfinite(df) and df <= (2.0 * c1 - 1.0) * df0:
+        if within_rounding(f, f0, rounding) and math.isfinite(df) and df <= (2.0 * c1 - 1.0) * df0:
             message = "sufficient decrease of the slopes' model (f at its rounding)"
             return _accept(Trial(alpha, f, df, payload), n, "armijo", message)
         if math.isfinite(f):
