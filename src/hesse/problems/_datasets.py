@@ -182,11 +182,18 @@ def _dense_hessian(
     if _has_second_term(fn, fn.params(), data, fn.io.samples(data)):
         return None
 
+    dtype = next((p.dtype for p in twin.parameters()), None)
+    twins = {dtype: (twin, fn)}
+
     def hessian(w: Tensor, batch: Data) -> Tensor:
-        if any(p.dtype != w.dtype for p in twin.parameters()):
-            twin.to(w.dtype)  # a float32 stage of hesse.minimize(precision="mixed")
-        load_into(twin, w.detach())
-        return dense_model_curvature(fn, curvature, batch, hessian=True)
+        if w.dtype not in twins:  # a float32 stage of hesse.minimize(precision="mixed"):
+            # its own copy, so that the first twin's buffers and frozen parameters are
+            # never rounded through another dtype and back
+            other = copy.deepcopy(twin).to(w.dtype)
+            twins[w.dtype] = (other, ModelLoss(other, loss_fn))
+        model_w, fn_w = twins[w.dtype]
+        load_into(model_w, w.detach())
+        return dense_model_curvature(fn_w, curvature, batch, hessian=True)
 
     return hessian
 
