@@ -11,6 +11,7 @@ from hesse._core._status import Status
 from hesse._minimize._directions import TRUST_MODELS, Direction, InverseUpdate, Newton
 from hesse._minimize._run import Run, Stop
 from hesse.solvers import armijo, initial_step, search_iteration
+from hesse.solvers._iterate import f_rounding
 
 
 def _stationary(run: Run, pt, graph: bool, H=None):
@@ -128,7 +129,7 @@ def nag_loop(run: Run, x0, options: dict):
             trial = run.evaluate(base.x - a * g)
             return trial.f, -float(torch.dot(trial.g, g)) if trial.finite else math.nan, trial
 
-        ls = armijo(phi, base.f, -gg, alpha * 1.5, c1=0.5)
+        ls = armijo(phi, base.f, -gg, alpha * 1.5, c1=0.5, rounding=f_rounding(base))
         if not ls.accepted:
             if base is not pt:  # drop the momentum and try a plain gradient step
                 t, x_prev = 1.0, pt.x
