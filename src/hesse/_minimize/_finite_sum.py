@@ -21,8 +21,6 @@ from hesse._minimize._run import Run, Stop
 from hesse.func._engine import flat_graph_hvp
 from hesse.func._io import first_tensor, map_tensors
 from hesse.solvers import NewtonDescent, lm_damping, search_iteration, subsample_size
-from hesse.solvers._iterate import f_rounding
-from hesse.solvers._linesearch import within_rounding
 from hesse.solvers._subsample import (
     ARMIJO_C1,
     dense_newton_direction,
@@ -411,13 +409,8 @@ def subsampled_newton_loop(run: Run, fs: FiniteSum, x0: Tensor, options: dict) -
         d, q = dense_newton_direction(H, g, damping)
         descent = NewtonDescent(d, q, lambda v, H=H: H @ v)
         it = search_iteration(pt, descent, run.evaluate, "armijo", c1=ARMIJO_C1, retry=False)
-        rho = descent.ratio(pt, it)
-        # where the step's change of f is within f's rounding the ratio is noise: an
-        # accepted step there leaves the damping as it is (grown at each such step, it
-        # reached 3.2 from 2e-10 in 8 steps of a float32 run near its minimum)
-        at_rounding = it.accepted and within_rounding(it.point.f, pt.f, f_rounding(pt))
-        if damping > 0 and not at_rounding:
-            damping, nu = lm_damping(damping, nu, rho)
+        if damping > 0 and descent.informative(pt, it):
+            damping, nu = lm_damping(damping, nu, descent.ratio(pt, it))
             run.damping = damping
         if it.accepted:
             old, pt = pt, it.point

@@ -481,7 +481,7 @@ class _TruncatedNewton(FlatOptimizer):
         else:
             flat.set(x)  # no decrease found: stay, and damp harder
             state.pop("direction", None)
-        if self.param_groups[0]["adapt_damping"] and damping > 0:
+        if self.param_groups[0]["adapt_damping"] and damping > 0 and descent.informative(ev, it):
             rho = descent.ratio(ev, it)
             if dense:
                 # Nielsen's rule: an exact solve makes rho a reliable verdict, and the

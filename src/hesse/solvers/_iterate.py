@@ -22,6 +22,7 @@ from hesse.solvers._linesearch import (
     LineSearchResult,
     line_search,
     repeat_decrease_step,
+    within_rounding,
 )
 from hesse.solvers._point import Point
 from hesse.solvers._quasi_newton import LBFGSMemory
@@ -233,3 +234,10 @@ class NewtonDescent(Descent):
         if not it.accepted:
             return -math.inf
         return reduction_ratio(pt.f, it.search.f, it.alpha, it.slope, self.q)
+
+    def informative(self, pt: Point, it: Iteration) -> bool:
+        """Whether :meth:`ratio` says anything of the model: not for an accepted step whose
+        change of ``f`` is within ``f``'s rounding (:func:`f_rounding`), where the ratio
+        is rounding noise; a damping adapted by it there grows at random (from 2e-10 to
+        3.2 in 8 such steps of a float32 run near its minimum)."""
+        return not (it.accepted and within_rounding(it.point.f, pt.f, f_rounding(pt)))
